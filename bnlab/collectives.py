@@ -1,0 +1,93 @@
+"""The one place where BatchNorm moments cross devices.
+
+Sync BN needs, per feature, the global count and the sums of the (shifted)
+values and their squares. They are stacked into one array and reduced with a
+single ``lax.psum`` (one all-reduce), never the per-device variances or
+``1/sqrt(var + eps)``: sums of counts and shifted sums merge exactly when the
+valid counts differ per device, a device holding no valid value included.
+
+``axis_name`` may be one mesh/pmap/vmap axis name or a tuple of them;
+``axis_index_groups`` (pmap / vmap only) restricts the reduction to groups of
+devices. Under ``jax.shard_map`` use a 2-D mesh instead, e.g. axes
+``('replica', 'bn_group')`` and ``axis_name='bn_group'``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+AxisName = str | tuple[str, ...]
+
+__all__ = ["AxisName", "sum_across", "sync_size"]
+
+
+def _names(axis_name: AxisName) -> tuple[Any, ...]:
+    return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+
+
+def sync_size(
+    axis_name: AxisName | None, axis_index_groups: Sequence[Sequence[int]] | None
+) -> int:
+    """How many devices share one set of statistics (static, at trace time).
+
+    Raises:
+      ValueError: when ``axis_name`` is not bound by an enclosing ``pmap``,
+        ``shard_map`` or ``vmap``, or the groups are malformed.
+    """
+    if axis_name is None:
+        if axis_index_groups is not None:
+            raise ValueError(
+                "batch_norm: axis_index_groups was given without axis_name; "
+                "pass the axis_name the groups index into."
+            )
+        return 1
+    size = 1
+    for name in _names(axis_name):
+        try:
+            size *= int(lax.axis_size(name))
+        except NameError:
+            raise ValueError(
+                f"batch_norm: axis_name={name!r} is not bound here. Call it inside "
+                f"jax.pmap(..., axis_name={name!r}), jax.vmap(..., axis_name={name!r}) "
+                f"or jax.shard_map over a mesh with an axis {name!r}; under jax.jit "
+                "on sharded arrays pass axis_name=None (XLA inserts the reduction)."
+            ) from None
+    if axis_index_groups is None:
+        return size
+    groups = [list(map(int, g)) for g in axis_index_groups]
+    flat = sorted(i for g in groups for i in g)
+    if flat != list(range(size)) or len({len(g) for g in groups}) != 1:
+        raise ValueError(
+            f"batch_norm: axis_index_groups={groups} must split the {size} indices "
+            f"of axis {axis_name!r} into groups of equal size, each index once, "
+            "e.g. [[0, 1], [2, 3]] for 4 devices."
+        )
+    return len(groups[0])
+
+
+def sum_across(
+    tree: Any,
+    axis_name: AxisName | None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+) -> Any:
+    """Sums a pytree of same-dtype arrays over devices in ONE collective.
+
+    The leaves are flattened into one buffer, reduced by a single ``psum`` and
+    split again, so the number of all-reduces does not grow with the number
+    of statistics sent. Identity when ``axis_name`` is None.
+    """
+    if axis_name is None:
+        return tree
+    leaves, treedef = jax.tree.flatten(tree)
+    flat = jnp.concatenate([jnp.ravel(leaf) for leaf in leaves])
+    flat = lax.psum(flat, axis_name, axis_index_groups=axis_index_groups)
+    out, start = [], 0
+    for leaf in leaves:
+        out.append(flat[start : start + leaf.size].reshape(leaf.shape))
+        start += leaf.size
+    return jax.tree.unflatten(treedef, out)

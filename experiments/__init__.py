@@ -1,0 +1,1 @@
+"""Experiments: one module per claim of the BN lecture, each runnable alone."""

@@ -1,0 +1,286 @@
+"""bnlab.batch_norm against float64 numpy references and Flax."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import test_util as jtu
+
+import bnlab
+from tests import reference as ref
+
+
+def _bn(x, stats, scale=None, bias=None, **kw):
+    return jax.jit(functools.partial(bnlab.batch_norm, **kw))(x, stats, scale, bias)
+
+
+@pytest.mark.parametrize("c", [1e2, 1e3, 1e4])
+def test_large_mean_fresh_state_is_exact(c):
+    # x = c + s*z: the mean is c standard deviations... c/s = c here (s = 1).
+    x = (c + jax.random.normal(jax.random.key(0), (512, 8))).astype(jnp.float32)
+    y, new = _bn(x, bnlab.init_batch_stats(8), train=True)
+    mean, var, _ = ref.moments(x, (0,))
+    rel = np.abs(((np.asarray(new.var) - 0.99) / 0.01 - var) / var)
+    assert rel.max() < 1e-3, rel.max()
+    y_ref = ref.batch_norm(x, mean, var, (0,))
+    assert np.abs(np.asarray(y) - y_ref).max() < 1e-3
+
+
+@pytest.mark.parametrize("c,s", [(1e2, 1.0), (1e4, 1e2), (-3e3, 1e-1), (0.0, 1e4)])
+def test_scale_and_offset_variants(c, s):
+    x = (c + s * jax.random.normal(jax.random.key(1), (64, 7, 3))).astype(jnp.float32)
+    gamma = jnp.linspace(0.5, 2.0, 3)
+    beta = jnp.linspace(-1.0, 1.0, 3)
+    y, new = _bn(x, bnlab.init_batch_stats(3), gamma, beta, train=True)
+    mean, var, _ = ref.moments(x, (0, 1))
+    batch_var = (np.asarray(new.var, np.float64) - 0.99) / 0.01
+    assert np.abs(batch_var / var - 1).max() < 1e-3
+    y_ref = ref.batch_norm(x, mean, var, (0, 1), gamma, beta)
+    assert np.abs(np.asarray(y) - y_ref).max() < 1e-3
+
+
+def test_steady_state_matches_reference_tightly():
+    key = jax.random.key(2)
+    x = (5.0 + 3.0 * jax.random.normal(key, (256, 16))).astype(jnp.float32)
+    stats = bnlab.BatchStats(jnp.full((16,), 5.2), jnp.full((16,), 8.0))
+    y, _ = _bn(x, stats, train=True)
+    mean, var, _ = ref.moments(x, (0,))
+    np.testing.assert_allclose(y, ref.batch_norm(x, mean, var, (0,)), atol=2e-6)
+
+
+def test_eval_uses_running_stats_and_returns_them_unchanged():
+    x = jax.random.normal(jax.random.key(3), (10, 4))
+    stats = bnlab.BatchStats(jnp.arange(4.0), jnp.arange(1.0, 5.0))
+    y, out = _bn(x, stats, train=False)
+    assert out is stats or all(jnp.array_equal(a, b) for a, b in zip(out, stats))
+    np.testing.assert_allclose(
+        y, ref.batch_norm(x, np.arange(4.0), np.arange(1.0, 5.0), (0,)), atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("convention", ["flax", "torch"])
+def test_running_stats_closed_form_after_k_steps(convention):
+    m, k = (0.9, 6) if convention == "flax" else (0.1, 6)
+    xs = [
+        (i + (1 + i) * jax.random.normal(jax.random.key(i), (32, 5))).astype(
+            jnp.float32
+        )
+        for i in range(k)
+    ]
+    step = jax.jit(
+        lambda x, s: bnlab.batch_norm(
+            x, s, train=True, momentum=m, convention=convention
+        )[1]
+    )
+    stats = bnlab.init_batch_stats(5)
+    for x in xs:
+        stats = step(x, stats)
+    mom = m if convention == "flax" else 1 - m  # weight of the old value
+    r_mean, r_var = np.zeros(5), np.ones(5)
+    exp_mean = mom**k * r_mean
+    exp_var = mom**k * r_var
+    for i, x in enumerate(xs):
+        mean, var, n = ref.moments(x, (0,))
+        if convention == "torch":
+            var = var * n / (n - 1)  # torch keeps the unbiased running variance
+        w = (1 - mom) * mom ** (k - 1 - i)
+        exp_mean = exp_mean + w * mean
+        exp_var = exp_var + w * var
+    np.testing.assert_allclose(stats.mean, exp_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats.var, exp_var, rtol=1e-5)
+
+
+def test_bf16_stats_from_unrounded_input_and_flax_output_dtype():
+    x = (300.0 + jax.random.normal(jax.random.key(4), (512, 4))).astype(jnp.bfloat16)
+    y, new = _bn(x, bnlab.init_batch_stats(4), jnp.ones(4), jnp.zeros(4), train=True)
+    assert new.mean.dtype == jnp.float32 and new.var.dtype == jnp.float32
+    assert y.dtype == jnp.float32  # Flax Linen rule: result_type(bf16, f32 params)
+    y2, _ = _bn(x, bnlab.init_batch_stats(4), train=True)
+    assert y2.dtype == jnp.bfloat16  # no float32 params: input dtype
+    mean, var, _ = ref.moments(np.asarray(x.astype(jnp.float32)), (0,))
+    batch_var = (np.asarray(new.var, np.float64) - 0.99) / 0.01
+    np.testing.assert_allclose(batch_var, var, rtol=1e-3)
+    # dtype=bf16 with float32 input: statistics still from the float32 values.
+    xf = (300.0 + jax.random.normal(jax.random.key(5), (512, 4))).astype(jnp.float32)
+    yb, newb = _bn(xf, bnlab.init_batch_stats(4), train=True, dtype=jnp.bfloat16)
+    assert yb.dtype == jnp.bfloat16
+    mean, var, _ = ref.moments(xf, (0,))
+    np.testing.assert_allclose((np.asarray(newb.var) - 0.99) / 0.01, var, rtol=1e-3)
+
+
+def test_gradients_float64_orders_1_and_2():
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(6), (6, 3), jnp.float64) * 2 + 1
+        g = jnp.array([0.5, 1.5, -1.0], jnp.float64)
+        b = jnp.array([0.1, 0.0, -0.3], jnp.float64)
+        stats = bnlab.init_batch_stats(3, jnp.float64)
+
+        def f(x, g, b):
+            y, _ = bnlab.batch_norm(x, stats, g, b, train=True)
+            return jnp.sin(y)  # non-linear so second order is non-trivial
+
+        jtu.check_grads(jax.jit(f), (x, g, b), order=2, modes=["fwd", "rev"])
+
+
+def test_gradient_matches_analytic_formula():
+    x = jax.random.normal(jax.random.key(7), (16, 4)) + 100.0
+    dy = jax.random.normal(jax.random.key(8), (16, 4))
+    g = jnp.array([1.0, 2.0, 0.5, -1.0])
+
+    def loss(x):
+        y, _ = bnlab.batch_norm(x, bnlab.init_batch_stats(4), g, train=True)
+        return jnp.sum(y * dy)
+
+    dx = jax.jit(jax.grad(loss))(x)
+    xd, dyd = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    mean, var, n = ref.moments(xd, (0,))
+    xhat = (xd - mean) / np.sqrt(var + 1e-5)
+    expect = (
+        np.asarray(g)
+        / np.sqrt(var + 1e-5)
+        * (dyd - dyd.mean(0) - xhat * (dyd * xhat).mean(0))
+    )
+    np.testing.assert_allclose(dx, expect, atol=2e-4)
+
+
+AXES = [(-1, (2, 3, 4, 5)), (1, (2, 3, 4, 5)), ((1, 2), (2, 3, 4, 5))]
+
+
+@pytest.mark.parametrize("axis,shape", AXES)
+@pytest.mark.parametrize("use_mask", [False, True])
+@pytest.mark.parametrize("train", [True, False])
+def test_equals_flax_two_pass(axis, shape, use_mask, train):
+    k1, k2, k3 = jax.random.split(jax.random.key(9), 3)
+    x = jax.random.normal(k1, shape) * 2 + 3
+    mask = jax.random.bernoulli(k2, 0.7, shape) if use_mask else None
+    flax_bn = nn.BatchNorm(
+        use_running_average=not train, axis=axis, use_fast_variance=False
+    )
+    variables = flax_bn.init(k3, x)
+    # Non-trivial params and stats so eval mode is tested with real values.
+    variables = jax.tree.map(
+        lambda v: v + 0.3 * jax.random.uniform(k3, v.shape), variables
+    )
+    y_f, upd_f = flax_bn.apply(variables, x, mask=mask, mutable=["batch_stats"])
+    ours = bnlab.linen.BatchNorm(use_running_average=not train, axis=axis)
+    y_b, upd_b = jax.jit(
+        lambda v, x, m: ours.apply(v, x, mask=m, mutable=["batch_stats"])
+    )(variables, x, mask)
+    np.testing.assert_allclose(y_b, y_f, atol=1e-6, rtol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6),
+        upd_b,
+        upd_f,
+    )
+
+
+# ---------------------------------------------------------------- degenerate
+
+
+def test_all_masked_features_keep_stats_and_no_nan():
+    x = jax.random.normal(jax.random.key(10), (8, 4))
+    mask = jnp.ones((8, 4), bool).at[:, 2].set(False)
+    x = jnp.where(mask, x, jnp.nan)  # garbage where masked
+    stats = bnlab.BatchStats(jnp.full((4,), 0.5), jnp.full((4,), 2.0))
+    y, new = _bn(x, stats, jnp.ones(4), jnp.zeros(4), train=True, mask=mask)
+    assert np.all(np.isfinite(new.mean)) and np.all(np.isfinite(new.var))
+    assert new.mean[2] == 0.5 and new.var[2] == 2.0
+    assert np.all(np.isfinite(np.asarray(y)[np.asarray(mask)]))
+    # Flax poisons the running statistics of that feature for good.
+    bn = nn.BatchNorm(use_running_average=False)
+    v = bn.init(jax.random.key(0), jnp.ones((8, 4)))
+    _, upd = bn.apply(v, x, mask=mask, mutable=["batch_stats"])
+    assert np.isnan(upd["batch_stats"]["mean"][2])
+
+
+def test_nan_in_masked_positions_changes_nothing():
+    k1, k2 = jax.random.split(jax.random.key(11))
+    x = jax.random.normal(k1, (12, 5)) * 3 + 7
+    mask = jax.random.bernoulli(k2, 0.6, (12, 5)).at[:2].set(True)
+    x_nan = jnp.where(mask, x, jnp.nan)
+    x_big = jnp.where(mask, x, 1e30)
+    stats = bnlab.init_batch_stats(5)
+    g, b = jnp.full(5, 1.5), jnp.full(5, 0.2)
+
+    def run(x):
+        def loss(x, g, b):
+            y, new = bnlab.batch_norm(x, stats, g, b, train=True, mask=mask)
+            return jnp.sum(jnp.where(mask, jnp.sin(y), 0.0)), (y, new)
+
+        (_, (y, new)), grads = jax.jit(
+            jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+        )(x, g, b)
+        return y, new, grads
+
+    y1, s1, (dx1, dg1, db1) = run(x_nan)
+    y2, s2, (dx2, dg2, db2) = run(x_big)
+    m = np.asarray(mask)
+    np.testing.assert_array_equal(np.asarray(y1)[m], np.asarray(y2)[m])
+    np.testing.assert_array_equal(s1.mean, s2.mean)
+    np.testing.assert_array_equal(s1.var, s2.var)
+    assert np.all(np.isfinite(dg1)) and np.all(np.isfinite(db1))
+    np.testing.assert_allclose(dg1, dg2, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(dx1)[m], np.asarray(dx2)[m], rtol=1e-5)
+    mean, var, _ = ref.moments(x, (0,), m)
+    np.testing.assert_allclose((np.asarray(s1.var) - 0.99) / 0.01, var, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(1, 4), (1, 1, 1, 3)])
+def test_single_value_per_feature_raises(shape):
+    with pytest.raises(ValueError, match="1 value per feature"):
+        _bn(jnp.ones(shape), bnlab.init_batch_stats(shape[-1]), train=True)
+    # Not in eval mode, and not when the statistics are synced over devices.
+    _bn(jnp.ones(shape), bnlab.init_batch_stats(shape[-1]), train=False)
+    out = jax.vmap(
+        lambda x: bnlab.batch_norm(
+            x, bnlab.init_batch_stats(shape[-1]), train=True, axis_name="d"
+        )[0],
+        axis_name="d",
+    )(jnp.arange(2.0 * np.prod(shape)).reshape((2, *shape)))
+    assert np.all(np.isfinite(out))
+
+
+def test_bad_axis_message():
+    with pytest.raises(ValueError, match=r"axis=3 is out of range.*2 dimensions"):
+        _bn(jnp.ones((4, 3)), bnlab.init_batch_stats(3), train=True, axis=3)
+
+
+def test_wrong_stats_shape_message():
+    with pytest.raises(ValueError, match=r"stats.mean has shape \(4,\).*\(3,\)"):
+        _bn(jnp.ones((4, 3)), bnlab.init_batch_stats(4), train=True)
+    with pytest.raises(ValueError, match=r"scale has shape"):
+        _bn(jnp.ones((4, 3)), bnlab.init_batch_stats(3), jnp.ones(2), train=True)
+
+
+def test_unbound_axis_name_message():
+    with pytest.raises(ValueError, match=r"axis_name='batch' is not bound"):
+        _bn(jnp.ones((4, 3)), bnlab.init_batch_stats(3), train=True, axis_name="batch")
+
+
+def test_bad_mask_and_hyperparameters():
+    s = bnlab.init_batch_stats(3)
+    with pytest.raises(ValueError, match="mask of shape"):
+        _bn(jnp.ones((4, 3)), s, train=True, mask=jnp.ones((4, 2), bool))
+    with pytest.raises(ValueError, match="momentum"):
+        _bn(jnp.ones((4, 3)), s, train=True, momentum=1.5)
+    with pytest.raises(ValueError, match="epsilon"):
+        _bn(jnp.ones((4, 3)), s, train=True, epsilon=0.0)
+    with pytest.raises(ValueError, match="convention"):
+        _bn(jnp.ones((4, 3)), s, train=True, convention="keras")
+    with pytest.raises(TypeError, match="floating"):
+        _bn(jnp.ones((4, 3), jnp.int32), s, train=True)
+
+
+def test_pure_under_vmap_and_grad_compose():
+    xs = jax.random.normal(jax.random.key(12), (3, 8, 4)) + 10
+    f = jax.vmap(lambda x: bnlab.batch_norm(x, bnlab.init_batch_stats(4), train=True))
+    ys, stats = jax.jit(f)(xs)
+    for i in range(3):
+        mean, var, _ = ref.moments(xs[i], (0,))
+        np.testing.assert_allclose(
+            ys[i], ref.batch_norm(xs[i], mean, var, (0,)), atol=1e-5
+        )
+    assert stats.mean.shape == (3, 4)
