@@ -55,7 +55,9 @@ def test_eval_uses_running_stats_and_returns_them_unchanged():
     x = jax.random.normal(jax.random.key(3), (10, 4))
     stats = bnlab.BatchStats(jnp.arange(4.0), jnp.arange(1.0, 5.0))
     y, out = _bn(x, stats, train=False)
-    assert out is stats or all(jnp.array_equal(a, b) for a, b in zip(out, stats))
+    assert out is stats or all(
+        jnp.array_equal(a, b) for a, b in zip(out, stats, strict=True)
+    )
     np.testing.assert_allclose(
         y, ref.batch_norm(x, np.arange(4.0), np.arange(1.0, 5.0), (0,)), atol=1e-6
     )
