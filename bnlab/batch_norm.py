@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bnlab.collectives import AxisName, sum_across, sync_size
+from bnlab.collectives import AxisName, match_varying, sum_across, sync_size
 from bnlab.stats import BatchStats, ema_update, moments_from_sums, shifted_sums
 
 __all__ = ["RECENTRE_RATIO", "batch_norm", "canonical_axes"]
@@ -116,7 +116,9 @@ def _batch_moments(
         far = jnp.any(offset * offset > RECENTRE_RATIO * var)
 
         def keep(_):
-            return shift.reshape(feature_shape), offset, var
+            # `+ 0 * offset` gives the shift the offset's device-variance type
+            # (e.g. varying over 'replica' when reducing over 'bn_group').
+            return shift.reshape(feature_shape) + jnp.zeros_like(offset), offset, var
 
         def recentre(_):
             new_shift = shift + offset.reshape(keep_shape)
@@ -331,16 +333,19 @@ def batch_norm(
     # y = (x - center) * inv + (bias - offset * inv): one subtract and one FMA
     # per element, like the fast path. |offset| <= 8 std (else we re-centred),
     # so folding it into the per-feature constant costs at most ~3 bits.
-    centred = xc - center.reshape(keep_shape)
     if offset is None:
         offset = jnp.zeros_like(center)
-    if mask is not None:
-        # A NaN/Inf at a masked position would give NaN gradients to scale and
-        # to every valid x (0 * NaN in the backward sums): output `bias` there.
-        finite = jnp.isfinite(centred) | mask
-        centred = jnp.where(finite, centred, offset.reshape(keep_shape))
     bias_term = -offset * inv
     if bias is not None:
         bias_term = bias_term + jnp.asarray(bias).astype(compute_dtype)
-    y = centred * inv.reshape(keep_shape) + bias_term.reshape(keep_shape)
+    center, offset, inv, bias_term = (
+        a.reshape(keep_shape)
+        for a in match_varying((center, offset, inv, bias_term), xc, axis_name)
+    )
+    centred = xc - center
+    if mask is not None:
+        # A NaN/Inf at a masked position would give NaN gradients to scale and
+        # to every valid x (0 * NaN in the backward sums): output `bias` there.
+        centred = jnp.where(jnp.isfinite(centred) | mask, centred, offset)
+    y = centred * inv + bias_term
     return y.astype(out_dtype), new_stats

@@ -91,3 +91,85 @@ def sum_across(
         out.append(flat[start : start + leaf.size].reshape(leaf.shape))
         start += leaf.size
     return jax.tree.unflatten(treedef, out)
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def match_varying(tree: Any, like: jax.Array, axis_name: AxisName | None) -> Any:
+    """Casts replicated per-feature values to per-device where ``like`` is.
+
+    Under ``shard_map`` (with its replication checks) replicated statistics
+    meeting per-device data are cast implicitly at every use, and each cast
+    transposes to one psum in the backward pass. Casting them together here
+    makes that one psum for the whole layer. Identity under pmap, vmap and
+    jit, which have no such types.
+    """
+    if axis_name is None:
+        return tree
+    names = _names(axis_name)
+    if not set(names) <= _varying_axes(like):
+        return tree
+    leaves, treedef = jax.tree.flatten(tree)
+    if all(set(names) <= _varying_axes(leaf) for leaf in leaves):
+        return tree
+    flat = jnp.concatenate([jnp.ravel(leaf) for leaf in leaves])
+    flat = lax.pcast(flat, names, to="varying")
+    out, start = [], 0
+    for leaf in leaves:
+        out.append(flat[start : start + leaf.size].reshape(leaf.shape))
+        start += leaf.size
+    return jax.tree.unflatten(treedef, out)
+
+
+COLLECTIVE_PRIMITIVES = frozenset(
+    {
+        "psum",
+        "psum_invariant",
+        "pmax",
+        "pmin",
+        "all_gather",
+        "all_gather_invariant",
+        "all_to_all",
+        "ppermute",
+        "psum_scatter",
+        "reduce_scatter",
+    }
+)
+
+
+def count_collectives(jaxpr: Any) -> dict[str, int]:
+    """Counts cross-device collectives in a (closed) jaxpr, by where they run.
+
+    Returns ``{"always": a, "conditional": c}``: collectives executed on every
+    call, and those inside a ``cond`` branch (executed only when it is taken).
+    ``pvary`` / ``pbroadcast`` move no data and are not counted.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bnlab
+      >>> f = jax.vmap(lambda x: bnlab.batch_norm(
+      ...     x, bnlab.init_batch_stats(3), train=True, axis_name="d")[0],
+      ...     axis_name="d")
+      >>> count_collectives(jax.make_jaxpr(f)(jnp.ones((2, 4, 3))))
+      {'always': 1, 'conditional': 1}
+    """
+    counts = {"always": 0, "conditional": 0}
+
+    def walk(jx, in_cond: bool) -> None:
+        for eqn in jx.eqns:
+            if eqn.primitive.name in COLLECTIVE_PRIMITIVES:
+                counts["conditional" if in_cond else "always"] += 1
+            inner = in_cond or eqn.primitive.name == "cond"
+            for value in eqn.params.values():
+                for v in value if isinstance(value, (tuple, list)) else (value,):
+                    sub = getattr(v, "jaxpr", v)
+                    if hasattr(sub, "eqns"):
+                        walk(sub, inner)
+
+    walk(getattr(jaxpr, "jaxpr", jaxpr), False)
+    return counts
