@@ -167,3 +167,79 @@ def shard_batch(batch: Any, mesh: Mesh, axis: Any = "batch") -> Any:
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Places a pytree fully replicated on ``mesh``."""
     return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+class DataParallel:
+    """Places state and batches for one style and compiles the step for it.
+
+    ``single``: one device, plain ``jit``. ``jit``: a 1-D mesh over all devices
+    (all processes), batch sharded, state replicated, XLA inserts reductions.
+    ``shard_map``: the same mesh, the step runs per shard with BN and gradient
+    collectives over ``axis_name``. ``pmap``: this process's devices with a
+    leading device axis; the pmap axis spans all processes' devices.
+
+    Args:
+      style: one of :data:`STYLES`.
+      axis_name: mesh / pmap axis name.
+    """
+
+    def __init__(self, style: Style, axis_name: str = "batch"):
+        check_style(style, None if style in ("single", "jit") else axis_name)
+        self.style = style
+        self.axis_name = axis_name if style in ("pmap", "shard_map") else None
+        self.mesh = None
+        if style in ("jit", "shard_map"):
+            self.mesh = jax.make_mesh((jax.device_count(),), (axis_name,))
+        self.n_local = jax.local_device_count() if style == "pmap" else None
+
+    def put_state(self, state: Any) -> Any:
+        """State on devices: replicated (mesh or pmap copies) or on device 0."""
+        if self.style == "single":
+            return jax.device_put(state)
+        if self.style == "pmap":
+            copies = jax.pmap(lambda _, t: t, in_axes=(0, None))
+            return copies(jnp.arange(self.n_local), state)
+        sharding = NamedSharding(self.mesh, P())
+        if jax.process_count() == 1:
+            return jax.device_put(state, sharding)
+        return jax.tree.map(
+            lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)),
+            state,
+        )
+
+    def put_batch(self, batch: Any) -> Any:
+        """This process's rows of the global batch, placed for the style."""
+        if self.style == "single":
+            return batch
+        if self.style == "pmap":
+            return split_for_pmap(batch, self.n_local)
+        sharding = NamedSharding(self.mesh, P(self.axis_name or "batch"))
+        return jax.tree.map(
+            lambda a: jax.make_array_from_process_local_data(sharding, a), batch
+        )
+
+    def compile(self, step: Callable[..., Any], donate_state: bool = True) -> Callable:
+        """``step(state, *batch) -> (state, metrics)`` compiled for the style."""
+        donate = (0,) if donate_state else ()
+        if self.style in ("single", "jit"):
+            return jax.jit(step, donate_argnums=donate)
+        if self.style == "pmap":
+            return jax.pmap(step, axis_name=self.axis_name, donate_argnums=donate)
+
+        def sharded(state, *batch):
+            return jax.shard_map(
+                step,
+                mesh=self.mesh,
+                in_specs=(P(), *(P(self.axis_name),) * len(batch)),
+                out_specs=P(),
+            )(state, *batch)
+
+        return jax.jit(sharded, donate_argnums=donate)
+
+    def local_copy(self, tree: Any) -> Any:
+        """One host copy (numpy) of replicated device state; checks pmap copies."""
+        if self.style == "pmap":
+            return jax.tree.map(np.asarray, unreplicate(jax.device_get(tree)))
+        if self.style == "single" or jax.process_count() == 1:
+            return jax.device_get(tree)
+        return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree)

@@ -1,0 +1,25 @@
+"""Datasets (digits, Fashion-MNIST/MNIST IDX, synthetic) and resumable batches."""
+
+from bnlab.data.pipeline import BatchStream
+from bnlab.data.sources import (
+    IDX_SOURCES,
+    Dataset,
+    find_idx_files,
+    load,
+    load_digits,
+    load_idx_dataset,
+    read_idx,
+    synthetic_regression,
+)
+
+__all__ = [
+    "IDX_SOURCES",
+    "BatchStream",
+    "Dataset",
+    "find_idx_files",
+    "load",
+    "load_digits",
+    "load_idx_dataset",
+    "read_idx",
+    "synthetic_regression",
+]

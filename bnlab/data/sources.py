@@ -1,0 +1,258 @@
+"""Datasets as in-memory arrays: digits (embedded), IDX files, synthetic.
+
+Each loader returns a :class:`Dataset` of float32 images in ``[0, 1]`` with a
+channel axis (``(N, H, W, 1)``) and int32 labels, or float32 regression
+targets for the synthetic data.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import struct
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "IDX_SOURCES",
+    "Dataset",
+    "load",
+    "load_digits",
+    "load_idx_dataset",
+    "read_idx",
+    "synthetic_regression",
+]
+
+
+class Dataset(NamedTuple):
+    """Train and test arrays; ``num_classes`` is 0 for regression."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+
+def load_digits(test_size: int = 360, seed: int = 0) -> Dataset:
+    """scikit-learn's built-in 8x8 digits (1797 images, shipped in the package).
+
+    A fixed, seeded split: ``test_size`` test images, the rest for training.
+    """
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    x = (d.data.reshape(-1, 8, 8, 1) / 16.0).astype(np.float32)
+    y = d.target.astype(np.int32)
+    perm = np.random.default_rng(seed).permutation(len(x))
+    test, train = perm[:test_size], perm[test_size:]
+    return Dataset(x[train], y[train], x[test], y[test], 10)
+
+
+# name -> (official base URL, {file: sha256 of the .gz}, Debian package or None)
+IDX_SOURCES = {
+    "fashion_mnist": (
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        {
+            "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+            "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+            "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+            "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+        },
+        ("dataset-fashion-mnist", Path("/usr/share/datasets/fashion-mnist")),
+    ),
+    "mnist": (
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        {
+            "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+            "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+            "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+            "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+        },
+        None,
+    ),
+}
+
+_IDX_DTYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Reads an IDX file (optionally gzipped) into a numpy array.
+
+    Raises:
+      ValueError: bad magic number, unknown type code or truncated data.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number).")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    body = data[4 + 4 * ndim :]
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(body) != expected:
+        raise ValueError(
+            f"{path}: IDX header says {dims} ({expected} bytes) but the file has "
+            f"{len(body)}; the file is truncated or corrupt, delete it and re-fetch."
+        )
+    return np.frombuffer(body, dtype).reshape(dims)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _candidate_dirs(name: str, data_dir: str | os.PathLike | None) -> list[Path]:
+    dirs = []
+    if data_dir is not None:
+        dirs.append(Path(data_dir))
+    if os.environ.get("BNLAB_DATA_DIR"):
+        dirs.append(Path(os.environ["BNLAB_DATA_DIR"]) / name)
+        dirs.append(Path(os.environ["BNLAB_DATA_DIR"]))
+    debian = IDX_SOURCES[name][2]
+    if debian is not None:
+        dirs.append(debian[1])
+    dirs.append(_cache_dir(name))
+    return dirs
+
+
+def _cache_dir(name: str) -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "bnlab" / name
+
+
+def _download(url: str, dest: Path, sha256: str, timeout: float) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(dest.suffix + ".part")
+    with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+        shutil.copyfileobj(r, f)
+    got = _sha256(tmp)
+    if got != sha256:
+        tmp.unlink()
+        raise ValueError(f"{url}: SHA-256 {got} does not match the expected {sha256}.")
+    tmp.replace(dest)
+
+
+def find_idx_files(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = True,
+    timeout: float = 30.0,
+) -> Path:
+    """The directory holding the 4 verified IDX files of ``name``.
+
+    Looks in ``data_dir``, ``$BNLAB_DATA_DIR[/name]``, the Debian package's
+    directory, then the user cache; downloads into the cache from the official
+    source only if allowed and online. Every file is SHA-256 verified.
+
+    Raises:
+      FileNotFoundError: offline (or ``download=False``) and not found; the
+        message names the apt package, the URL and the directory to use.
+      ValueError: a file is present but its checksum is wrong.
+    """
+    if name not in IDX_SOURCES:
+        raise ValueError(f"unknown IDX dataset {name!r}; one of {sorted(IDX_SOURCES)}.")
+    base_url, files, debian = IDX_SOURCES[name]
+    for d in _candidate_dirs(name, data_dir):
+        if all((d / f).is_file() for f in files):
+            for f, digest in files.items():
+                if _sha256(d / f) != digest:
+                    raise ValueError(
+                        f"{d / f} has the wrong SHA-256 (expected {digest}); it is "
+                        "corrupt or a different file: delete it and fetch it again."
+                    )
+            return d
+    cache = _cache_dir(name)
+    errors = []
+    if download:
+        try:
+            for f, digest in files.items():
+                if not (cache / f).is_file():
+                    _download(base_url + f, cache / f, digest, timeout)
+            return cache
+        except (urllib.error.URLError, OSError, TimeoutError) as e:
+            errors.append(f"download failed: {e}")
+    hint = (
+        f"install the Debian package ({'apt-get install ' + debian[0]}) or "
+        if debian
+        else ""
+    )
+    raise FileNotFoundError(
+        f"{name}: the IDX files {sorted(files)} were not found in "
+        f"{[str(d) for d in _candidate_dirs(name, data_dir)]}"
+        + (f" and {errors[0]}" if errors else " and downloading is off")
+        + f". To fix: {hint}download them from {base_url} into {cache} (or any "
+        "directory passed as data_dir / BNLAB_DATA_DIR)."
+    )
+
+
+def load_idx_dataset(
+    name: str, data_dir: str | os.PathLike | None = None, download: bool = True
+) -> Dataset:
+    """Fashion-MNIST or MNIST as ``(N, 28, 28, 1)`` float32 in [0, 1]."""
+    d = find_idx_files(name, data_dir, download)
+
+    def images(f):
+        return (read_idx(d / f)[..., None] / 255.0).astype(np.float32)
+
+    return Dataset(
+        images("train-images-idx3-ubyte.gz"),
+        read_idx(d / "train-labels-idx1-ubyte.gz").astype(np.int32),
+        images("t10k-images-idx3-ubyte.gz"),
+        read_idx(d / "t10k-labels-idx1-ubyte.gz").astype(np.int32),
+        10,
+    )
+
+
+def synthetic_regression(
+    n: int = 1024,
+    scales: tuple[float, float] = (1.0, 100.0),
+    weights: tuple[float, float] = (2.0, -3.0),
+    noise: float = 0.1,
+    seed: int = 0,
+) -> Dataset:
+    """The lecture's example: y = w1*x1 + w2*x2 + noise with x2 ~100x x1.
+
+    Features ``x_i = scale_i * (1 + N(0, 1))`` (non-zero mean, very different
+    scales), so the squared-error surface in ``(w1, w2)`` is elongated.
+    """
+    rng = np.random.default_rng(seed)
+    x = (np.asarray(scales) * (1.0 + rng.standard_normal((n, 2)))).astype(np.float32)
+    w = np.asarray(weights, np.float32)
+    y = (x @ w + noise * rng.standard_normal(n)).astype(np.float32)
+    k = n // 5
+    return Dataset(x[k:], y[k:], x[:k], y[:k], 0)
+
+
+def load(name: str, data_dir: str | None = None, seed: int = 0) -> Dataset:
+    """Loads a dataset by name: digits, fashion_mnist, mnist, synthetic."""
+    if name == "digits":
+        return load_digits(seed=seed)
+    if name in IDX_SOURCES:
+        return load_idx_dataset(name, data_dir)
+    if name == "synthetic":
+        return synthetic_regression(seed=seed)
+    raise ValueError(
+        f"unknown dataset {name!r}; one of ['digits', 'fashion_mnist', 'mnist', "
+        "'synthetic']."
+    )

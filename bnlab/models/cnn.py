@@ -1,0 +1,79 @@
+"""A small CNN and a CIFAR-style ResNet-20 (He et al. 2016, arXiv:1512.03385)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class CNN(nn.Module):
+    """conv(32)-BN-relu-pool, conv(64)-BN-relu-pool, dense(128)-BN-relu, dense."""
+
+    num_outputs: int = 10
+    norm: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        def bn(x):
+            return (
+                x if self.norm is None else self.norm(use_running_average=not train)(x)
+            )
+
+        for features in (32, 64):
+            x = nn.Conv(features, (3, 3), use_bias=self.norm is None)(x)
+            x = nn.max_pool(nn.relu(bn(x)), (2, 2), (2, 2), padding="SAME")
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(bn(nn.Dense(128, use_bias=self.norm is None)(x)))
+        return nn.Dense(self.num_outputs)(x)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with BN; ``zero_init_last_gamma`` starts the residual at 0
+    (Goyal et al. 2017, arXiv:1706.02677)."""
+
+    features: int
+    strides: int
+    norm: Any
+    zero_init_last_gamma: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        ura = not train
+        y = nn.Conv(self.features, (3, 3), self.strides, use_bias=False)(x)
+        y = nn.relu(self.norm(use_running_average=ura)(y))
+        y = nn.Conv(self.features, (3, 3), use_bias=False)(y)
+        last_init = (
+            nn.initializers.zeros if self.zero_init_last_gamma else nn.initializers.ones
+        )
+        y = self.norm(use_running_average=ura, scale_init=last_init)(y)
+        if x.shape != y.shape:
+            x = nn.Conv(self.features, (1, 1), self.strides, use_bias=False)(x)
+            x = self.norm(use_running_average=ura)(x)
+        return nn.relu(x + y)
+
+
+class ResNet20(nn.Module):
+    """CIFAR ResNet-20: 3 stages x 3 blocks, 16/32/64 channels, global pool."""
+
+    num_outputs: int = 10
+    norm: Any = None
+    zero_init_last_gamma: bool = False
+    blocks_per_stage: int = 3
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if self.norm is None:
+            raise ValueError("ResNet20 needs a norm factory (BN is part of it).")
+        x = nn.Conv(16, (3, 3), use_bias=False)(x)
+        x = nn.relu(self.norm(use_running_average=not train)(x))
+        for stage, features in enumerate((16, 32, 64)):
+            for block in range(self.blocks_per_stage):
+                strides = 2 if stage > 0 and block == 0 else 1
+                x = BasicBlock(features, strides, self.norm, self.zero_init_last_gamma)(
+                    x, train
+                )
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_outputs)(x)

@@ -1,0 +1,90 @@
+"""One train step and the evaluation step (pure functions; jitted by callers)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from bnlab import parallel
+from bnlab.train.state import TrainState
+
+__all__ = ["make_eval_step", "make_train_step", "task_loss"]
+
+
+def task_loss(outputs: jax.Array, y: jax.Array, num_classes: int):
+    """(mean loss, accuracy) for classification; (MSE, 0) for regression."""
+    if num_classes:
+        loss = optax.softmax_cross_entropy_with_integer_labels(outputs, y).mean()
+        acc = jnp.mean((jnp.argmax(outputs, -1) == y).astype(jnp.float32))
+        return loss, acc
+    return jnp.mean((outputs[:, 0] - y) ** 2), jnp.zeros((), jnp.float32)
+
+
+def make_train_step(
+    model,
+    tx: optax.GradientTransformation,
+    num_classes: int,
+    style: str,
+    axis_name: str | None,
+) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
+    """``step(state, x, y) -> (state, {"loss", "accuracy"})`` for a style.
+
+    The gradient rule of the style comes from
+    :func:`bnlab.parallel.value_and_grad`; BN synchronises its statistics
+    through the model's ``axis_name``.
+    """
+
+    def loss_fn(params, batch_stats, x, y):
+        outputs, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        loss, acc = task_loss(outputs, y, num_classes)
+        return loss, (updates.get("batch_stats", batch_stats), acc)
+
+    vg = parallel.value_and_grad(
+        loss_fn, style=style, axis_name=axis_name, has_aux=True
+    )
+
+    def step(state: TrainState, x, y):
+        (loss, (batch_stats, acc)), grads = vg(state.params, state.batch_stats, x, y)
+        if axis_name is not None:
+            acc = lax.pmean(acc, axis_name)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new = TrainState(
+            params=optax.apply_updates(state.params, updates),
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            step=state.step + 1,
+            key=state.key,
+        )
+        return new, {"loss": loss, "accuracy": acc}
+
+    return step
+
+
+def make_eval_step(model, num_classes: int, use_batch_stats: bool = False) -> Callable:
+    """``eval(params, batch_stats, x, y) -> (sum loss, sum correct)``.
+
+    Running statistics by default (test time, as the paper prescribes);
+    ``use_batch_stats`` normalises each test batch with its own statistics.
+    """
+
+    def evaluate(params: Any, batch_stats: Any, x, y):
+        variables = {"params": params, "batch_stats": batch_stats}
+        if use_batch_stats:
+            outputs, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        else:
+            outputs = model.apply(variables, x, train=False)
+        loss, acc = task_loss(outputs, y, num_classes)
+        n = x.shape[0]
+        return loss * n, acc * n
+
+    return jax.jit(evaluate)

@@ -1,0 +1,144 @@
+"""Data loading (IDX, digits, synthetic, batches) and the models."""
+
+import functools
+import gzip
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import bnlab.linen
+from bnlab import data
+from bnlab.models import CNN, MLP, ResNet20
+from bnlab.models.nnx_mlp import NNXMLP
+
+
+def _write_idx(path, array):
+    codes = {np.uint8: 0x08, np.int32: 0x0C}
+    header = bytes([0, 0, codes[array.dtype.type], array.ndim])
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    body = array.astype(array.dtype.newbyteorder(">")).tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(header + body)
+
+
+def test_read_idx_roundtrip_and_truncation(tmp_path):
+    a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    _write_idx(tmp_path / "a.gz", a)
+    np.testing.assert_array_equal(data.read_idx(tmp_path / "a.gz"), a)
+    raw = gzip.decompress((tmp_path / "a.gz").read_bytes())
+    (tmp_path / "b").write_bytes(raw[:-3])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        data.read_idx(tmp_path / "b")
+    (tmp_path / "c").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        data.read_idx(tmp_path / "c")
+
+
+def test_offline_missing_dataset_names_package_url_and_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("BNLAB_DATA_DIR", raising=False)
+    with pytest.raises(FileNotFoundError) as e:
+        data.find_idx_files("mnist", data_dir=tmp_path / "empty", download=False)
+    msg = str(e.value)
+    assert "ossci-datasets" in msg and str(tmp_path / "cache") in msg
+
+
+def test_checksum_mismatch_is_refused(tmp_path):
+    for f in data.IDX_SOURCES["mnist"][1]:
+        (tmp_path / f).write_bytes(b"not mnist")
+    with pytest.raises(ValueError, match="wrong SHA-256"):
+        data.find_idx_files("mnist", data_dir=tmp_path, download=False)
+
+
+@pytest.mark.skipif(
+    not data.IDX_SOURCES["fashion_mnist"][2][1].is_dir(),
+    reason="Debian package dataset-fashion-mnist not installed",
+)
+def test_fashion_mnist_from_debian_package():
+    ds = data.load("fashion_mnist")
+    assert ds.x_train.shape == (60000, 28, 28, 1) and ds.x_test.shape == (
+        10000,
+        28,
+        28,
+        1,
+    )
+    assert ds.x_train.min() >= 0.0 and ds.x_train.max() <= 1.0
+    assert set(np.unique(ds.y_test)) == set(range(10))
+
+
+def test_digits_and_synthetic():
+    d = data.load_digits()
+    assert d.x_train.shape == (1437, 8, 8, 1) and d.num_classes == 10
+    s = data.synthetic_regression()
+    ratio = s.x_train.std(0)[1] / s.x_train.std(0)[0]
+    assert 80 < ratio < 120  # the lecture's x2 ~ 100 x1
+
+
+def test_batch_stream_deterministic_epochs_and_process_slices():
+    x = np.arange(20.0)
+    s = data.BatchStream(x, np.arange(20), batch_size=8, seed=3)
+    again = data.BatchStream(x, np.arange(20), batch_size=8, seed=3)
+    for i in range(6):
+        np.testing.assert_array_equal(s.batch(i)[0], again.batch(i)[0])
+    seen = np.concatenate([s.batch(i)[0] for i in range(5)])  # 40 = two epochs
+    assert sorted(seen[:20]) == list(range(20)) and sorted(seen[20:]) == list(range(20))
+    assert not np.array_equal(seen[:20], seen[20:])  # reshuffled each epoch
+    halves = [
+        data.BatchStream(x, np.arange(20), 8, 3, process_index=p, process_count=2)
+        for p in (0, 1)
+    ]
+    np.testing.assert_array_equal(
+        np.concatenate([h.batch(4)[0] for h in halves]), s.batch(4)[0]
+    )
+    with pytest.raises(ValueError, match="does not split over 3 processes"):
+        data.BatchStream(x, x, 8, 0, process_index=0, process_count=3)
+
+
+NORM = functools.partial(bnlab.linen.BatchNorm, momentum=0.9)
+
+
+@pytest.mark.parametrize("placement", ["none", "before", "after"])
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
+def test_mlp_placements(placement, activation):
+    m = MLP(
+        widths=(16, 16),
+        activation=activation,
+        placement=placement,
+        norm=NORM,
+        init_scheme="normal",
+        init_std=0.1,
+    )
+    x = jax.random.normal(jax.random.key(0), (8, 8, 8, 1))
+    v = m.init(jax.random.key(1), x, train=False)
+    y, upd = m.apply(v, x, train=True, mutable=["batch_stats"])
+    assert y.shape == (8, 10)
+    n_bn = 0 if placement == "none" else 2
+    assert len(v.get("batch_stats", {})) == n_bn
+
+
+def test_resnet20_zero_init_last_gamma_and_cnn():
+    r = ResNet20(norm=NORM, zero_init_last_gamma=True)
+    x = jnp.ones((2, 32, 32, 3))
+    v = r.init(jax.random.key(0), x, train=False)
+    n = sum(a.size for a in jax.tree.leaves(v["params"]))
+    assert 260_000 < n < 280_000  # ResNet-20 has ~0.27M parameters
+    last = v["params"]["BasicBlock_0"]["BatchNorm_1"]["scale"]
+    assert np.all(np.asarray(last) == 0)
+    c = CNN(norm=NORM)
+    v = c.init(jax.random.key(0), jnp.ones((2, 28, 28, 1)), train=False)
+    assert c.apply(v, jnp.ones((2, 28, 28, 1)), train=False).shape == (2, 10)
+
+
+def test_nnx_mlp_trains_its_bn_statistics():
+    m = NNXMLP(64, (32, 32), 10, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (16, 64)) * 3 + 2
+    m(x)
+    assert not np.allclose(m.norms[0].mean[...], 0.0)
+    m.eval()
+    before = m.norms[0].mean[...]
+    m(x)
+    np.testing.assert_array_equal(m.norms[0].mean[...], before)
