@@ -1,158 +1,278 @@
-"""Op benchmark: train-mode BN forward and forward+backward under jit.
+"""Op benchmark: one BN layer, train fwd / train fwd+bwd / eval fwd, under jit.
 
-bnlab.batch_norm vs flax.linen.BatchNorm (fast variance and two-pass), same
-inputs, same run, runs interleaved; compile time reported apart from the
-steady-state median. Writes JSON to benchmarks/results/ and prints a Markdown
-table. On a GPU it also reports achieved bandwidth: minimum bytes moved
-(forward 3N reads+writes, fwd+bwd 8N: see benchmarks/README.md) / time.
+bnlab vs Flax Linen (fast variance and two-pass), Flax NNX, Haiku and
+Equinox (the last two from the ``bench`` extra; skipped if not installed), on
+NHWC (N,56,56,64), (N,28,28,128), (N,7,7,512) and dense (4096,1024), f32 and
+bf16. Runs are interleaved, compile time is reported apart from the steady
+state median, every ratio is to bnlab in the same run. The accuracy column is
+the max |y - y_float64| in train mode on x = 1e4 + N(0, 1) from fresh state.
+Achieved bandwidth = minimum bytes moved / time (fwd 3N, fwd+bwd 8N, eval 2N
+elements), the physical limit on a GPU.
 
-    python -m benchmarks.bn_op                 # CPU, default shapes
+    python -m benchmarks.bn_op                 # CPU defaults (N=32)
+    python -m benchmarks.bn_op --batch 128     # the paper-scale shapes
     python -m benchmarks.bn_op --smoke         # tiny shapes, seconds
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import statistics
-import time
+import functools
 from pathlib import Path
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
 import bnlab
+from benchmarks import common
 
-SHAPES = {"nhwc": (128, 56, 56, 64), "dense": (4096, 1024)}
-SMOKE_SHAPES = {"nhwc": (8, 8, 8, 16), "dense": (64, 32)}
+MODES = ("train_fwd", "train_fwd_bwd", "eval_fwd")
+MIN_ELEMENTS_MOVED = {"train_fwd": 3, "train_fwd_bwd": 8, "eval_fwd": 2}
 
 
-def _impls(c: int):
-    def bnlab_fn(x, g, b):
-        return bnlab.batch_norm(x, bnlab.init_batch_stats(c), g, b, train=True)[0]
-
-    def flax_fn(fast):
-        mod = nn.BatchNorm(use_running_average=False, use_fast_variance=fast)
-        stats = {"mean": jnp.zeros(c), "var": jnp.ones(c)}
-
-        def f(x, g, b):
-            v = {"params": {"scale": g, "bias": b}, "batch_stats": stats}
-            return mod.apply(v, x, mutable=["batch_stats"])[0]
-
-        return f
-
+def shapes(batch: int, smoke: bool) -> dict[str, tuple[int, ...]]:
+    if smoke:
+        return {"nhwc_56x56x64": (2, 8, 8, 16), "dense": (64, 32)}
     return {
-        "bnlab": bnlab_fn,
-        "flax_fast": flax_fn(True),
-        "flax_two_pass": flax_fn(False),
+        "nhwc_56x56x64": (batch, 56, 56, 64),
+        "nhwc_28x28x128": (batch, 28, 28, 128),
+        "nhwc_7x7x512": (batch, 7, 7, 512),
+        "dense_4096x1024": (4096, 1024),
     }
 
 
-def _modes(fn):
-    fwd = jax.jit(fn)
+def implementations(c: int, ndim: int) -> dict[str, dict]:
+    """name -> {"train": f(x, g, b) -> y, "eval": f(x, g, b) -> y}."""
+    stats = bnlab.init_batch_stats(c)
+    mean, var = stats.mean, stats.var + 0.5  # non-trivial eval statistics
+    impls = {
+        "bnlab": {
+            "train": lambda x, g, b: bnlab.batch_norm(x, stats, g, b, train=True)[0],
+            "eval": lambda x, g, b: bnlab.batch_norm(
+                x, bnlab.BatchStats(mean, var), g, b, train=False
+            )[0],
+        }
+    }
 
-    def loss(x, g, b, dy):
-        return jnp.vdot(fn(x, g, b), dy)
+    def linen(fast):
+        mod = nn.BatchNorm(use_fast_variance=fast)
 
-    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    return {"fwd": (fwd, False), "fwd_bwd": (fwd_bwd, True)}
+        def run(x, g, b, train):
+            v = {
+                "params": {"scale": g, "bias": b},
+                "batch_stats": {
+                    "mean": mean if not train else stats.mean,
+                    "var": var if not train else stats.var,
+                },
+            }
+            return mod.apply(
+                v, x, use_running_average=not train, mutable=["batch_stats"]
+            )[0]
+
+        return {
+            "train": functools.partial(run, train=True),
+            "eval": functools.partial(run, train=False),
+        }
+
+    impls["flax_fast"] = linen(True)
+    impls["flax_two_pass"] = linen(False)
+
+    def nnx_run(x, g, b, train):
+        m = nnx.BatchNorm(c, use_running_average=not train, rngs=nnx.Rngs(0))
+        m.scale[...] = g
+        m.bias[...] = b
+        if not train:
+            m.mean[...], m.var[...] = mean, var
+        return m(x)
+
+    impls["flax_nnx"] = {
+        "train": functools.partial(nnx_run, train=True),
+        "eval": functools.partial(nnx_run, train=False),
+    }
+    try:
+        import haiku as hk
+
+        def hk_fn(x, train):
+            return hk.BatchNorm(True, True, 0.99)(x, is_training=train)
+
+        tf = hk.transform_with_state(hk_fn)
+        params, hstate = tf.init(
+            jax.random.key(0), jnp.ones((2,) + (1,) * (ndim - 2) + (c,)), True
+        )
+
+        def hk_run(x, g, b, train):
+            p = jax.tree.map(lambda a: a, params)
+            p = {
+                k: {
+                    "scale": g.reshape(v["scale"].shape),
+                    "offset": b.reshape(v["offset"].shape),
+                }
+                for k, v in p.items()
+            }
+            return tf.apply(p, hstate, None, x, train)[0]
+
+        impls["haiku"] = {
+            "train": functools.partial(hk_run, train=True),
+            "eval": functools.partial(hk_run, train=False),
+        }
+    except ImportError:
+        pass
+    try:
+        import equinox as eqx
+
+        bn, st = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
+            c, axis_name="batch", mode="batch"
+        )
+
+        def eqx_run(x, g, b, train):
+            m = eqx.tree_at(lambda m: (m.weight, m.bias), bn, (g, b))
+            state = jax.tree.unflatten(*reversed(jax.tree.flatten(st)))  # fresh copy
+            # Equinox is per-example, channel-first, vmapped over the batch.
+            xc = jnp.moveaxis(x, -1, 1)
+            y, _ = jax.vmap(
+                lambda xi: m(xi, state, inference=not train),
+                axis_name="batch",
+                in_axes=0,
+                out_axes=(0, None),
+            )(xc)
+            return jnp.moveaxis(y, 1, -1)
+
+        impls["equinox"] = {
+            "train": functools.partial(eqx_run, train=True),
+            "eval": functools.partial(eqx_run, train=False),
+        }
+    except ImportError:
+        pass
+    return impls
 
 
-def bench(shapes: dict, reps: int, dtype=jnp.float32) -> list[dict]:
+def accuracy_at_1e4(impls: dict) -> dict[str, float]:
+    x = (1e4 + jax.random.normal(jax.random.key(7), (256, 16))).astype(jnp.float32)
+    xd = np.asarray(x, np.float64)
+    ref = (xd - xd.mean(0)) / np.sqrt(xd.var(0) + 1e-5)
+    g, b = jnp.ones(16), jnp.zeros(16)
+    out = {}
+    for name in implementations(16, 2):
+        y = jax.jit(implementations(16, 2)[name]["train"])(x, g, b)
+        out[name] = float(np.max(np.abs(np.asarray(y, np.float64) - ref)))
+    return out
+
+
+def bench(shape_map: dict, dtypes, reps: int) -> list[dict]:
     rows = []
-    for shape_name, shape in shapes.items():
-        c = shape[-1]
-        kx, kd = jax.random.split(jax.random.key(0))
-        x = jax.random.normal(kx, shape, dtype)
-        dy = jax.random.normal(kd, shape, dtype)
-        g, b = jnp.ones(c), jnp.zeros(c)
-        impls = _impls(c)
-        for mode in ("fwd", "fwd_bwd"):
-            fns, compile_s, times = {}, {}, {}
-            for name, fn in impls.items():
-                f, needs_dy = _modes(fn)[mode]
-                args = (x, g, b, dy) if needs_dy else (x, g, b)
-                t0 = time.perf_counter()
-                compiled = f.lower(*args).compile()
-                compile_s[name] = time.perf_counter() - t0
-                jax.block_until_ready(compiled(*args))  # warm-up
-                fns[name] = (compiled, args)
-                times[name] = []
-            for _ in range(reps):  # interleaved so drift hits all alike
-                for name, (compiled, args) in fns.items():
-                    t0 = time.perf_counter()
-                    jax.block_until_ready(compiled(*args))
-                    times[name].append(time.perf_counter() - t0)
-            n_bytes = x.size * x.dtype.itemsize
-            min_bytes = (3 if mode == "fwd" else 8) * n_bytes
-            base = statistics.median(times["bnlab"])
-            for name in impls:
-                med = statistics.median(times[name])
-                rows.append(
-                    {
-                        "shape": shape_name,
-                        "dims": list(shape),
-                        "dtype": jnp.dtype(dtype).name,
-                        "mode": mode,
-                        "impl": name,
-                        "median_ms": med * 1e3,
-                        "compile_s": compile_s[name],
-                        "ratio_to_bnlab": med / base,
-                        "achieved_GBps": min_bytes / med / 1e9,
-                        "reps": reps,
-                    }
-                )
+    for dtype in dtypes:
+        for shape_name, shape in shape_map.items():
+            c = shape[-1]
+            kx, kd = jax.random.split(jax.random.key(0))
+            x = jax.random.normal(kx, shape, jnp.float32).astype(dtype)
+            dy = jax.random.normal(kd, shape, jnp.float32).astype(dtype)
+            g, b = jnp.ones(c), jnp.zeros(c)
+            impls = implementations(c, len(shape))
+            copy, _ = common.compile_fn(lambda x: x + jnp.ones((), x.dtype), x)
+            copy_s = common.time_interleaved({"copy": (copy, (x,))}, reps)["copy"]
+            copy_gbps = 2 * x.size * x.dtype.itemsize / copy_s / 1e9
+            for mode in MODES:
+                fns, compile_s = {}, {}
+                for name, fs in impls.items():
+                    if mode == "train_fwd":
+                        f, args = fs["train"], (x, g, b)
+                    elif mode == "eval_fwd":
+                        f, args = fs["eval"], (x, g, b)
+                    else:
+
+                        def f(x, g, b, dy, fwd=fs["train"]):
+                            _, vjp = jax.vjp(fwd, x, g, b)
+                            return vjp(dy.astype(_.dtype))
+
+                        args = (x, g, b, dy)
+                    compiled, compile_s[name] = common.compile_fn(f, *args)
+                    fns[name] = (compiled, args)
+                med = common.time_interleaved(fns, reps)
+                n_bytes = x.size * x.dtype.itemsize * MIN_ELEMENTS_MOVED[mode]
+                for name in impls:
+                    rows.append(
+                        {
+                            "shape": shape_name,
+                            "dims": list(shape),
+                            "dtype": jnp.dtype(dtype).name,
+                            "mode": mode,
+                            "impl": name,
+                            "median_ms": med[name] * 1e3,
+                            "compile_s": compile_s[name],
+                            "ratio_to_bnlab": med[name] / med["bnlab"],
+                            "achieved_GBps": n_bytes / med[name] / 1e9,
+                            "reps": reps,
+                            "copy_GBps": copy_gbps,
+                        }
+                    )
     return rows
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], acc: dict[str, float]) -> str:
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
     out = [
-        "| shape | mode | impl | median ms | vs bnlab | compile s | GB/s (min bytes) |",
-        "|---|---|---|---|---|---|---|",
+        "| shape | dtype | mode | " + " | ".join(impls) + " |",
+        "|---|---|---|" + "---|" * len(impls),
+    ]
+    keys = list(dict.fromkeys((r["shape"], r["dtype"], r["mode"]) for r in rows))
+    for key in keys:
+        cells = {
+            r["impl"]: r for r in rows if (r["shape"], r["dtype"], r["mode"]) == key
+        }
+        out.append(
+            f"| {key[0]} | {key[1]} | {key[2]} | "
+            + " | ".join(
+                f"{cells[i]['median_ms']:.2f} ms ({cells[i]['ratio_to_bnlab']:.2f}x)"
+                for i in impls
+            )
+            + " |"
+        )
+    out.append(
+        "| max abs error at mean 1e4 (f32, train) | | | "
+        + " | ".join(f"{acc.get(i, float('nan')):.2g}" for i in impls)
+        + " |"
+    )
+    out += [
+        "",
+        "Achieved bandwidth of bnlab (minimum bytes / time) vs `x + 1` (2N bytes):",
+        "",
+        "| shape | dtype | mode | bnlab GB/s | copy GB/s | fraction |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        out.append(
-            f"| {r['shape']} {tuple(r['dims'])} | {r['mode']} | {r['impl']} | "
-            f"{r['median_ms']:.2f} | {r['ratio_to_bnlab']:.2f}x | "
-            f"{r['compile_s']:.2f} | {r['achieved_GBps']:.1f} |"
-        )
+        if r["impl"] == "bnlab":
+            out.append(
+                f"| {r['shape']} | {r['dtype']} | {r['mode']} | "
+                f"{r['achieved_GBps']:.1f} | {r['copy_GBps']:.1f} | "
+                f"{r['achieved_GBps'] / r['copy_GBps']:.2f} |"
+            )
     return "\n".join(out)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="BN op benchmark")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes, few reps")
-    p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, 2 reps")
+    p.add_argument("--batch", type=int, default=32, help="N of the NHWC shapes")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--out", default=None, help="results directory")
+    p.add_argument("--name", default=None, help="result file stem")
     args = p.parse_args(argv)
-    shapes = SMOKE_SHAPES if args.smoke else SHAPES
-    reps = 3 if args.smoke else args.reps
-    rows = bench(shapes, reps)
-    dev = jax.devices()[0]
-    meta = {
-        "benchmark": "bn_op",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": f"{dev.platform}: {dev.device_kind}",
-        "cpu": platform.processor() or platform.machine(),
-        "jax": jax.__version__,
-        "flax": flax.__version__,
-        "smoke": args.smoke,
-    }
-    md = table(rows)
-    print(json.dumps(meta))
+    dtypes = [jnp.dtype(d) for d in args.dtypes.split(",")]
+    rows = bench(shapes(args.batch, args.smoke), dtypes, 2 if args.smoke else args.reps)
+    acc = accuracy_at_1e4(implementations(16, 2))
+    md = table(rows, acc)
+    meta = common.metadata(
+        "bn_op", batch=args.batch, smoke=args.smoke, accuracy_at_1e4=acc
+    )
     print(md)
-    if not args.smoke or args.out != "benchmarks/results":
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        tag = "smoke" if args.smoke else dev.platform
-        (out / f"bn_op_{tag}.json").write_text(
-            json.dumps({"meta": meta, "rows": rows}, indent=1)
-        )
-        (out / f"bn_op_{tag}.md").write_text(md + "\n")
+    name = args.name or (
+        "bn_op_smoke" if args.smoke else f"bn_op_{jax.devices()[0].platform}"
+    )
+    common.write(name, meta, rows, md, Path(args.out) if args.out else None)
     return 0
 
 

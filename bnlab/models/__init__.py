@@ -1,6 +1,6 @@
 """Models with the norm layer injected as one factory (``functools.partial``)."""
 
-from bnlab.models.cnn import CNN, BasicBlock, ResNet20
+from bnlab.models.cnn import CNN, BasicBlock, Bottleneck, ResNet20, ResNet50
 from bnlab.models.mlp import ACTIVATIONS, MLP, PLACEMENTS, kernel_init
 
 __all__ = [
@@ -9,6 +9,8 @@ __all__ = [
     "MLP",
     "PLACEMENTS",
     "BasicBlock",
+    "Bottleneck",
     "ResNet20",
+    "ResNet50",
     "kernel_init",
 ]

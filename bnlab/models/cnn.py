@@ -77,3 +77,59 @@ class ResNet20(nn.Module):
                 )
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_outputs)(x)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 -> 1x1 (x4) bottleneck block with BN (ResNet-50 style)."""
+
+    features: int
+    strides: int
+    norm: Any
+    zero_init_last_gamma: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        ura = not train
+        y = nn.relu(
+            self.norm(use_running_average=ura)(
+                nn.Conv(self.features, (1, 1), use_bias=False)(x)
+            )
+        )
+        y = nn.relu(
+            self.norm(use_running_average=ura)(
+                nn.Conv(self.features, (3, 3), self.strides, use_bias=False)(y)
+            )
+        )
+        y = nn.Conv(4 * self.features, (1, 1), use_bias=False)(y)
+        last_init = (
+            nn.initializers.zeros if self.zero_init_last_gamma else nn.initializers.ones
+        )
+        y = self.norm(use_running_average=ura, scale_init=last_init)(y)
+        if x.shape != y.shape:
+            x = nn.Conv(4 * self.features, (1, 1), self.strides, use_bias=False)(x)
+            x = self.norm(use_running_average=ura)(x)
+        return nn.relu(x + y)
+
+
+class ResNet50(nn.Module):
+    """ImageNet-style ResNet-50 (stages 3-4-6-3 of bottlenecks, 64..512 wide)."""
+
+    num_outputs: int = 1000
+    norm: Any = None
+    stages: tuple[int, ...] = (3, 4, 6, 3)
+    zero_init_last_gamma: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if self.norm is None:
+            raise ValueError("ResNet50 needs a norm factory (BN is part of it).")
+        x = nn.Conv(64, (7, 7), 2, use_bias=False)(x)
+        x = nn.relu(self.norm(use_running_average=not train)(x))
+        x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+        for stage, blocks in enumerate(self.stages):
+            for block in range(blocks):
+                strides = 2 if stage > 0 and block == 0 else 1
+                x = Bottleneck(
+                    64 * 2**stage, strides, self.norm, self.zero_init_last_gamma
+                )(x, train)
+        return nn.Dense(self.num_outputs)(jnp.mean(x, axis=(1, 2)))

@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 
 _CHOICES = {
     "dataset": ("digits", "fashion_mnist", "mnist", "synthetic"),
-    "model": ("mlp", "cnn", "resnet20", "nnx_mlp"),
+    "model": ("mlp", "cnn", "resnet20"),
     "activation": ("relu", "sigmoid", "tanh"),
     "norm": ("none", "before", "after"),
     "init": ("normal", "he", "lecun"),
@@ -42,7 +42,7 @@ class Config:
     Attributes:
       dataset: digits | fashion_mnist | mnist | synthetic.
       data_dir: where IDX files live (see :func:`bnlab.data.find_idx_files`).
-      model: mlp | cnn | resnet20 | nnx_mlp.
+      model: mlp | cnn | resnet20 (the NNX MLP is bnlab.models.nnx_mlp).
       depth: hidden layers of the MLP.
       width: hidden width of the MLP.
       activation: relu | sigmoid | tanh.

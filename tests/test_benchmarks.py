@@ -1,0 +1,42 @@
+"""The benchmark scripts run (smoke mode, tiny shapes); no timing assertions."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_multihost import ROOT
+
+
+def _run(args, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", *args, "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args,stem",
+    [
+        (["benchmarks.bn_op"], "bn_op_smoke"),
+        (["benchmarks.collectives"], "collectives_smoke"),
+        (["benchmarks.throughput"], "throughput_resnet20_smoke_1dev"),
+    ],
+)
+def test_benchmark_scripts_run(args, stem, tmp_path):
+    out = _run(args, tmp_path)
+    assert "bnlab" in out
+    result = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert result["rows"] and result["meta"]["smoke"] is not False
+    assert (tmp_path / f"{stem}.md").read_text().count("|") > 10
