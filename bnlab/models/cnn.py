@@ -30,6 +30,20 @@ class CNN(nn.Module):
         return nn.Dense(self.num_outputs)(x)
 
 
+def _merge_residual(block: nn.Module, x: jax.Array, y: jax.Array, ura: bool):
+    """Last BN of the residual branch (scale 0 with zero_init_last_gamma), a
+    projection shortcut when shapes differ, add, relu. Called inside the
+    block's compact ``__call__``, so the layers belong to the block."""
+    last_init = (
+        nn.initializers.zeros if block.zero_init_last_gamma else nn.initializers.ones
+    )
+    y = block.norm(use_running_average=ura, scale_init=last_init)(y)
+    if x.shape != y.shape:
+        x = nn.Conv(y.shape[-1], (1, 1), block.strides, use_bias=False)(x)
+        x = block.norm(use_running_average=ura)(x)
+    return nn.relu(x + y)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs with BN; ``zero_init_last_gamma`` starts the residual at 0
     (Goyal et al. 2017, arXiv:1706.02677)."""
@@ -45,14 +59,7 @@ class BasicBlock(nn.Module):
         y = nn.Conv(self.features, (3, 3), self.strides, use_bias=False)(x)
         y = nn.relu(self.norm(use_running_average=ura)(y))
         y = nn.Conv(self.features, (3, 3), use_bias=False)(y)
-        last_init = (
-            nn.initializers.zeros if self.zero_init_last_gamma else nn.initializers.ones
-        )
-        y = self.norm(use_running_average=ura, scale_init=last_init)(y)
-        if x.shape != y.shape:
-            x = nn.Conv(self.features, (1, 1), self.strides, use_bias=False)(x)
-            x = self.norm(use_running_average=ura)(x)
-        return nn.relu(x + y)
+        return _merge_residual(self, x, y, ura)
 
 
 class ResNet20(nn.Module):
@@ -101,14 +108,7 @@ class Bottleneck(nn.Module):
             )
         )
         y = nn.Conv(4 * self.features, (1, 1), use_bias=False)(y)
-        last_init = (
-            nn.initializers.zeros if self.zero_init_last_gamma else nn.initializers.ones
-        )
-        y = self.norm(use_running_average=ura, scale_init=last_init)(y)
-        if x.shape != y.shape:
-            x = nn.Conv(4 * self.features, (1, 1), self.strides, use_bias=False)(x)
-            x = self.norm(use_running_average=ura)(x)
-        return nn.relu(x + y)
+        return _merge_residual(self, x, y, ura)
 
 
 class ResNet50(nn.Module):
