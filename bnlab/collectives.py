@@ -14,7 +14,7 @@ devices. Under ``jax.shard_map`` use a 2-D mesh instead, e.g. axes
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -70,6 +70,18 @@ def sync_size(
     return len(groups[0])
 
 
+def _on_one_buffer(tree: Any, fn: Callable[[jax.Array], jax.Array]) -> Any:
+    """Applies ``fn`` to all leaves concatenated into one flat array (one
+    collective instead of one per leaf), then splits the result back."""
+    leaves, treedef = jax.tree.flatten(tree)
+    flat = fn(jnp.concatenate([jnp.ravel(leaf) for leaf in leaves]))
+    out, start = [], 0
+    for leaf in leaves:
+        out.append(flat[start : start + leaf.size].reshape(leaf.shape))
+        start += leaf.size
+    return jax.tree.unflatten(treedef, out)
+
+
 def sum_across(
     tree: Any,
     axis_name: AxisName | None,
@@ -83,14 +95,10 @@ def sum_across(
     """
     if axis_name is None:
         return tree
-    leaves, treedef = jax.tree.flatten(tree)
-    flat = jnp.concatenate([jnp.ravel(leaf) for leaf in leaves])
-    flat = lax.psum(flat, axis_name, axis_index_groups=axis_index_groups)
-    out, start = [], 0
-    for leaf in leaves:
-        out.append(flat[start : start + leaf.size].reshape(leaf.shape))
-        start += leaf.size
-    return jax.tree.unflatten(treedef, out)
+    return _on_one_buffer(
+        tree,
+        lambda flat: lax.psum(flat, axis_name, axis_index_groups=axis_index_groups),
+    )
 
 
 def _varying_axes(x: jax.Array) -> frozenset:
@@ -115,16 +123,9 @@ def match_varying(tree: Any, like: jax.Array, axis_name: AxisName | None) -> Any
     names = _names(axis_name)
     if not set(names) <= _varying_axes(like):
         return tree
-    leaves, treedef = jax.tree.flatten(tree)
-    if all(set(names) <= _varying_axes(leaf) for leaf in leaves):
+    if all(set(names) <= _varying_axes(leaf) for leaf in jax.tree.leaves(tree)):
         return tree
-    flat = jnp.concatenate([jnp.ravel(leaf) for leaf in leaves])
-    flat = lax.pcast(flat, names, to="varying")
-    out, start = [], 0
-    for leaf in leaves:
-        out.append(flat[start : start + leaf.size].reshape(leaf.shape))
-        start += leaf.size
-    return jax.tree.unflatten(treedef, out)
+    return _on_one_buffer(tree, lambda flat: lax.pcast(flat, names, to="varying"))
 
 
 COLLECTIVE_PRIMITIVES = frozenset(
