@@ -251,3 +251,20 @@ def test_two_process_training_matches_eight_devices_and_resumes(tmp_path):
     resumed, meta = _final_state(work, config)
     assert meta["step"] == 20
     _assert_bit_identical(multi, resumed)
+
+
+def test_synthetic_regression_mse_and_no_accuracy(tmp_path):
+    config = load_config(
+        None,
+        [
+            "dataset=synthetic",
+            "lr=0.01",
+            "steps=300",
+            "eval_every=300",
+            "checkpoint_every=300",
+        ],
+    )
+    train.fit(config, tmp_path)
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "test_accuracy" not in last
+    assert last["test_loss"] < 0.05  # noise variance is 0.01

@@ -227,7 +227,7 @@ def load_idx_dataset(
 def synthetic_regression(
     n: int = 1024,
     scales: tuple[float, float] = (1.0, 100.0),
-    weights: tuple[float, float] = (2.0, -3.0),
+    weights: tuple[float, float] = (1.0, -0.02),
     noise: float = 0.1,
     seed: int = 0,
 ) -> Dataset:

@@ -196,6 +196,8 @@ def fit(
                     )
                     record[f"{name}_loss"] = r["loss"]
                     record[f"{name}_accuracy"] = r["accuracy"]
+                if not ds.num_classes:  # regression: losses are MSE, no accuracy
+                    record = {k: v for k, v in record.items() if "accuracy" not in k}
                 last_t, last_step = time.perf_counter(), step
                 if jax.process_index() == 0:
                     with open(metrics_path, "a") as f:
