@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -24,19 +25,32 @@ def compile_fn(fn: Callable, *args) -> tuple[Callable, float]:
 
 
 def time_interleaved(
-    fns: dict[str, tuple[Callable, tuple]], reps: int, warmup: int = 2
+    fns: dict[str, tuple[Callable, tuple]], reps: int, rounds: int = 3, warmup: int = 2
 ) -> dict[str, float]:
-    """Median seconds per call, runs interleaved so drift hits all alike."""
+    """Seconds per call: the best of ``rounds`` medians of ``reps`` calls.
+
+    Calls are interleaved in a shuffled order so drift and position effects
+    hit all functions alike; taking the best
+    round's median discards rounds disturbed by other load on the machine.
+    """
     for f, args in fns.values():
         for _ in range(warmup):
             jax.block_until_ready(f(*args))
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for name, (f, args) in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    best = {k: float("inf") for k in fns}
+    order = list(fns)
+    shuffle = random.Random(0).shuffle
+    for _ in range(rounds):
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(reps):
+            shuffle(order)  # no function always runs first (or after another)
+            for name in order:
+                f, args = fns[name]
+                t0 = time.perf_counter()
+                jax.block_until_ready(f(*args))
+                times[name].append(time.perf_counter() - t0)
+        for k, v in times.items():
+            best[k] = min(best[k], statistics.median(v))
+    return best
 
 
 def metadata(name: str, **extra: Any) -> dict[str, Any]:
