@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -272,7 +271,7 @@ def main(argv=None) -> int:
     name = args.name or (
         "bn_op_smoke" if args.smoke else f"bn_op_{jax.devices()[0].platform}"
     )
-    common.write(name, meta, rows, md, Path(args.out) if args.out else None)
+    common.write(name, meta, rows, md, args.out)
     return 0
 
 

@@ -21,7 +21,6 @@ if "jax" not in sys.modules and "--no-simulate" not in sys.argv:
     )
 
 import argparse
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -119,7 +118,7 @@ def main(argv=None) -> int:
         common.metadata("collectives", shape=shape, smoke=args.smoke),
         rows,
         md,
-        Path(args.out) if args.out else None,
+        args.out,
     )
     return 0
 

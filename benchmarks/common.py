@@ -71,7 +71,7 @@ def metadata(name: str, **extra: Any) -> dict[str, Any]:
 
 
 def write(
-    name: str, meta: dict, rows: list[dict], table: str, out: Path | None
+    name: str, meta: dict, rows: list[dict], table: str, out: str | Path | None
 ) -> None:
     """JSON + Markdown under ``out`` (default benchmarks/results)."""
     out = RESULTS if out is None else Path(out)

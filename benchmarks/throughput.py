@@ -33,7 +33,6 @@ _early_devices()
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -200,7 +199,7 @@ def main(argv=None) -> int:
         common.metadata("throughput", model=args.model, smoke=args.smoke),
         rows,
         md,
-        Path(args.out) if args.out else None,
+        args.out,
     )
     return 0
 
