@@ -85,10 +85,11 @@ def _batch_moments(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Exact ``(shift, mean - shift, biased var, count)`` of the (global) batch.
 
-    The mean is returned as a float32 pair ``shift + offset`` (``shift`` close
-    to the mean, ``offset`` small): ``(x - shift) - offset`` is then exact to
-    float32 relative precision of the *deviation*, whereas rounding the mean
-    to one float32 costs half an ulp of ``|mean|`` (5e-4 at mean 1e4).
+    The mean is returned as a float32 pair ``shift + offset`` (``shift`` within
+    8 standard deviations of the mean, ``offset`` small): ``x - shift`` is
+    then exact to float32 precision of the *deviation* and ``offset`` enters
+    as a per-feature constant, whereas rounding the mean to one float32 costs
+    half an ulp of ``|mean|`` in every output (5e-4 at mean 1e4).
 
     Pass 1 shifts by the running mean (identical on every device, so the
     shifted sums add exactly) and sends ``(count, s1, s2)`` in one psum. If the
@@ -145,8 +146,8 @@ def _batch_moments(
         center, offset, var, n = out = moments(x, shift, mask)
         # d var = 2/n sum((x - mean) x_dot) with mean = hi + lo exactly (TwoSum
         # of center + offset): sum((x - hi) x_dot) - lo sum(x_dot). `x - hi` is
-        # deliberately not the forward's `(x - center) - offset`: a shared
-        # full-size subexpression would be materialised by XLA (+40% time).
+        # deliberately not the forward's `x - center`: a shared full-size
+        # subexpression would be materialised by XLA (+40% time on CPU).
         hi, lo = _two_sum(center, offset)
         centred = x - hi.reshape(keep_shape)
         if mask is not None:
