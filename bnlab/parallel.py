@@ -186,7 +186,10 @@ class DataParallel:
     def __init__(self, style: Style, axis_name: str = "batch"):
         check_style(style, None if style in ("single", "jit") else axis_name)
         self.style = style
+        # BN and gradient collectives use axis_name only under pmap/shard_map;
+        # the mesh (jit, shard_map) always has an axis of that name.
         self.axis_name = axis_name if style in ("pmap", "shard_map") else None
+        self.mesh_axis = axis_name
         self.mesh = None
         if style in ("jit", "shard_map"):
             self.mesh = jax.make_mesh((jax.device_count(),), (axis_name,))
@@ -213,7 +216,7 @@ class DataParallel:
             return batch
         if self.style == "pmap":
             return split_for_pmap(batch, self.n_local)
-        sharding = NamedSharding(self.mesh, P(self.axis_name or "batch"))
+        sharding = NamedSharding(self.mesh, P(self.mesh_axis))
         return jax.tree.map(
             lambda a: jax.make_array_from_process_local_data(sharding, a), batch
         )

@@ -181,8 +181,13 @@ def fit(
                         "elapsed": time.perf_counter() - t0,
                     }
                 )
+            # one host copy per step, shared by evaluation and (pmap) saving
+            host = (
+                dp.local_copy(state)
+                if do_eval or (do_ckpt and dp.style == "pmap")
+                else None
+            )
             if do_eval:
-                host = dp.local_copy(state)
                 now = time.perf_counter()
                 record = {
                     "step": step,
@@ -205,7 +210,7 @@ def fit(
             if do_ckpt:
                 ckpt.save(
                     step,
-                    state if dp.style != "pmap" else dp.local_copy(state),
+                    host if dp.style == "pmap" else state,
                     {"config": config.to_dict(), "step": step, "data_position": step},
                 )
         if pending is not None:
