@@ -1,10 +1,13 @@
 """The one place where BatchNorm moments cross devices.
 
-Sync BN needs, per feature, the global count and the sums of the (shifted)
-values and their squares. They are stacked into one array and reduced with a
-single ``lax.psum`` (one all-reduce), never the per-device variances or
-``1/sqrt(var + eps)``: sums of counts and shifted sums merge exactly when the
-valid counts differ per device, a device holding no valid value included.
+Forward: each device sends its exact local moments ``(count, center, offset,
+m2)`` (count only with a mask) in ONE ``all_gather`` and every device merges
+the gathered parts with Chan's formula (:func:`bnlab.stats.merge_moments`) in
+the same order, so all devices hold bit-identical statistics. Never the
+per-device variances or ``1/sqrt(var + eps)``: counts weigh every part, so
+uneven masks merge exactly, a device holding no valid value included, and no
+common shift has to be agreed on first (each device centres on its own data).
+Backward: the two per-feature tangent sums travel in ONE ``psum``.
 
 ``axis_name`` may be one mesh/pmap/vmap axis name or a tuple of them;
 ``axis_index_groups`` (pmap / vmap only) restricts the reduction to groups of
@@ -23,7 +26,7 @@ from jax import lax
 
 AxisName = str | tuple[str, ...]
 
-__all__ = ["AxisName", "sum_across", "sync_size"]
+__all__ = ["AxisName", "count_collectives", "gather_across", "sum_across", "sync_size"]
 
 
 def _names(axis_name: AxisName) -> tuple[Any, ...]:
@@ -101,6 +104,28 @@ def sum_across(
     )
 
 
+def gather_across(
+    tree: Any,
+    axis_name: AxisName,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+) -> Any:
+    """Stacks every device's copy of a pytree along a new leading axis.
+
+    The leaves (same shape and dtype) travel in ONE ``all_gather``. Under
+    ``shard_map`` the result is typed as identical on every device of the
+    group (``to="invarying"``), so statistics computed from it may leave
+    through a replicated ``out_specs``.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    stacked = jnp.stack(leaves)
+    names = _names(axis_name)
+    kw = {"axis_index_groups": axis_index_groups}
+    if set(names) <= _varying_axes(stacked):
+        kw["to"] = "invarying"
+    gathered = lax.all_gather(stacked, axis_name, **kw)
+    return jax.tree.unflatten(treedef, [gathered[:, i] for i in range(len(leaves))])
+
+
 def _varying_axes(x: jax.Array) -> frozenset:
     aval = jax.typeof(x)
     manual = getattr(aval, "manual_axis_type", None)
@@ -123,9 +148,18 @@ def match_varying(tree: Any, like: jax.Array, axis_name: AxisName | None) -> Any
     names = _names(axis_name)
     if not set(names) <= _varying_axes(like):
         return tree
-    if all(set(names) <= _varying_axes(leaf) for leaf in jax.tree.leaves(tree)):
-        return tree
-    return _on_one_buffer(tree, lambda flat: lax.pcast(flat, names, to="varying"))
+    leaves, treedef = jax.tree.flatten(tree)
+    todo = [i for i, leaf in enumerate(leaves) if not set(names) <= _varying_axes(leaf)]
+    # One cast per dtype (complex statistics travel apart from real ones).
+    for dtype in {leaves[i].dtype for i in todo}:
+        idx = [i for i in todo if leaves[i].dtype == dtype]
+        cast = _on_one_buffer(
+            [leaves[i] for i in idx],
+            lambda flat: lax.pcast(flat, names, to="varying"),
+        )
+        for i, leaf in zip(idx, cast, strict=True):
+            leaves[i] = leaf
+    return jax.tree.unflatten(treedef, leaves)
 
 
 COLLECTIVE_PRIMITIVES = frozenset(
@@ -148,7 +182,8 @@ def count_collectives(jaxpr: Any) -> dict[str, int]:
     """Counts cross-device collectives in a (closed) jaxpr, by where they run.
 
     Returns ``{"always": a, "conditional": c}``: collectives executed on every
-    call, and those inside a ``cond`` branch (executed only when it is taken).
+    call, and those inside a ``cond`` branch (executed only when it is taken;
+    bnlab's own train step has none).
     ``pvary`` / ``pbroadcast`` move no data and are not counted.
 
     Example:
@@ -157,7 +192,7 @@ def count_collectives(jaxpr: Any) -> dict[str, int]:
       ...     x, bnlab.init_batch_stats(3), train=True, axis_name="d")[0],
       ...     axis_name="d")
       >>> count_collectives(jax.make_jaxpr(f)(jnp.ones((2, 4, 3))))
-      {'always': 1, 'conditional': 1}
+      {'always': 1, 'conditional': 0}
     """
     counts = {"always": 0, "conditional": 0}
 

@@ -143,7 +143,8 @@ def unreplicate(tree: Any, check: bool = True) -> Any:
     if check:
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
             arr = np.asarray(leaf)
-            if not np.all(arr == arr[:1]):
+            # bitwise, so that identical NaN copies count as identical
+            if not all(np.array_equal(a, arr[0], equal_nan=True) for a in arr[1:]):
                 raise ValueError(
                     f"replicated value {jax.tree_util.keystr(path)} differs across "
                     "devices: statistics or parameters have diverged."

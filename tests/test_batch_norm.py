@@ -286,3 +286,178 @@ def test_pure_under_vmap_and_grad_compose():
             ys[i], ref.batch_norm(xs[i], mean, var, (0,)), atol=1e-5
         )
     assert stats.mean.shape == (3, 4)
+
+
+# ------------------------------------------------- shift taken from the data
+
+
+@pytest.mark.parametrize(
+    "shape,axis", [((512, 8), -1), ((16, 9, 9, 4), -1), ((8, 4, 6, 6), 1)]
+)
+def test_output_error_at_mean_1e4_is_below_1e6(shape, axis):
+    # Fresh state, x = 1e4 + N(0, 1): float32 rounding of the mean alone would
+    # cost 5e-4; the (data value + offset) pair keeps the error at ~1e-7.
+    x = (1e4 + jax.random.normal(jax.random.key(20), shape)).astype(jnp.float32)
+    y, new = _bn(x, bnlab.init_batch_stats(shape[axis]), train=True, axis=axis)
+    red = tuple(i for i in range(len(shape)) if i != axis % len(shape))
+    mean, var, _ = ref.moments(x, red)
+    y_ref = ref.batch_norm(x, mean, var, red)
+    assert np.abs(np.asarray(y) - y_ref).max() < 1e-6
+    batch_var = (np.asarray(new.var, np.float64) - 0.99) / 0.01
+    np.testing.assert_allclose(batch_var, var, rtol=2e-3)  # 0.01 * var: rounding
+
+
+def test_an_outlier_among_the_sampled_values_costs_little():
+    # The shift is the mean of 8 strided values; make one of them (row 0) an
+    # outlier 1000 std away. The variance then includes the outlier, and the
+    # error bound c * eps * (1 + (mean - shift)^2 / var) stays small.
+    x = (1e4 + jax.random.normal(jax.random.key(21), (512, 4))).astype(jnp.float32)
+    x = x.at[0].add(1e3)
+    y, new = _bn(x, bnlab.init_batch_stats(4), train=True, momentum=0.0)
+    mean, var, _ = ref.moments(x, (0,))
+    np.testing.assert_allclose(np.asarray(new.var, np.float64), var, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(new.mean, np.float64), mean, rtol=1e-7)
+    assert np.abs(np.asarray(y) - ref.batch_norm(x, mean, var, (0,))).max() < 2e-6
+
+
+@pytest.mark.parametrize("pattern", ["first_half", "last_rows", "sparse", "every_8th"])
+def test_masks_are_exact_at_large_means(pattern):
+    # Structured masks must not starve the shift sampling: masked rows hold
+    # NaN, valid ones 1e4 + N(0, 1).
+    n, c = 256, 5
+    rows = np.arange(n)[:, None]
+    mask = {
+        "first_half": rows >= n // 2,
+        "last_rows": rows >= n - 8,
+        "sparse": (rows * 7919 + np.arange(c)) % 5 == 0,
+        "every_8th": rows % 8 == 3,
+    }[pattern]
+    mask = np.broadcast_to(mask, (n, c))
+    x = (1e4 + jax.random.normal(jax.random.key(22), (n, c))).astype(jnp.float32)
+    x = jnp.where(mask, x, jnp.nan)
+    y, new = _bn(x, bnlab.init_batch_stats(c), train=True, mask=mask, momentum=0.0)
+    mean, var, _ = ref.moments(np.where(mask, x, 0), (0,), mask)
+    np.testing.assert_allclose(np.asarray(new.var, np.float64), var, rtol=1e-4)
+    y_ref = ref.batch_norm(np.where(mask, x, 0), mean, var, (0,))
+    assert np.abs(np.asarray(y)[mask] - y_ref[mask]).max() < 2e-6
+
+
+def test_features_with_fewer_than_two_valid_values_keep_running_stats():
+    # One valid value has no spread: the old code divided by sqrt(eps) (outputs
+    # +-1100) and decayed the running variance toward 0.
+    x = jax.random.normal(jax.random.key(23), (8, 3)) * 4 + 2
+    mask = np.ones((8, 3), bool)
+    mask[:, 1] = False
+    mask[5, 1] = True  # feature 1: one valid value
+    mask[:, 2] = False  # feature 2: none
+    stats = bnlab.BatchStats(jnp.array([0.0, 0.5, -1.0]), jnp.array([1.0, 4.0, 9.0]))
+    y, new = _bn(x, stats, train=True, mask=mask)
+    np.testing.assert_array_equal(new.mean[1:], stats.mean[1:])
+    np.testing.assert_array_equal(new.var[1:], stats.var[1:])
+    expect = (np.asarray(x)[:, 1:] - np.array([0.5, -1.0])) / np.sqrt(
+        np.array([4.0, 9.0]) + 1e-5
+    )
+    np.testing.assert_allclose(np.asarray(y)[:, 1:], expect, rtol=1e-6)
+    assert new.var[0] != stats.var[0]  # the full feature still trains
+
+
+def test_overflowing_moments_keep_running_stats_finite():
+    # Values ~1e30: squares overflow float32. The running statistics are kept
+    # (as for a feature with no values) instead of becoming NaN/Inf.
+    x = jnp.concatenate(
+        [jax.random.normal(jax.random.key(24), (16, 1)) * 1e30, jnp.ones((16, 1))], 1
+    )
+    stats = bnlab.init_batch_stats(2)
+    _, new = _bn(x, stats, train=True)
+    assert np.all(np.isfinite(new.mean)) and np.all(np.isfinite(new.var))
+    assert new.mean[0] == 0.0 and new.var[0] == 1.0
+    # A constant feature at 1e20 is exact (shift = the value itself).
+    y, new = _bn(jnp.full((16, 2), 1e20), stats, train=True, momentum=0.5)
+    np.testing.assert_allclose(new.mean, 0.5e20, rtol=1e-6)
+    np.testing.assert_array_equal(new.var, 0.5)
+    np.testing.assert_array_equal(y, 0.0)
+
+
+def test_bf16_input_trains_like_its_float32_values():
+    x = (300.0 + 3 * jax.random.normal(jax.random.key(25), (64, 8, 8, 16))).astype(
+        jnp.bfloat16
+    )
+    g, b = jnp.linspace(0.5, 2, 16), jnp.linspace(-1, 1, 16)
+    yb, sb = _bn(x, bnlab.init_batch_stats(16), g, b, train=True)
+    y32, s32 = _bn(x.astype(jnp.float32), bnlab.init_batch_stats(16), g, b, train=True)
+    np.testing.assert_array_equal(yb, y32)  # float32 params: float32 output
+    np.testing.assert_array_equal(sb.var, s32.var)
+    np.testing.assert_array_equal(sb.mean, s32.mean)
+
+
+def test_traced_momentum_and_epsilon_are_accepted():
+    # e.g. a momentum schedule inside a jitted step
+    x = jax.random.normal(jax.random.key(26), (16, 3))
+
+    @jax.jit
+    def f(x, momentum, epsilon):
+        return bnlab.batch_norm(
+            x, bnlab.init_batch_stats(3), train=True, momentum=momentum, epsilon=epsilon
+        )
+
+    y, new = f(x, 0.5, 1e-3)
+    y_ref, new_ref = _bn(
+        x, bnlab.init_batch_stats(3), train=True, momentum=0.5, epsilon=1e-3
+    )
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6)
+    np.testing.assert_allclose(new.var, new_ref.var, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _raises(exc, match, *args, **kw):
+    x = kw.pop("x", jnp.ones((4, 3)))
+    stats = kw.pop("stats", bnlab.init_batch_stats(3))
+    with pytest.raises(exc, match=match):
+        bnlab.batch_norm(x, stats, *args, **{"train": True, **kw})
+
+
+def test_bad_inputs_get_errors_that_name_the_problem():
+    s = bnlab.init_batch_stats(3)
+    _raises(
+        TypeError,
+        "stats.mean has dtype int32",
+        stats=bnlab.BatchStats(jnp.zeros(3, jnp.int32), jnp.ones(3)),
+    )
+    _raises(
+        TypeError,
+        "stats.mean must be an array",
+        stats=bnlab.BatchStats([0.0] * 3, s.var),
+    )
+    _raises(
+        TypeError, "stats.var must be an array", stats=bnlab.BatchStats(s.mean, None)
+    )
+    _raises(
+        TypeError,
+        "scale has dtype complex64.*complex only with a complex x",
+        jnp.ones(3, jnp.complex64),
+    )
+    _raises(TypeError, "mask has dtype float32", mask=jnp.full((4, 3), 0.3))
+    _raises(ValueError, "epsilon=0.0 must be > 0", epsilon=0.0)
+    _raises(ValueError, "epsilon=1e-50 must be > 0.*float32", epsilon=1e-50)
+    _raises(ValueError, "epsilon=inf", epsilon=float("inf"))
+    _raises(ValueError, "Flax accepts epsilon <= 0", epsilon=-1.0)
+    _raises(ValueError, "momentum=nan must lie in", momentum=float("nan"))
+    _raises(ValueError, "Flax accepts any value", momentum=-5.0)
+    _raises(
+        ValueError,
+        "names the same axis twice",
+        axis=(1, 1),
+        x=jnp.ones((4, 3, 3)),
+        stats=bnlab.init_batch_stats((3, 3)),
+    )
+    _raises(ValueError, "names the same axis twice", axis=(1, -1), x=jnp.ones((4, 3)))
+    _raises(TypeError, "axis=True must be an int", axis=True)
+    for bad in (1.0, None, "1"):
+        _raises(TypeError, "must be an int or a tuple of ints", axis=bad)
+    _raises(TypeError, "train=.* must be a Python bool", train=jnp.array(True))
+    _raises(TypeError, "train=.* must be a Python bool", train=1)
+    _raises(TypeError, "dtype=.*int32.* is not a floating", dtype=jnp.int32)
+    with pytest.raises(TypeError, match=r"stats must be bnlab\.BatchStats"):
+        bnlab.batch_norm(jnp.ones((4, 3)), [jnp.zeros(3), jnp.ones(3)], train=True)
