@@ -42,9 +42,49 @@ def test_offline_missing_dataset_names_package_url_and_directory(tmp_path, monke
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("BNLAB_DATA_DIR", raising=False)
     with pytest.raises(FileNotFoundError) as e:
-        data.find_idx_files("mnist", data_dir=tmp_path / "empty", download=False)
+        data.find_idx_files("mnist", download=False)
     msg = str(e.value)
     assert "ossci-datasets" in msg and str(tmp_path / "cache") in msg
+
+
+def test_a_user_data_dir_is_used_or_fails_never_replaced(tmp_path, monkeypatch):
+    # Even with a good copy elsewhere (env var), a named data_dir is the only
+    # place looked at: missing, incomplete or wrong files fail clearly.
+    good = tmp_path / "good"
+    good.mkdir()
+    for f in data.IDX_SOURCES["mnist"][1]:
+        (good / f).write_bytes(b"x")
+    monkeypatch.setenv("BNLAB_DATA_DIR", str(good))
+    with pytest.raises(data.DatasetNotFoundError, match="not a directory"):
+        data.find_idx_files("mnist", data_dir=tmp_path / "nope", download=False)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "train-images-idx3-ubyte.gz").write_bytes(b"x")
+    with pytest.raises(data.DatasetNotFoundError, match="lacks"):
+        data.find_idx_files("mnist", data_dir=partial, download=False)
+    with pytest.raises(data.DatasetError, match="wrong SHA-256"):
+        data.find_idx_files("mnist", data_dir=good, download=False)
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"\x00\x00\x08\x03\x00\x00", "header is truncated"),
+        (b"\x00\x00\x08\xff" + b"\x00" * 64, "claims 255 dimensions"),
+        (b"\x00\x00\x08\x03" + b"\xff" * 12, "truncated or corrupt"),
+        ("gzip", "cannot be read"),
+    ],
+)
+def test_read_idx_names_the_file_and_the_problem(tmp_path, content, match):
+    if content == "gzip":
+        path = tmp_path / "t.gz"
+        path.write_bytes(gzip.compress(b"\x00\x00\x08\x01" + b"\x00" * 100)[:-10])
+    else:
+        path = tmp_path / "t.idx"
+        path.write_bytes(content)
+    with pytest.raises(data.DatasetError, match=match) as e:
+        data.read_idx(path)
+    assert str(path) in str(e.value)
 
 
 def test_checksum_mismatch_is_refused(tmp_path):

@@ -4,6 +4,8 @@ from bnlab.data.pipeline import BatchStream
 from bnlab.data.sources import (
     IDX_SOURCES,
     Dataset,
+    DatasetError,
+    DatasetNotFoundError,
     find_idx_files,
     load,
     load_digits,
@@ -16,6 +18,8 @@ __all__ = [
     "IDX_SOURCES",
     "BatchStream",
     "Dataset",
+    "DatasetError",
+    "DatasetNotFoundError",
     "find_idx_files",
     "load",
     "load_digits",

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import shutil
 import struct
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,12 +24,24 @@ import numpy as np
 __all__ = [
     "IDX_SOURCES",
     "Dataset",
+    "DatasetError",
+    "DatasetNotFoundError",
     "load",
     "load_digits",
     "load_idx_dataset",
     "read_idx",
     "synthetic_regression",
 ]
+
+
+class DatasetError(ValueError):
+    """A dataset file is corrupt, truncated or not what it should be; the
+    message names the file and what to do."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+    """The dataset's files are not where they were looked for (and could not
+    be downloaded); the message names the places and the fix."""
 
 
 class Dataset(NamedTuple):
@@ -93,21 +107,36 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Reads an IDX file (optionally gzipped) into a numpy array.
 
     Raises:
-      ValueError: bad magic number, unknown type code or truncated data.
+      DatasetError: the file is unreadable, not IDX (bad magic number or type
+        code), its header is truncated or absurd, or its data is truncated;
+        the message names the file.
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DatasetError(
+            f"{path}: cannot be read ({type(e).__name__}: {e}); the file is "
+            "truncated or corrupt: delete it and fetch it again."
+        ) from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic number).")
+        raise DatasetError(f"{path} is not an IDX file (bad magic number).")
     ndim = data[3]
+    if not 1 <= ndim <= 4:
+        raise DatasetError(
+            f"{path}: IDX header claims {ndim} dimensions (1 to 4 expected); the "
+            "file is corrupt."
+        )
+    if len(data) < 4 + 4 * ndim:
+        raise DatasetError(f"{path}: IDX header is truncated ({len(data)} bytes).")
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     body = data[4 + 4 * ndim :]
-    expected = int(np.prod(dims)) * dtype.itemsize
+    expected = math.prod(dims) * dtype.itemsize
     if len(body) != expected:
-        raise ValueError(
+        raise DatasetError(
             f"{path}: IDX header says {dims} ({expected} bytes) but the file has "
             f"{len(body)}; the file is truncated or corrupt, delete it and re-fetch."
         )
@@ -149,7 +178,10 @@ def _download(url: str, dest: Path, sha256: str, timeout: float) -> None:
     got = _sha256(tmp)
     if got != sha256:
         tmp.unlink()
-        raise ValueError(f"{url}: SHA-256 {got} does not match the expected {sha256}.")
+        raise DatasetError(
+            f"{url}: downloaded file has SHA-256 {got}, not the expected {sha256}; "
+            "nothing was kept. Try again later or fetch it by hand."
+        )
     tmp.replace(dest)
 
 
@@ -161,26 +193,36 @@ def find_idx_files(
 ) -> Path:
     """The directory holding the 4 verified IDX files of ``name``.
 
-    Looks in ``data_dir``, ``$BNLAB_DATA_DIR[/name]``, the Debian package's
-    directory, then the user cache; downloads into the cache from the official
-    source only if allowed and online. Every file is SHA-256 verified.
+    A ``data_dir`` given by the user is the only place looked at: it is used
+    or the call fails, never silently replaced by another copy. Otherwise
+    looks in ``$BNLAB_DATA_DIR[/name]``, the Debian package's directory, then
+    the user cache; downloads into the cache from the official source only if
+    allowed and online. Every file is SHA-256 verified.
 
     Raises:
-      FileNotFoundError: offline (or ``download=False``) and not found; the
-        message names the apt package, the URL and the directory to use.
-      ValueError: a file is present but its checksum is wrong.
+      DatasetNotFoundError: not found (offline, or ``download=False``); the
+        message names the places looked at, the apt package, the URL and the
+        directory to use.
+      DatasetError: a file is present but its checksum is wrong.
     """
     if name not in IDX_SOURCES:
         raise ValueError(f"unknown IDX dataset {name!r}; one of {sorted(IDX_SOURCES)}.")
     base_url, files, debian = IDX_SOURCES[name]
-    for d in _candidate_dirs(name, data_dir):
+    if data_dir is not None:
+        d = Path(data_dir)
+        missing = sorted(f for f in files if not (d / f).is_file())
+        if missing:
+            raise DatasetNotFoundError(
+                f"{name}: data_dir {d} lacks {missing}"
+                + ("" if d.is_dir() else " (it is not a directory)")
+                + f". Put the 4 files {sorted(files)} there, or leave data_dir "
+                "unset to use the system copy / download."
+            )
+        _verify_files(d, files)
+        return d
+    for d in _candidate_dirs(name, None):
         if all((d / f).is_file() for f in files):
-            for f, digest in files.items():
-                if _sha256(d / f) != digest:
-                    raise ValueError(
-                        f"{d / f} has the wrong SHA-256 (expected {digest}); it is "
-                        "corrupt or a different file: delete it and fetch it again."
-                    )
+            _verify_files(d, files)
             return d
     cache = _cache_dir(name)
     errors = []
@@ -197,13 +239,22 @@ def find_idx_files(
         if debian
         else ""
     )
-    raise FileNotFoundError(
+    raise DatasetNotFoundError(
         f"{name}: the IDX files {sorted(files)} were not found in "
-        f"{[str(d) for d in _candidate_dirs(name, data_dir)]}"
+        f"{[str(d) for d in _candidate_dirs(name, None)]}"
         + (f" and {errors[0]}" if errors else " and downloading is off")
         + f". To fix: {hint}download them from {base_url} into {cache} (or any "
         "directory passed as data_dir / BNLAB_DATA_DIR)."
     )
+
+
+def _verify_files(d: Path, files: dict[str, str]) -> None:
+    for f, digest in files.items():
+        if _sha256(d / f) != digest:
+            raise DatasetError(
+                f"{d / f} has the wrong SHA-256 (expected {digest}); it is corrupt "
+                "or a different file: delete it and fetch it again."
+            )
 
 
 def load_idx_dataset(

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 __all__ = ["PRESETS", "Config", "ConfigError", "load_config", "parse_overrides"]
 
@@ -29,6 +32,20 @@ _CHOICES = {
     "schedule": ("constant", "step", "cosine"),
     "parallel": ("single", "pmap", "shard_map", "jit"),
 }
+
+# (key, low, high, low is exclusive): finite values in [low, high] / (low, high]
+_RANGES = (
+    ("lr", 0.0, 1e3, True),
+    ("momentum", 0.0, 1.0, False),
+    ("weight_decay", 0.0, 1.0, False),
+    ("init_std", 0.0, 1e3, True),
+    ("step_factor", 0.0, 1e3, True),
+    ("bn_momentum", 0.0, 1.0, False),
+    ("bn_epsilon", 0.0, 1.0, True),
+    ("seed", 0, 2**32 - 1, False),
+    ("steps", 1, 10**9, False),
+    ("batch_size", 1, 10**7, False),
+)
 
 # Fields that change the computation: a workdir's checkpoints only resume
 # under a config that agrees on all of them.
@@ -121,10 +138,28 @@ class Config:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= 1.")
-        if not self.lr > 0:
-            raise ConfigError(f"lr={self.lr} must be > 0.")
+        for key, lo, hi, lo_open in _RANGES:
+            v = getattr(self, key)
+            ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi
+            if not ok:
+                left = "(" if lo_open else "["
+                raise ConfigError(
+                    f"{key}={v!r} is outside its valid range "
+                    f"{left}{_num(lo)}, {_num(hi)}]."
+                )
+        if self.norm != "none" and self.batch_size < 2:
+            raise ConfigError(
+                f"batch_size={self.batch_size}: BN needs at least 2 examples per "
+                "batch for batch statistics (or set norm='none')."
+            )
+        if self.momentum >= 1.0:
+            raise ConfigError(f"momentum={self.momentum} must be < 1.")
         if not 0.0 <= self.bn_momentum < 1.0:
             raise ConfigError(f"bn_momentum={self.bn_momentum} must lie in [0, 1).")
+        if float(np.float32(self.bn_epsilon)) <= 0.0:
+            raise ConfigError(
+                f"bn_epsilon={self.bn_epsilon} rounds to 0 in float32; use >= 1e-30."
+            )
         if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
             raise ConfigError(
                 f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})."
@@ -172,6 +207,10 @@ class Config:
                 "fewer than 2 examples per device: BN statistics are synced, but "
                 "use a larger batch_size for meaningful per-device work."
             )
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() and abs(v) < 1e12 else f"{v:g}"
 
 
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
