@@ -11,7 +11,7 @@ from bnlab.batch_norm import batch_norm
 from bnlab.stats import BatchStats, init_batch_stats
 
 __all__ = ["BatchStats", "batch_norm", "init_batch_stats", "linen", "nnx"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY_SUBMODULES = ("linen", "nnx", "parallel", "data", "models", "train")
 

@@ -184,14 +184,15 @@ def count_collectives(jaxpr: Any) -> dict[str, int]:
     Returns ``{"always": a, "conditional": c}``: collectives executed on every
     call, and those inside a ``cond`` branch (executed only when it is taken;
     bnlab's own train step has none).
-    ``pvary`` / ``pbroadcast`` move no data and are not counted.
+    ``pvary`` / ``pbroadcast`` move no data and are not counted; under
+    ``vmap`` JAX turns collectives into local array ops before the jaxpr.
 
     Example:
       >>> import jax, jax.numpy as jnp, bnlab
-      >>> f = jax.vmap(lambda x: bnlab.batch_norm(
+      >>> f = jax.pmap(lambda x: bnlab.batch_norm(
       ...     x, bnlab.init_batch_stats(3), train=True, axis_name="d")[0],
       ...     axis_name="d")
-      >>> count_collectives(jax.make_jaxpr(f)(jnp.ones((2, 4, 3))))
+      >>> count_collectives(jax.make_jaxpr(f)(jnp.ones((1, 4, 3))))
       {'always': 1, 'conditional': 0}
     """
     counts = {"always": 0, "conditional": 0}

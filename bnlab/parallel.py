@@ -222,21 +222,36 @@ class DataParallel:
             lambda a: jax.make_array_from_process_local_data(sharding, a), batch
         )
 
-    def compile(self, step: Callable[..., Any], donate_state: bool = True) -> Callable:
-        """``step(state, *batch) -> (state, metrics)`` compiled for the style."""
+    def compile(
+        self,
+        step: Callable[..., Any],
+        donate_state: bool = True,
+        replicated: int = 1,
+        sharded_from: int | None = None,
+    ) -> Callable:
+        """``step(*state, *batch) -> outputs`` compiled for the style.
+
+        The first ``replicated`` arguments are state (replicated, placed with
+        :meth:`put_state`; the first is donated); arguments from
+        ``sharded_from`` on (default: right after the state) are batch leaves
+        split over devices; any in between (e.g. a whole dataset kept on the
+        device) are replicated too. Every output is replicated state.
+        """
         donate = (0,) if donate_state else ()
+        if sharded_from is None:
+            sharded_from = replicated
         if self.style in ("single", "jit"):
             return jax.jit(step, donate_argnums=donate)
         if self.style == "pmap":
             return jax.pmap(step, axis_name=self.axis_name, donate_argnums=donate)
 
-        def sharded(state, *batch):
-            return jax.shard_map(
-                step,
-                mesh=self.mesh,
-                in_specs=(P(), *(P(self.axis_name),) * len(batch)),
-                out_specs=P(),
-            )(state, *batch)
+        def sharded(*args):
+            specs = tuple(
+                P() if i < sharded_from else P(self.axis_name) for i in range(len(args))
+            )
+            return jax.shard_map(step, mesh=self.mesh, in_specs=specs, out_specs=P())(
+                *args
+            )
 
         return jax.jit(sharded, donate_argnums=donate)
 

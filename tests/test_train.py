@@ -182,7 +182,9 @@ def test_non_finite_loss_stops_with_step_and_no_bad_checkpoint(tmp_path):
     config = load_config(
         "digits",
         [
-            "lr=1e12",
+            "lr=1000",  # the largest the config accepts; diverges without BN
+            "init=normal",
+            "init_std=30",
             "optimizer=sgd",
             "schedule=constant",
             "norm=none",

@@ -1,7 +1,14 @@
-"""``fit``: data -> step -> metrics/checkpoints, resumable bit-exactly."""
+"""``fit``: data -> step -> metrics/checkpoints, resumable bit-exactly.
+
+The host never waits for a step's values except at evaluation / checkpoint
+points: train metrics are summed on the device (:class:`Interval`), one step
+is kept in flight while the next batch is prepared, and on a single device
+the whole training set stays on the device and each step gathers its rows.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import warnings
@@ -10,18 +17,28 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bnlab import data as bn_data
 from bnlab.parallel import DataParallel
 from bnlab.train.checkpoint import Checkpointer, NonFiniteError
 from bnlab.train.config import RUN_LENGTH_FIELDS, Config, ConfigError
+from bnlab.train.rundir import (
+    METRICS_FILE,
+    append_record,
+    check_run_dir,
+    lock_run_dir,
+    read_records,
+    rewrite_records,
+)
 from bnlab.train.state import TrainState, build_model, build_optimizer, init_state
-from bnlab.train.step import make_eval_step, make_train_step
+from bnlab.train.step import Interval, make_eval_step, make_train_step, with_interval
 
-__all__ = ["fit"]
+__all__ = ["METRICS_FILE", "fit"]
 
-METRICS_FILE = "metrics.jsonl"
+# Keep a single-device training set on the device up to this size.
+DEVICE_DATA_BYTES = 2**30
 
 
 def _same_run(saved: dict[str, Any], config: Config) -> list[str]:
@@ -31,27 +48,8 @@ def _same_run(saved: dict[str, Any], config: Config) -> list[str]:
     )
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drops records written after the checkpoint we resume from."""
-    if not path.exists():
-        return
-    keep = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= last_step
-    ]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-def evaluate(eval_step, params, batch_stats, x, y, batch: int = 1000) -> dict:
-    total_loss = total_correct = 0.0
-    for i in range(0, len(x), batch):
-        loss, correct = eval_step(
-            params, batch_stats, x[i : i + batch], y[i : i + batch]
-        )
-        total_loss += float(loss)
-        total_correct += float(correct)
-    return {"loss": total_loss / len(x), "accuracy": total_correct / len(x)}
+def _devices() -> dict[str, int]:
+    return {"devices": jax.device_count(), "processes": jax.process_count()}
 
 
 def fit(
@@ -61,23 +59,33 @@ def fit(
 ) -> TrainState:
     """Trains (or resumes) the run in ``workdir``; returns the final host state.
 
-    Writes ``config.json``, ``metrics.jsonl`` (one JSON record per evaluation)
-    and orbax checkpoints under ``checkpoints/``. If ``workdir`` holds
-    checkpoints of the same run, training resumes from the newest readable
-    one and ends with bit-identical results to an uninterrupted run.
+    Writes ``config.json``, ``metrics.jsonl`` (one JSON record per evaluation;
+    ``train_loss`` / ``train_accuracy`` are means over the steps since the
+    previous record) and orbax checkpoints under ``checkpoints/``. If
+    ``workdir`` holds checkpoints of the same run, training resumes from the
+    newest verified one and ends with bit-identical results to an
+    uninterrupted run. One run at a time may use a ``workdir``.
 
     Args:
       config: the run.
       workdir: output directory (created).
-      on_progress: called with a dict after every step (for progress bars).
+      on_progress: called after every step with ``step``, ``total``,
+        ``rate`` (steps/s after compilation, or None), ``eta`` (seconds or
+        None) and the last record's ``train_loss`` / ``test_accuracy`` (or
+        None); it never waits for the device.
 
     Returns:
       The final :class:`TrainState` as host arrays.
 
     Raises:
       ConfigError: before any work, if the config cannot run here.
+      RunDirError: the run directory is in use or unusable, or the disk is
+        full (earlier checkpoints are kept).
+      CheckpointMismatchError: the checkpoints were written by a different
+        model; nothing is moved.
       NonFiniteError: the loss became NaN/Inf (names the step); no checkpoint
-        with non-finite values is written.
+        with non-finite values is written. Checked at evaluation and
+        checkpoint steps, so the run stops at the next of those.
     """
     if config.parallel == "pmap" and jax.process_count() > 1:
         raise ConfigError(
@@ -86,23 +94,43 @@ def fit(
         )
     config.check_devices(jax.device_count(), jax.process_count())
     workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    ds = bn_data.load(config.dataset, config.data_dir, seed=config.seed)
-    stream = bn_data.BatchStream(ds.x_train, ds.y_train, config.batch_size, config.seed)
-    dp = DataParallel(config.parallel)
-    num_outputs = ds.num_classes or 1
-    model = build_model(config, num_outputs, dp.axis_name)
-    tx = build_optimizer(config)
-    state = init_state(config, model, tx, ds.x_train)
+    leader = jax.process_index() == 0
+    if leader:
+        check_run_dir(workdir)
+    with lock_run_dir(workdir) if leader else contextlib.nullcontext():
+        return _Run(config, workdir, on_progress).train()
 
-    ckpt = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
-    metrics_path = workdir / METRICS_FILE
 
-    def check_meta(meta: dict[str, Any]) -> None:
+class _Run:
+    """One call of :func:`fit`: everything it sets up, then the loop."""
+
+    def __init__(self, config, workdir, on_progress):
+        self.config, self.workdir, self.on_progress = config, workdir, on_progress
+        self.leader = jax.process_index() == 0
+        self.metrics_path = workdir / METRICS_FILE
+        self.ds = bn_data.load(config.dataset, config.data_dir, seed=config.seed)
+        if config.batch_size > len(self.ds.x_train):
+            warnings.warn(
+                f"batch_size={config.batch_size} is larger than the training set "
+                f"({len(self.ds.x_train)} examples): each batch repeats examples.",
+                UserWarning,
+                stacklevel=3,
+            )
+        self.stream = bn_data.BatchStream(
+            self.ds.x_train, self.ds.y_train, config.batch_size, config.seed
+        )
+        self.dp = DataParallel(config.parallel)
+        self.model = build_model(config, self.ds.num_classes or 1, self.dp.axis_name)
+        self.tx = build_optimizer(config)
+
+    # ------------------------------------------------------------ resume
+
+    def _check_meta(self, meta: dict[str, Any]) -> None:
+        config = self.config
         diff = _same_run(meta["config"], config)
         if diff:
             raise ConfigError(
-                f"{workdir} holds checkpoints of a different run (differs in "
+                f"{self.workdir} holds checkpoints of a different run (differs in "
                 f"{diff}); use a new --workdir or the same config."
             )
         if meta["config"]["steps"] != config.steps and config.schedule != "constant":
@@ -112,109 +140,190 @@ def fit(
                 "follows the new total, so the run differs from either length "
                 "trained from scratch.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
+            )
+        if meta.get("devices", _devices()) != _devices():
+            warnings.warn(
+                f"resuming on {_devices()} where the checkpoint was written on "
+                f"{meta['devices']}: reductions run in another order, so results "
+                "differ from an uninterrupted run by float rounding (~1e-8).",
+                UserWarning,
+                stacklevel=4,
             )
 
-    try:
-        restored = ckpt.restore_latest(state, check_meta)
-    except ConfigError:
-        ckpt.close()
-        raise
-    if restored is not None:
+    def _restore(self, ckpt: Checkpointer, fresh: TrainState):
+        restored = ckpt.restore_latest(fresh, self._check_meta)
+        if restored is None:
+            if self.leader:
+                rewrite_records(self.metrics_path, [])
+            return fresh, Interval.zeros()
         state, meta = restored
-        if int(meta["data_position"]) != int(state.step):
-            raise RuntimeError(
-                f"checkpoint meta says data position {meta['data_position']} but "
-                f"step {int(state.step)}: the checkpoint is inconsistent."
-            )
-        if jax.process_index() == 0:
-            _truncate_metrics(metrics_path, int(state.step))
-    elif jax.process_index() == 0:
-        metrics_path.unlink(missing_ok=True)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+        step = int(state.step)
+        if self.leader:
+            kept = [r for r in read_records(self.metrics_path) if r["step"] <= step]
+            rewrite_records(self.metrics_path, kept)
+        interval = meta.get("interval")
+        return state, Interval.zeros() if interval is None else Interval.from_host(
+            interval
+        )
 
-    start = int(state.step)
-    train_step = dp.compile(
-        make_train_step(model, tx, ds.num_classes, config.parallel, dp.axis_name)
-    )
-    eval_fns = {"test": make_eval_step(model, ds.num_classes)}
-    if config.eval_batch_stats:
-        eval_fns["test_batch_stats"] = make_eval_step(model, ds.num_classes, True)
-    state = dp.put_state(state)
+    # ------------------------------------------------------------- train
 
-    def scalar(a) -> float:
-        a = np.asarray(a if dp.style != "pmap" else a[0])
-        return float(a)
+    def train(self) -> TrainState:
+        config, dp = self.config, self.dp
+        fresh = init_state(config, self.model, self.tx, self.ds.x_train)
+        ckpt = Checkpointer(self.workdir / "checkpoints", config.keep_checkpoints)
+        try:
+            state, interval = self._restore(ckpt, fresh)
+            start = int(state.step)
+            if start >= config.steps:
+                warnings.warn(
+                    f"{self.workdir} already holds step {start} >= steps="
+                    f"{config.steps}: nothing to train. Its files are unchanged; "
+                    "pass a larger --steps to continue the run.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                return jax.device_get(state)
+            if self.leader:
+                (self.workdir / "config.json").write_text(
+                    json.dumps(config.to_dict(), indent=1)
+                )
+            return self._loop(ckpt, dp.put_state(state), dp.put_state(interval), start)
+        finally:
+            ckpt.close()
 
-    def check_finite(step: int, metrics) -> float:
-        loss = scalar(metrics["loss"])
-        if not np.isfinite(loss):
-            raise NonFiniteError(
-                f"loss is {loss} at step {step}; training stopped. No checkpoint "
-                "after that step was written. Lower lr or check the data."
-            )
-        return loss
+    def _batches(self, start: int):
+        """Compiled step and, per step, its batch arguments (prepared while the
+        previous step runs)."""
+        config, dp, ds = self.config, self.dp, self.ds
+        step = make_train_step(
+            self.model, self.tx, ds.num_classes, config.parallel, dp.axis_name
+        )
+        on_device = (
+            config.parallel == "single"
+            and ds.x_train.nbytes + ds.y_train.nbytes <= DEVICE_DATA_BYTES
+        )
+        if on_device:
+            data = jax.device_put((ds.x_train, ds.y_train))
+            compiled = dp.compile(with_interval(step, gather=True), replicated=2)
 
-    t0, last_t, last_step = time.perf_counter(), time.perf_counter(), start
-    pending = None  # (step, metrics) checked one step later: keeps the device busy
-    try:
+            def args(i):
+                return (*data, self.stream.indices(i).astype(np.int32))
+
+        else:
+            compiled = dp.compile(with_interval(step), replicated=2)
+
+            def args(i):
+                return dp.put_batch(self.stream.batch(i))
+
+        return compiled, args
+
+    def _loop(self, ckpt, state, interval, start: int) -> TrainState:
+        config, dp = self.config, self.dp
+        train_step, batch_args = self._batches(start)
+        evaluator = _Evaluator(self.model, self.ds, config.eval_batch_stats, dp)
+        last = {"train_loss": None, "test_accuracy": None}
+        t_ready = None  # when the first step (and compilation) finished
+        last_t, last_step = time.perf_counter(), start
+        args = batch_args(start)
+        in_flight = None
         for step in range(start + 1, config.steps + 1):
-            x, y = stream.batch(step - 1)
-            state, metrics = train_step(state, *dp.put_batch((x, y)))
-            if pending is not None:
-                check_finite(*pending)
-            pending = (step, metrics)
+            state, interval = train_step(state, interval, *args)
+            if step < config.steps:
+                args = batch_args(step)  # while the device runs this step
+            if in_flight is not None:  # at most one step ahead of the device
+                jax.block_until_ready(in_flight)
+            in_flight = interval
+            if t_ready is None:
+                jax.block_until_ready(interval)
+                t_ready, ready_step = time.perf_counter(), step
+                last_t, last_step = t_ready, step
             is_last = step == config.steps
             do_eval = step % config.eval_every == 0 or is_last
             do_ckpt = step % config.checkpoint_every == 0 or is_last
-            if on_progress is not None or do_eval or do_ckpt:
-                loss = check_finite(*pending)
-                pending = None
-            if on_progress is not None:
-                on_progress(
-                    {
-                        "step": step,
-                        "total": config.steps,
-                        "loss": loss,
-                        "accuracy": scalar(metrics["accuracy"]),
-                        "elapsed": time.perf_counter() - t0,
-                    }
-                )
-            # one host copy per step, shared by evaluation and (pmap) saving
+            if do_eval or do_ckpt:
+                sums = dp.local_copy(interval)
+                if sums.first_bad >= 0:
+                    raise NonFiniteError(
+                        f"loss is NaN/Inf at step {int(sums.first_bad)}; training "
+                        "stopped. No checkpoint after that step was written. Lower "
+                        "lr or check the data."
+                    )
             host = (
                 dp.local_copy(state)
-                if do_eval or (do_ckpt and dp.style == "pmap")
+                if (do_eval and config.parallel != "single")
+                or (do_ckpt and dp.style == "pmap")
                 else None
             )
             if do_eval:
                 now = time.perf_counter()
                 record = {
                     "step": step,
-                    "train_loss": loss,
-                    "train_accuracy": scalar(metrics["accuracy"]),
-                    "steps_per_sec": (step - last_step) / max(now - last_t, 1e-9),
+                    "train_loss": float(sums.loss_sum) / int(sums.count),
+                    "train_accuracy": float(sums.accuracy_sum) / int(sums.count),
+                    # after compilation; None when no step ran since then
+                    "steps_per_sec": (step - last_step) / max(now - last_t, 1e-9)
+                    if step > last_step
+                    else None,
+                    **evaluator(state if host is None else host),
                 }
-                for name, fn in eval_fns.items():
-                    r = evaluate(
-                        fn, host.params, host.batch_stats, ds.x_test, ds.y_test
-                    )
-                    record[f"{name}_loss"] = r["loss"]
-                    record[f"{name}_accuracy"] = r["accuracy"]
-                if not ds.num_classes:  # regression: losses are MSE, no accuracy
+                if not self.ds.num_classes:  # regression: MSE, no accuracy
                     record = {k: v for k, v in record.items() if "accuracy" not in k}
+                if self.leader:
+                    append_record(self.metrics_path, record)
+                last = {
+                    "train_loss": record["train_loss"],
+                    "test_accuracy": record.get("test_accuracy"),
+                }
+                interval = dp.put_state(Interval.zeros())
+                sums = Interval.zeros()
+                in_flight = None
                 last_t, last_step = time.perf_counter(), step
-                if jax.process_index() == 0:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
             if do_ckpt:
-                ckpt.save(
-                    step,
-                    host if dp.style == "pmap" else state,
-                    {"config": config.to_dict(), "step": step, "data_position": step},
+                meta = {
+                    "config": config.to_dict(),
+                    "step": step,
+                    "data_position": step,
+                    "interval": Interval(*map(np.asarray, sums)).to_host(),
+                    **_devices(),
+                }
+                ckpt.save(step, host if dp.style == "pmap" else state, meta)
+            if self.on_progress is not None:
+                rate = eta = None
+                if step > ready_step:
+                    rate = (step - ready_step) / max(
+                        time.perf_counter() - t_ready, 1e-9
+                    )
+                    eta = (config.steps - step) / rate
+                self.on_progress(
+                    {"step": step, "total": config.steps, "rate": rate, "eta": eta}
+                    | last
                 )
-        if pending is not None:
-            check_finite(*pending)
-    finally:
-        ckpt.close()
-    return dp.local_copy(state)
+        return dp.local_copy(state)
+
+
+class _Evaluator:
+    """Test-set loss/accuracy with running statistics (and optionally with
+    test-batch statistics), summed on the device, read back once."""
+
+    def __init__(self, model, ds, batch_stats: bool, dp: DataParallel, batch=1000):
+        self.fns = {"test": make_eval_step(model, ds.num_classes)}
+        if batch_stats:
+            self.fns["test_batch_stats"] = make_eval_step(model, ds.num_classes, True)
+        self.batches = [
+            jax.device_put((ds.x_test[i : i + batch], ds.y_test[i : i + batch]))
+            for i in range(0, len(ds.x_test), batch)
+        ]
+        self.n = len(ds.x_test)
+
+    def __call__(self, state) -> dict[str, float]:
+        out = {}
+        for name, fn in self.fns.items():
+            loss = correct = jnp.zeros((), jnp.float32)
+            for x, y in self.batches:
+                bl, bc = fn(state.params, state.batch_stats, x, y)
+                loss, correct = loss + bl, correct + bc
+            out[f"{name}_loss"] = float(loss) / self.n
+            out[f"{name}_accuracy"] = float(correct) / self.n
+        return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +13,13 @@ from jax import lax
 from bnlab import parallel
 from bnlab.train.state import TrainState
 
-__all__ = ["make_eval_step", "make_train_step", "task_loss"]
+__all__ = [
+    "Interval",
+    "make_eval_step",
+    "make_train_step",
+    "task_loss",
+    "with_interval",
+]
 
 
 def task_loss(outputs: jax.Array, y: jax.Array, num_classes: int):
@@ -68,6 +74,72 @@ def make_train_step(
         return new, {"loss": loss, "accuracy": acc}
 
     return step
+
+
+class Interval(NamedTuple):
+    """Train metrics since the last record, summed on the device.
+
+    Attributes:
+      loss_sum: sum of the steps' mean losses.
+      accuracy_sum: sum of the steps' batch accuracies.
+      count: number of steps summed.
+      first_bad: first step whose loss was NaN/Inf, or -1.
+    """
+
+    loss_sum: jax.Array
+    accuracy_sum: jax.Array
+    count: jax.Array
+    first_bad: jax.Array
+
+    @classmethod
+    def zeros(cls) -> Interval:
+        f, i = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
+        return cls(f, f, i, i - 1)
+
+    @classmethod
+    def from_host(cls, d: dict[str, Any]) -> Interval:
+        return cls(
+            jnp.asarray(d["loss_sum"], jnp.float32),
+            jnp.asarray(d["accuracy_sum"], jnp.float32),
+            jnp.asarray(d["count"], jnp.int32),
+            jnp.asarray(d.get("first_bad", -1), jnp.int32),
+        )
+
+    def to_host(self) -> dict[str, Any]:
+        return {
+            "loss_sum": float(self.loss_sum),
+            "accuracy_sum": float(self.accuracy_sum),
+            "count": int(self.count),
+            "first_bad": int(self.first_bad),
+        }
+
+    def add(self, loss, accuracy, step) -> Interval:
+        bad = ~jnp.isfinite(loss)
+        first_bad = jnp.where(
+            (self.first_bad < 0) & bad, step.astype(jnp.int32), self.first_bad
+        )
+        return Interval(
+            self.loss_sum + loss.astype(jnp.float32),
+            self.accuracy_sum + accuracy.astype(jnp.float32),
+            self.count + 1,
+            first_bad,
+        )
+
+
+def with_interval(step: Callable, gather: bool = False) -> Callable:
+    """``(state, interval, *batch) -> (state, interval)``: the train step with
+    its metrics summed on the device, so nothing is read back per step. With
+    ``gather`` the batch is ``(x_all, y_all, indices)`` and rows are gathered
+    inside the step (data kept on the device)."""
+
+    def run(state, interval, *batch):
+        if gather:
+            x_all, y_all, idx = batch
+            batch = (x_all[idx], y_all[idx])
+        state, metrics = step(state, *batch)
+        return state, interval.add(metrics["loss"], metrics["accuracy"], state.step)
+
+    return run
 
 
 def make_eval_step(model, num_classes: int, use_batch_stats: bool = False) -> Callable:
