@@ -7,11 +7,15 @@ bnlab reproduce --quick
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import logging
 import re
 import sys
+import tempfile
 import time
+import warnings
 from typing import Any
 
 __all__ = ["EXIT_CODES", "main"]
@@ -109,15 +113,56 @@ def _config_help() -> str:
     meaning = dict(re.findall(r"^\s{6}(\w+): (.+(?:\n\s{8}.+)*)", doc, re.M))
     lines = ["config keys (--set KEY=VALUE):"]
     for f in dataclasses.fields(Config):
-        text = " ".join(meaning.get(f.name, "").split())
+        text = " ".join(meaning.get(f.name, "").split()).replace("``", "")
         lines.append(f"  {f.name} ({f.type}, default {f.default!r}): {text}")
     lines.append("presets (--config NAME): " + ", ".join(sorted(PRESETS)))
     return "\n".join(lines)
 
 
+_TERMINAL = sys.stderr  # where bnlab's own lines go (libraries' noise does not)
+
+
 def _fail(code: int, command: str, message: str) -> int:
-    print(f"bnlab {command}: {message}", file=sys.stderr)
+    print(f"bnlab {command}: {message}", file=_TERMINAL, flush=True)
     return code
+
+
+@contextlib.contextmanager
+def _quiet_libraries(command: str, verbose: bool):
+    """Keeps orbax/absl background-thread logs and tracebacks (e.g. dozens of
+    lines after a full disk, "Event loop is closed") off the terminal: they
+    go to a temporary log whose path is printed if the command fails. Python
+    warnings (a checkpoint set aside, a resumed schedule) stay visible, one
+    line each."""
+    if verbose:
+        yield None
+        return
+    log = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in finally)
+        "w", prefix=f"bnlab-{command}-", suffix=".log", delete=False
+    )
+    absl = logging.getLogger("absl")
+    saved = (sys.stderr, absl.level, absl.propagate, warnings.showwarning)
+    handler = logging.StreamHandler(log)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"bnlab {command}: warning: {message}", file=_TERMINAL, flush=True)
+        print(f"{category.__name__}: {message}", file=log, flush=True)
+
+    absl.addHandler(handler)
+    absl.propagate = False
+    warnings.showwarning = show
+    sys.stderr = log
+    try:
+        yield log.name
+    finally:
+        sys.stderr, absl.level, absl.propagate, warnings.showwarning = (
+            saved[0],
+            saved[1],
+            saved[2],
+            saved[3],
+        )
+        absl.removeHandler(handler)
+        log.close()
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -154,10 +199,12 @@ def _train(args: argparse.Namespace) -> int:
         f"{'resuming' if resuming else 'starting'} run in {workdir} "
         f"({config.model} on {config.dataset}, {config.steps} steps, "
         f"parallel={config.parallel})",
-        file=sys.stderr,
+        file=_TERMINAL,
     )
-    progress = None if args.quiet else Progress()
-    code = _guarded("train", lambda: fit(config, workdir, on_progress=progress))
+    progress = None if args.quiet else Progress(_TERMINAL)
+    code = _guarded(
+        "train", lambda: fit(config, workdir, on_progress=progress), args.verbose
+    )
     if progress is not None:
         progress.close()
     if code:
@@ -177,8 +224,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guarded(command: str, run) -> int:
+def _guarded(command: str, run, verbose: bool = False) -> int:
     """Runs ``run()``; maps every expected failure to one line and its code."""
+    with _quiet_libraries(command, verbose) as log:
+        code = _mapped(command, run)
+    if code and log is not None:
+        print(f"  (library log: {log})", file=_TERMINAL)
+    return code
+
+
+def _mapped(command: str, run) -> int:
     from bnlab.data import DatasetError
     from bnlab.train import CheckpointMismatchError, ConfigError, NonFiniteError
     from bnlab.train.rundir import DiskFullError, RunDirError
@@ -215,8 +270,9 @@ def _reproduce(args: argparse.Namespace) -> int:
             quick=args.quick,
             only=args.only,
             seeds=args.seeds,
-            progress=not args.quiet,
+            progress=None if args.quiet else _TERMINAL,
         ),
+        args.verbose,
     )
 
 
@@ -269,6 +325,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--quiet", action="store_true", help="no progress output")
     t.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the libraries' own logs (orbax, absl) on the terminal",
+    )
+    t.add_argument(
         "--list-presets", action="store_true", help="print the presets and exit"
     )
     t.add_argument(
@@ -303,6 +364,11 @@ def _parser() -> argparse.ArgumentParser:
         help="output directory (default runs/reproduce-quick or runs/reproduce)",
     )
     r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the libraries' own logs (orbax, absl) on the terminal",
+    )
     return parser
 
 

@@ -142,11 +142,12 @@ class _Run:
                 UserWarning,
                 stacklevel=4,
             )
-        if meta.get("devices", _devices()) != _devices():
+        saved = {k: meta.get(k) for k in _devices()}
+        if config.parallel != "single" and saved != _devices():
             warnings.warn(
                 f"resuming on {_devices()} where the checkpoint was written on "
-                f"{meta['devices']}: reductions run in another order, so results "
-                "differ from an uninterrupted run by float rounding (~1e-8).",
+                f"{saved}: reductions run in another order, so results differ "
+                "from an uninterrupted run by float rounding (~1e-8).",
                 UserWarning,
                 stacklevel=4,
             )
