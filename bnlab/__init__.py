@@ -7,16 +7,38 @@ on first use, so ``import bnlab`` alone does not import Flax).
 
 import importlib
 
-from bnlab.batch_norm import batch_norm
-from bnlab.stats import BatchStats, init_batch_stats
+from bnlab.batch_norm import batch_moments, batch_norm
+from bnlab.stats import BatchStats, Moments, init_batch_stats, merge_moments
 
-__all__ = ["BatchStats", "batch_norm", "init_batch_stats", "linen", "nnx"]
+__all__ = [
+    "BatchStats",
+    "Moments",
+    "batch_moments",
+    "batch_norm",
+    "init_batch_stats",
+    "linen",
+    "merge_moments",
+    "nnx",
+    "precise_stats",
+]
 __version__ = "0.2.0"
 
-_LAZY_SUBMODULES = ("linen", "nnx", "parallel", "data", "models", "train")
+_LAZY_SUBMODULES = (
+    "linen",
+    "nnx",
+    "parallel",
+    "data",
+    "models",
+    "train",
+    "diagnostics",
+)
 
 
 def __getattr__(name: str):
     if name in _LAZY_SUBMODULES:
         return importlib.import_module(f"bnlab.{name}")
+    if name == "precise_stats":  # needs Flax: imported on first use
+        from bnlab.precise import precise_stats
+
+        return precise_stats
     raise AttributeError(f"module 'bnlab' has no attribute {name!r}")

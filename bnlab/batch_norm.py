@@ -31,7 +31,7 @@ from bnlab.stats import (
     sample_shift,
 )
 
-__all__ = ["batch_norm", "canonical_axes"]
+__all__ = ["batch_moments", "batch_norm", "canonical_axes"]
 
 Axes = int | Sequence[int]
 
@@ -547,6 +547,57 @@ def batch_norm(
         valid=usable.reshape(fs),
     )
     return y.reshape(x.shape).astype(out_dtype), new_stats
+
+
+def batch_moments(
+    x: jax.Array,
+    *,
+    axis: Axes = -1,
+    axis_name: AxisName | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    mask: jax.Array | None = None,
+) -> Moments:
+    """Exact moments of the (global) batch, per feature, without gradient.
+
+    The statistics :func:`batch_norm` normalizes with in train mode, as
+    :class:`bnlab.stats.Moments` ``(count, center, offset, m2)`` with the
+    feature shape: ``mean = center + offset``, ``var = m2 / count``. Merge
+    several with :func:`bnlab.stats.merge_moments` (e.g. over the batches of
+    a dataset: :func:`bnlab.precise_stats`). Real inputs only.
+
+    Example:
+      >>> import jax.numpy as jnp, bnlab
+      >>> m = bnlab.batch_moments(jnp.array([[1.0, 10.0], [3.0, 30.0]]))
+      >>> m.mean.tolist(), m.var.tolist()
+      ([2.0, 20.0], [1.0, 100.0])
+    """
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise TypeError("batch_moments: complex inputs are not supported.")
+    layout = _layout(x.shape, axis)
+    fs = layout.feature_shape
+    stats = BatchStats(jnp.zeros(fs), jnp.ones(fs))
+    x, stats, _, _, mask, layout = _check_args(
+        x, stats, None, None, True, axis, mask, None, "flax", None
+    )
+    real_dtype = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    xc = lax.stop_gradient(x.astype(real_dtype))
+    _check_count(
+        x.shape,
+        layout,
+        x.shape,
+        layout.reduction_axes,
+        axis_name,
+        axis_index_groups,
+        None,
+    )
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, x.shape)
+    shift = sample_shift(xc, layout.reduction_axes, mask)
+    m = local_moments(xc, shift, layout.reduction_axes, mask, _separate_reductions(x))
+    if axis_name is not None:
+        (m,) = _merge_across([m], axis_name, axis_index_groups, mask is None)
+    return Moments(*(a.reshape(fs) for a in m))
 
 
 def _check_count(shape, layout, view_shape, reduction, axis_name, groups, ghost_size):

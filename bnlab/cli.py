@@ -261,7 +261,22 @@ def _mapped(command: str, run) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from experiments import reproduce
+    try:
+        from experiments import reproduce
+    except ImportError:
+        # An editable install maps only `bnlab`: find experiments/ beside it.
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parent.parent
+        if not (root / "experiments" / "reproduce.py").is_file():
+            return _fail(
+                2,
+                "reproduce",
+                "the experiments/ directory was not found: reproduce runs from a "
+                "source checkout (git clone ... && pip install -e .).",
+            )
+        sys.path.insert(0, str(root))
+        from experiments import reproduce
 
     return _guarded(
         "reproduce",
@@ -271,6 +286,7 @@ def _reproduce(args: argparse.Namespace) -> int:
             only=args.only,
             seeds=args.seeds,
             progress=None if args.quiet else _TERMINAL,
+            smoke=args.smoke,
         ),
         args.verbose,
     )
@@ -364,6 +380,11 @@ def _parser() -> argparse.ArgumentParser:
         help="output directory (default runs/reproduce-quick or runs/reproduce)",
     )
     r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few steps of each experiment, to check that all run (CI)",
+    )
     r.add_argument(
         "--verbose",
         action="store_true",

@@ -1,36 +1,77 @@
 """``bnlab.linen.BatchNorm``: a drop-in for ``flax.linen.BatchNorm``.
 
-Same fields, defaults, call signature, collections and variable names
-(``params/{scale,bias}``, ``batch_stats/{mean,var}``), so a Flax variable tree
-loads unchanged. The module owns variables only; the math is
-:func:`bnlab.batch_norm`.
+A subclass of ``flax.linen.BatchNorm`` (so code that finds BN layers with
+``isinstance`` finds these) with the same fields, defaults, call signature,
+collections and variable names (``params/{scale,bias}``,
+``batch_stats/{mean,var}``), so a Flax variable tree loads unchanged. The
+module owns variables only; the math is :func:`bnlab.batch_norm`.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.nn import initializers
 
-from bnlab.batch_norm import batch_norm, canonical_axes
+from bnlab.batch_norm import batch_moments, batch_norm, canonical_axes
 from bnlab.stats import BatchStats
 
-__all__ = ["BatchNorm"]
+__all__ = ["MOMENTS_COLLECTION", "BatchNorm"]
+
+# Train-mode calls store their exact batch moments in this collection when it
+# is mutable (see bnlab.precise_stats).
+MOMENTS_COLLECTION = "bn_moments"
 
 
-class BatchNorm(nn.Module):
+def as_float_input(x: Any) -> jax.Array:
+    """Integer / bool inputs as float32, as Flax does; floats unchanged."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        x = x.astype(jnp.float32)
+    return x
+
+
+def warn_single_value(module: str, shape: tuple[int, ...]) -> None:
+    warnings.warn(
+        f"{module}: a training batch of shape {shape} has one value per feature, "
+        "so it has no batch statistics: the output is `bias` (as in Flax) and "
+        "the running statistics are left unchanged.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def single_value_output(x, scale, bias, epsilon, axes, dtype) -> jax.Array:
+    """What Flax returns for one value per feature: ``(x - x) * scale /
+    sqrt(eps) + bias``, i.e. ``bias``, with Flax's (zero) gradients."""
+    from bnlab.batch_norm import _layout, _output_dtype
+
+    layout = _layout(x.shape, axes)
+    dt = jnp.promote_types(x.dtype, jnp.float32)
+    xc = x.astype(dt)
+    inv = jax.lax.rsqrt(jnp.asarray(epsilon, dt))
+    if scale is not None:
+        inv = inv * scale.astype(dt).reshape(layout.keep_shape)
+    y = (xc - xc) * inv
+    if bias is not None:
+        y = y + bias.astype(dt).reshape(layout.keep_shape)
+    return y.astype(_output_dtype(x, scale, bias, dtype))
+
+
+class BatchNorm(nn.BatchNorm):
     """Batch Normalization (arXiv:1502.03167), Flax Linen interface.
 
     Replace ``flax.linen.BatchNorm`` with ``bnlab.linen.BatchNorm``: outputs
     match Flax's two-pass mode to float32 rounding, and stay exact where
     Flax's default fast variance breaks (``|mean| >> std``), with uneven masks
-    under sync, with all-masked features, and in bf16.
+    under sync, with all-masked features, and in bf16. See
+    :func:`bnlab.batch_norm` for the algorithm and its error bound.
 
-    Attributes:
+    Attributes (those of ``flax.linen.BatchNorm``, plus the last three):
       use_running_average: normalize with the stored running statistics (eval).
       axis: feature axis or axes.
       momentum: ``new = momentum * old + (1 - momentum) * batch``.
@@ -44,19 +85,27 @@ class BatchNorm(nn.Module):
       axis_name: axis (or axes) to synchronise statistics over; ignored during
         ``init``, as in Flax.
       axis_index_groups: groups of device indices sharing statistics (pmap).
-      use_fast_variance: accepted for compatibility; no effect. bnlab's single
-        algorithm is as fast as Flax's fast path and as exact as its two-pass
-        one (see :func:`bnlab.batch_norm`).
-      force_float32_reductions: accepted for compatibility. Reductions always
-        run in at least float32; when False the running statistics are stored
-        in ``param_dtype`` and scale/bias are applied in ``param_dtype``, as
-        Flax does, so variable trees keep their dtypes.
+      use_fast_variance: accepted for compatibility; no effect. bnlab has one
+        algorithm, exact to two-pass accuracy (see :func:`bnlab.batch_norm`).
+      force_float32_reductions: reductions always run in at least float32;
+        when False the running statistics start in ``param_dtype``, and, as
+        in Flax, are promoted to float32 by the first update.
       convention: ``"flax"`` (default) or ``"torch"`` (see
         :func:`bnlab.batch_norm`).
+      ghost_size: Ghost BN: normalize contiguous groups of this many examples
+        with their own statistics (arXiv:1705.08741; see
+        :func:`bnlab.batch_norm`); None for plain BN.
+
+    A training call on a batch with one value per feature (e.g. a single
+    example of a Dense layer) returns ``bias`` as Flax does, leaves the
+    running statistics unchanged and warns; the pure function raises instead.
+    Integer inputs are normalized as float32, as in Flax.
 
     Example:
-      >>> import jax, jax.numpy as jnp, bnlab.linen
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, bnlab.linen
       >>> bn = bnlab.linen.BatchNorm(use_running_average=False)
+      >>> isinstance(bn, nn.BatchNorm)
+      True
       >>> x = jnp.arange(12.0).reshape(4, 3)
       >>> variables = bn.init(jax.random.key(0), x)
       >>> y, updates = bn.apply(variables, x, mutable=["batch_stats"])
@@ -64,21 +113,8 @@ class BatchNorm(nn.Module):
       (3,)
     """
 
-    use_running_average: bool | None = None
-    axis: int | tuple[int, ...] = -1
-    momentum: float = 0.99
-    epsilon: float = 1e-5
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Any = initializers.zeros
-    scale_init: Any = initializers.ones
-    axis_name: Any = None
-    axis_index_groups: Any = None
-    use_fast_variance: bool = True
-    force_float32_reductions: bool = True
     convention: str = "flax"
+    ghost_size: int | None = None
 
     @nn.compact
     def __call__(
@@ -101,7 +137,7 @@ class BatchNorm(nn.Module):
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
-        x = jnp.asarray(x)
+        x = as_float_input(x)
         feature_axes = canonical_axes(x.ndim, self.axis)
         feature_shape = tuple(x.shape[a] for a in feature_axes)
         stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
@@ -121,12 +157,17 @@ class BatchNorm(nn.Module):
 
         initializing = self.is_initializing()
         train = not use_running_average
-        if initializing and train:
-            # Flax normalizes init inputs with their local batch statistics; a
-            # single value per feature (common dummy init input) has none, so
-            # use the fresh running statistics instead of raising.
-            reduced = math.prod(x.shape) // max(math.prod(feature_shape), 1)
-            train = reduced > 1
+        per_feature = math.prod(x.shape) // max(math.prod(feature_shape), 1)
+        axis_name = None if initializing else self.axis_name
+        groups = None if initializing else self.axis_index_groups
+        if train and per_feature < 2 and (axis_name is None or initializing):
+            # No batch statistics: Flax's output, running statistics kept. (At
+            # init, a single dummy example is common: no warning then.)
+            if not initializing:
+                warn_single_value("bnlab.linen.BatchNorm", x.shape)
+            return single_value_output(
+                x, scale, bias, self.epsilon, feature_axes, self.dtype
+            )
         y, new_stats = batch_norm(
             x,
             BatchStats(ra_mean.value, ra_var.value),
@@ -136,13 +177,26 @@ class BatchNorm(nn.Module):
             axis=feature_axes,
             momentum=self.momentum,
             epsilon=self.epsilon,
-            axis_name=None if initializing else self.axis_name,
-            axis_index_groups=None if initializing else self.axis_index_groups,
+            axis_name=axis_name,
+            axis_index_groups=groups,
             mask=mask,
             dtype=self.dtype,
             convention=self.convention,
+            ghost_size=self.ghost_size,
         )
         if train and not initializing:
             ra_mean.value = new_stats.mean
             ra_var.value = new_stats.var
+            if self.is_mutable_collection(MOMENTS_COLLECTION):
+                self.put_variable(
+                    MOMENTS_COLLECTION,
+                    "moments",
+                    batch_moments(
+                        x,
+                        axis=feature_axes,
+                        axis_name=axis_name,
+                        axis_index_groups=groups,
+                        mask=mask,
+                    ),
+                )
         return y

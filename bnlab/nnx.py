@@ -1,30 +1,32 @@
 """``bnlab.nnx.BatchNorm``: a drop-in for ``flax.nnx.BatchNorm``.
 
-Same constructor, ``nnx.Param`` ``scale``/``bias`` and ``nnx.BatchStat``
-``mean``/``var`` attributes, ``.train()`` / ``.eval()`` / ``nnx.view``
-behaviour; the math is :func:`bnlab.batch_norm`. Unlike Flax NNX with
-``dtype=bfloat16``, statistics are computed from the unrounded input.
+A subclass of ``flax.nnx.BatchNorm`` (same constructor and variables); the
+math is :func:`bnlab.batch_norm`. Unlike Flax NNX with ``dtype=bfloat16``,
+statistics are computed from the unrounded input.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from types import MappingProxyType
+import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
-from jax.nn import initializers
 
-from bnlab.batch_norm import batch_norm
+from bnlab.batch_norm import batch_norm, canonical_axes
+from bnlab.linen import as_float_input, single_value_output, warn_single_value
 from bnlab.stats import BatchStats
 
 __all__ = ["BatchNorm"]
 
 
-class BatchNorm(nnx.Module):
+class BatchNorm(nnx.BatchNorm):
     """Batch Normalization (arXiv:1502.03167), Flax NNX interface.
+
+    A subclass of ``flax.nnx.BatchNorm``: the same constructor, variables
+    (``nnx.Param`` ``scale``/``bias``, ``nnx.BatchStat`` ``mean``/``var``,
+    created by Flax's own constructor) and ``.train()`` / ``.eval()`` /
+    ``nnx.view`` behaviour; the math is :func:`bnlab.batch_norm`.
 
     Args:
       num_features: size of the feature axis.
@@ -41,19 +43,26 @@ class BatchNorm(nnx.Module):
       axis_name: axis (or axes) to synchronise statistics over.
       axis_index_groups: groups of device indices sharing statistics (pmap).
       use_fast_variance: accepted for compatibility; no effect (bnlab's one
-        algorithm is exact and fast).
-      promote_dtype: accepted for compatibility; bnlab never rounds the input
-        before computing statistics, so it is not used.
+        algorithm is exact to two-pass accuracy).
+      promote_dtype: accepted for compatibility; not used: bnlab never rounds
+        the input before computing statistics.
       convention: ``"flax"`` or ``"torch"`` (see :func:`bnlab.batch_norm`).
+      ghost_size: Ghost BN group size (see :func:`bnlab.batch_norm`).
       rngs: ``nnx.Rngs`` for the parameter initializers.
       bias_metadata: metadata for the ``bias`` Param.
       scale_metadata: metadata for the ``scale`` Param.
+
+    A training call with one value per feature returns ``bias`` (as Flax),
+    keeps the running statistics and warns, so ``nnx.eval_shape`` and
+    one-example checks work; integer inputs are normalized as float32.
 
     Example:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> import bnlab.nnx
       >>> bn = bnlab.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+      >>> isinstance(bn, nnx.BatchNorm)
+      True
       >>> y = bn(jnp.arange(12.0).reshape(4, 3))
       >>> bn.eval()
       >>> y_eval = bn(jnp.arange(12.0).reshape(4, 3))
@@ -63,54 +72,14 @@ class BatchNorm(nnx.Module):
         self,
         num_features: int,
         *,
-        use_running_average: bool | None = False,
-        axis: int = -1,
-        momentum: float = 0.99,
-        epsilon: float = 1e-5,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-        use_bias: bool = True,
-        use_scale: bool = True,
-        bias_init: Any = initializers.zeros,
-        scale_init: Any = initializers.ones,
-        axis_name: Any = None,
-        axis_index_groups: Any = None,
-        use_fast_variance: bool = True,
-        promote_dtype: Any = None,
         convention: str = "flax",
+        ghost_size: int | None = None,
         rngs: nnx.Rngs,
-        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
-        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        **flax_kwargs: Any,
     ):
-        shape = (num_features,)
-        self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-        if use_scale:
-            self.scale = nnx.Param(
-                scale_init(rngs.params(), shape, param_dtype), **scale_metadata
-            )
-        else:
-            self.scale = nnx.data(None)
-        if use_bias:
-            self.bias = nnx.Param(
-                bias_init(rngs.params(), shape, param_dtype), **bias_metadata
-            )
-        else:
-            self.bias = nnx.data(None)
-        self.num_features = num_features
-        self.use_running_average = use_running_average
-        self.axis = axis
-        self.momentum = momentum
-        self.epsilon = epsilon
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.use_bias = use_bias
-        self.use_scale = use_scale
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.use_fast_variance = use_fast_variance
-        self.promote_dtype = promote_dtype
+        super().__init__(num_features, rngs=rngs, **flax_kwargs)
         self.convention = convention
+        self.ghost_size = ghost_size
 
     def __call__(
         self,
@@ -136,12 +105,24 @@ class BatchNorm(nnx.Module):
                 "bnlab.nnx.BatchNorm: no use_running_average given. Pass it to the "
                 "constructor or the call, or use model.train() / model.eval()."
             )
+        x = as_float_input(x)
         train = not use_running_average
+        scale = None if self.scale is None else self.scale[...]
+        bias = None if self.bias is None else self.bias[...]
+        feature_axes = canonical_axes(x.ndim, self.axis)
+        per_feature = math.prod(x.shape) // max(
+            math.prod(x.shape[a] for a in feature_axes), 1
+        )
+        if train and per_feature < 2 and self.axis_name is None:
+            warn_single_value("bnlab.nnx.BatchNorm", x.shape)
+            return single_value_output(
+                x, scale, bias, self.epsilon, feature_axes, self.dtype
+            )
         y, new_stats = batch_norm(
             x,
             BatchStats(self.mean[...], self.var[...]),
-            None if self.scale is None else self.scale[...],
-            None if self.bias is None else self.bias[...],
+            scale,
+            bias,
             train=train,
             axis=self.axis,
             momentum=self.momentum,
@@ -151,13 +132,9 @@ class BatchNorm(nnx.Module):
             mask=mask,
             dtype=self.dtype,
             convention=self.convention,
+            ghost_size=self.ghost_size,
         )
         if train:
             self.mean[...] = new_stats.mean
             self.var[...] = new_stats.var
         return y
-
-    def set_view(self, use_running_average: bool | None = None):
-        """Used by ``nnx.view``: sets ``use_running_average`` when given."""
-        if use_running_average is not None:
-            self.use_running_average = use_running_average

@@ -10,21 +10,23 @@ BN makes sigmoid networks trainable and tolerates much higher learning rates).
 from __future__ import annotations
 
 import argparse
-import json
-import tempfile
 import time
 from pathlib import Path
 
+import jax
+
 from bnlab.train import fit, load_config
+from bnlab.train.rundir import METRICS_FILE, read_records
 
 
 def run(name: str, overrides: list[str], workdir: Path) -> dict:
     config = load_config("digits", overrides)
+    run_dir = workdir / name.replace(" ", "_").replace(",", "")
     start = time.perf_counter()
-    fit(config, workdir / name.replace(" ", "_").replace(",", ""))
+    with jax.numpy_dtype_promotion("standard"):
+        fit(config, run_dir)
     seconds = time.perf_counter() - start
-    metrics = workdir / name.replace(" ", "_").replace(",", "") / "metrics.jsonl"
-    last = json.loads(metrics.read_text().splitlines()[-1])
+    last = read_records(run_dir / METRICS_FILE)[-1]
     return {**last, "seconds": seconds}
 
 
@@ -32,6 +34,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument(
+        "--out",
+        default="runs/demo",
+        help="where the three runs go (kept; rerun resumes)",
+    )
     args = p.parse_args(argv)
     common = [
         "activation=sigmoid",
@@ -49,17 +56,19 @@ def main(argv=None) -> int:
     ]
     print(f"digits, sigmoid MLP 128-128-128, SGD, {args.steps} steps of 64")
     results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, overrides in rows:
-            r = run(name, common + overrides, Path(tmp))
-            results[name] = r
-            lr = overrides[-1].split("=")[1]
-            print(
-                f"  {name:<12} lr={lr:<5} final train loss {r['train_loss']:.3f}  "
-                f"test accuracy {r['test_accuracy']:.3f}  ({r['seconds']:.1f}s)"
-            )
+    out = Path(args.out)
+    for name, overrides in rows:
+        r = run(name, common + overrides, out)
+        results[name] = r
+        lr = overrides[-1].split("=")[1]
+        print(
+            f"  {name:<12} lr={lr:<5} train loss (mean of the run) "
+            f"{r['train_loss']:.3f}  test accuracy {r['test_accuracy']:.3f}  "
+            f"({r['seconds']:.1f}s)"
+        )
     gain = results["BN"]["test_accuracy"] - results["no BN"]["test_accuracy"]
     print(f"BN vs no BN at the same learning rate: {gain:+.3f} test accuracy")
+    print(f"runs (metrics.jsonl, checkpoints): {out.resolve()}")
     return 0
 
 

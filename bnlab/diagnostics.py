@@ -1,0 +1,198 @@
+"""Diagnostics of what BN does to training: pure functions over a loss or a
+model's apply function and its variables.
+
+- :func:`percentiles`: activation percentiles (Ioffe & Szegedy 2015, Fig. 1).
+- :func:`layer_grad_norms`: per-layer gradient norms (vanishing gradients).
+- :func:`landscape_probe`: loss range, gradient change and effective
+  beta-smoothness along the gradient (Santurkar et al. 2018, arXiv:1805.11604).
+- :func:`hvp`, :func:`top_hessian_eigenvalue`, :func:`hessian_eigenvalues`:
+  curvature (Ghorbani et al. 2019, arXiv:1901.10159).
+- :func:`population_stats`: PreciseBN population statistics
+  (:func:`bnlab.precise_stats`).
+
+Every function takes ``loss_fn(params) -> scalar`` (close over the batch and
+anything else) or an apply function, and returns arrays; nothing is
+mutated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+
+from bnlab.precise import precise_stats
+
+__all__ = [
+    "hessian_eigenvalues",
+    "hvp",
+    "landscape_probe",
+    "layer_grad_norms",
+    "percentiles",
+    "population_stats",
+    "top_hessian_eigenvalue",
+]
+
+population_stats = precise_stats
+
+LossFn = Callable[[Any], jax.Array]
+
+
+def percentiles(
+    x: jax.Array, q: Sequence[float] = (15.0, 50.0, 85.0), axis: int = 0
+) -> jax.Array:
+    """Percentiles of ``x`` along ``axis`` (first axis of the result = ``q``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> percentiles(jnp.arange(101.0), (15, 50, 85)).tolist()
+      [15.0, 50.0, 85.0]
+    """
+    return jnp.percentile(x, jnp.asarray(q, jnp.float32), axis=axis)
+
+
+def layer_grad_norms(grads: Any) -> dict[str, jax.Array]:
+    """L2 norm of each layer's gradient: ``{layer path: norm}``, a layer being
+    the dict that holds the leaves (e.g. ``Dense_0`` for kernel and bias).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> g = {"Dense_0": {"kernel": jnp.full((2, 2), 1.0), "bias": jnp.zeros(2)}}
+      >>> float(layer_grad_norms(g)["Dense_0"])
+      2.0
+    """
+    out: dict[str, jax.Array] = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
+        layer = "/".join(str(getattr(k, "key", k)) for k in path[:-1]) or "<root>"
+        sq = jnp.sum(jnp.square(jnp.abs(leaf)))
+        out[layer] = out.get(layer, 0.0) + sq
+    return {k: jnp.sqrt(v) for k, v in out.items()}
+
+
+def _flat(tree: Any) -> jax.Array:
+    return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+def _tree_dot(a: Any, b: Any) -> jax.Array:
+    return sum(
+        jnp.vdot(x, y)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+def _tree_norm(a: Any) -> jax.Array:
+    return jnp.sqrt(_tree_dot(a, a).real)
+
+
+def landscape_probe(
+    loss_fn: LossFn, params: Any, step_sizes: Sequence[float]
+) -> dict[str, jax.Array]:
+    """How the loss and gradient change along the gradient direction.
+
+    For each step size ``eta``: ``w' = w - eta * g``; records ``loss(w')``,
+    the gradient change ``||g(w') - g(w)||`` and the effective
+    beta-smoothness ``||g(w') - g(w)|| / ||w' - w||`` (Santurkar et al. 2018,
+    Fig. 4: with BN the loss varies less along the gradient, the gradient is
+    more predictive and the landscape smoother).
+
+    Returns:
+      ``{"losses": (k,), "loss_range": (), "grad_change": (k,),
+      "max_grad_change": (), "beta": ()}`` with ``beta`` the largest ratio.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> quad = lambda w: 0.5 * 3.0 * jnp.sum(w**2)  # Hessian 3 I
+      >>> r = landscape_probe(quad, jnp.ones(4), [0.1, 0.2])
+      >>> round(float(r["beta"]), 4)
+      3.0
+    """
+    loss_and_grad = jax.value_and_grad(loss_fn)
+    _, g = loss_and_grad(params)
+    g_norm = _tree_norm(g)
+
+    def at(eta):
+        w = jax.tree.map(lambda p, gi: p - eta * gi, params, g)
+        loss, g2 = loss_and_grad(w)
+        change = _tree_norm(jax.tree.map(jnp.subtract, g2, g))
+        return loss, change
+
+    losses, changes = jax.lax.map(at, jnp.asarray(step_sizes, jnp.float32))
+    moved = jnp.asarray(step_sizes, jnp.float32) * g_norm
+    beta = jnp.max(changes / jnp.maximum(moved, jnp.finfo(jnp.float32).tiny))
+    return {
+        "losses": losses,
+        "loss_range": jnp.max(losses) - jnp.min(losses),
+        "grad_change": changes,
+        "max_grad_change": jnp.max(changes),
+        "beta": beta,
+    }
+
+
+def hvp(loss_fn: LossFn, params: Any, v: Any) -> Any:
+    """Hessian-vector product ``H(params) v`` (forward-over-reverse).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> f = lambda w: w[0] ** 2 + 3 * w[0] * w[1]  # H = [[2, 3], [3, 0]]
+      >>> hvp(f, jnp.zeros(2), jnp.array([1.0, 0.0])).tolist()
+      [2.0, 3.0]
+    """
+    return jax.jvp(jax.grad(loss_fn), (params,), (v,))[1]
+
+
+def top_hessian_eigenvalue(
+    loss_fn: LossFn, params: Any, key: jax.Array, iters: int = 100
+) -> jax.Array:
+    """Largest-magnitude Hessian eigenvalue by power iteration on HVPs.
+
+    ``iters`` Hessian-vector products from a random start; the Rayleigh
+    quotient of the last iterate is returned (the sign is kept, so a
+    dominant negative eigenvalue shows as negative). Converges at rate
+    ``|lambda_2 / lambda_1|``: use :func:`hessian_eigenvalues` when two
+    eigenvalues are close.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> h = jnp.diag(jnp.array([5.0, 2.0, -1.0]))
+      >>> f = lambda w: 0.5 * w @ h @ w
+      >>> round(float(top_hessian_eigenvalue(f, jnp.ones(3), jax.random.key(0))), 4)
+      5.0
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    v = jax.tree.unflatten(
+        treedef,
+        [
+            jax.random.normal(k, jnp.shape(p), jnp.result_type(p))
+            for k, p in zip(keys, leaves, strict=True)
+        ],
+    )
+
+    def normalize(v):
+        n = _tree_norm(v)
+        return jax.tree.map(lambda x: x / n, v)
+
+    def body(_, v):
+        return normalize(hvp(loss_fn, params, v))
+
+    v = jax.lax.fori_loop(0, iters, body, normalize(v))
+    return _tree_dot(v, hvp(loss_fn, params, v)).real
+
+
+def hessian_eigenvalues(loss_fn: LossFn, params: Any) -> np.ndarray:
+    """All Hessian eigenvalues (ascending) from the dense Hessian: small
+    problems only (e.g. the lecture's 2-weight regression).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> f = lambda w: 0.5 * (w[0] ** 2 + 1e4 * w[1] ** 2)
+      >>> hessian_eigenvalues(f, jnp.zeros(2)).tolist()
+      [1.0, 10000.0]
+    """
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    h = jax.hessian(lambda f: loss_fn(unravel(f)))(flat)
+    return np.linalg.eigvalsh(np.asarray(h, np.float64))

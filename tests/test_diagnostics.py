@@ -1,0 +1,172 @@
+"""bnlab.diagnostics and population statistics, on problems with known answers."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bnlab
+import bnlab.linen
+from bnlab import diagnostics as dg
+from tests import reference as ref
+
+
+def _quadratic(seed=0, n=6):
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    eig = np.array([9.0, 4.0, 2.0, 1.0, 0.5, -0.3])[:n]
+    h = (q * eig) @ q.T
+    return jnp.asarray(h, jnp.float32), eig
+
+
+def test_hvp_and_top_eigenvalue_of_a_known_hessian():
+    h, eig = _quadratic()
+    f = lambda w: 0.5 * w @ h @ w  # noqa: E731
+    v = jnp.arange(6.0)
+    np.testing.assert_allclose(dg.hvp(f, jnp.ones(6), v), h @ v, rtol=1e-5)
+    top = jax.jit(lambda w, k: dg.top_hessian_eigenvalue(f, w, k, iters=200))(
+        jnp.ones(6), jax.random.key(0)
+    )
+    assert abs(float(top) - eig.max()) < 1e-3
+    np.testing.assert_allclose(
+        dg.hessian_eigenvalues(f, jnp.zeros(6)), np.sort(eig), atol=1e-4
+    )
+
+
+def test_top_eigenvalue_on_a_pytree_of_params():
+    f = lambda p: 3.0 * jnp.sum(p["a"] ** 2) + 0.5 * jnp.sum(p["b"] ** 2)  # noqa: E731
+    p = {"a": jnp.ones((2, 2)), "b": jnp.ones(3)}
+    top = dg.top_hessian_eigenvalue(f, p, jax.random.key(1), iters=50)
+    assert abs(float(top) - 6.0) < 1e-4
+
+
+def test_landscape_probe_on_a_quadratic():
+    # Along -eta g of L = w^T H w / 2: g(w - eta g) - g(w) = -eta H g, so the
+    # gradient change is eta ||H g|| and beta = ||H g|| / ||g||.
+    h, _ = _quadratic(1)
+    f = lambda w: 0.5 * w @ h @ w  # noqa: E731
+    w = jnp.linspace(-1, 1, 6)
+    g = h @ w
+    r = dg.landscape_probe(f, w, [0.01, 0.1])
+    hg = float(jnp.linalg.norm(h @ g))
+    np.testing.assert_allclose(r["grad_change"], [0.01 * hg, 0.1 * hg], rtol=1e-4)
+    np.testing.assert_allclose(r["beta"], hg / float(jnp.linalg.norm(g)), rtol=1e-4)
+    losses = [float(f(w - eta * g)) for eta in (0.01, 0.1)]
+    np.testing.assert_allclose(r["losses"], losses, rtol=1e-5)
+    np.testing.assert_allclose(r["loss_range"], abs(losses[1] - losses[0]), rtol=1e-4)
+
+
+def test_layer_grad_norms_of_a_linear_layer():
+    # loss = sum(x @ W + b): dW = sum_i x_i (outer ones), db = n * ones.
+    x = jax.random.normal(jax.random.key(2), (5, 3))
+    model = nn.Dense(4)
+    params = model.init(jax.random.key(0), x)["params"]
+    grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x)))(params)
+    norms = dg.layer_grad_norms({"Dense_0": grads})
+    dw = np.outer(np.asarray(x).sum(0), np.ones(4))
+    expect = np.sqrt((dw**2).sum() + (5.0**2) * 4)
+    np.testing.assert_allclose(norms["Dense_0"], expect, rtol=1e-5)
+
+
+def test_percentiles_match_numpy():
+    x = jax.random.normal(jax.random.key(3), (1001, 4))
+    np.testing.assert_allclose(
+        dg.percentiles(x, (15, 50, 85)),
+        np.percentile(np.asarray(x), (15, 50, 85), axis=0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+class _LinearBN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Dense(3, use_bias=False, kernel_init=nn.initializers.normal(1.0))(x)
+        x = bnlab.linen.BatchNorm(use_running_average=not train)(x)
+        return nn.Dense(2)(nn.relu(x))
+
+
+def test_population_stats_equal_the_whole_datasets_statistics():
+    # The BN input is x @ W: its statistics over all batches are those of the
+    # concatenated data (mean and variance including the batch means' spread),
+    # whatever the batch sizes, also with batches far apart in mean.
+    model = _LinearBN()
+    xs = [
+        jax.random.normal(jax.random.key(i), (n, 5)) * (1 + i) + 100 * i
+        for i, n in enumerate((7, 20, 3, 16))
+    ]
+    v = model.init(jax.random.key(9), xs[0], train=False)
+    run = lambda v, x, mutable: model.apply(v, x, train=True, mutable=mutable)  # noqa: E731
+    stats = dg.population_stats(run, v, xs)
+    w = np.asarray(v["params"]["Dense_0"]["kernel"], np.float64)
+    z = np.concatenate([np.asarray(x, np.float64) for x in xs]) @ w
+    mean, var, _ = ref.moments(z, (0,))
+    np.testing.assert_allclose(stats["BatchNorm_0"]["mean"], mean, rtol=1e-5)
+    np.testing.assert_allclose(stats["BatchNorm_0"]["var"], var, rtol=1e-4)
+    assert stats["BatchNorm_0"]["mean"].dtype == jnp.float32
+
+
+def test_population_stats_under_pmap_are_global():
+    model = _LinearBN()
+    sync = functools.partial(bnlab.linen.BatchNorm, axis_name="d")
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            x = nn.Dense(3, use_bias=False)(x)
+            return sync(use_running_average=not train)(x)
+
+    net = Net()
+    x = jax.random.normal(jax.random.key(4), (4, 8, 5)) * 3 + 7
+    v = net.init(jax.random.key(0), x[0], train=False)
+    run = jax.pmap(
+        lambda v, x: net.apply(v, x, train=True, mutable=["bn_moments", "batch_stats"]),
+        axis_name="d",
+        in_axes=(None, 0),
+    )
+    stats = bnlab.precise_stats(
+        lambda v, x, mutable: run(v, x), v, [x, x + 1], device_axis=True
+    )
+    z = np.concatenate(
+        [np.asarray(x, np.float64), np.asarray(x + 1, np.float64)]
+    ).reshape(-1, 5)
+    z = z @ np.asarray(v["params"]["Dense_0"]["kernel"], np.float64)
+    mean, var, _ = ref.moments(z, (0,))
+    np.testing.assert_allclose(stats["BatchNorm_0"]["mean"], mean, rtol=1e-5)
+    np.testing.assert_allclose(stats["BatchNorm_0"]["var"], var, rtol=1e-4)
+    del model
+
+
+def test_population_stats_need_bnlab_layers():
+    class FlaxBN(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            return nn.BatchNorm(use_running_average=not train)(x)
+
+    m = FlaxBN()
+    x = jnp.ones((4, 3))
+    v = m.init(jax.random.key(0), x, train=False)
+    run = lambda v, x, mutable: m.apply(v, x, train=True, mutable=mutable)  # noqa: E731
+    with pytest.raises(ValueError, match=r"reported no batch\s*moments"):
+        bnlab.precise_stats(run, v, [x])
+
+
+def test_batch_moments_match_float64_and_merge_exactly():
+    x = (1e4 + jax.random.normal(jax.random.key(5), (300, 4))).astype(jnp.float32)
+    m = bnlab.batch_moments(x)
+    mean, var, n = ref.moments(x, (0,))
+    np.testing.assert_allclose(np.asarray(m.mean, np.float64), mean, rtol=1e-7)
+    np.testing.assert_allclose(np.asarray(m.var, np.float64), var, rtol=1e-5)
+    parts = [bnlab.batch_moments(x[:100]), bnlab.batch_moments(x[100:] + 5.0)]
+    merged = bnlab.merge_moments(
+        bnlab.Moments(*(jnp.stack(p) for p in zip(*parts, strict=True))), 0
+    )
+    whole = np.concatenate(
+        [np.asarray(x[:100], np.float64), np.asarray(x[100:], np.float64) + 5.0]
+    )
+    np.testing.assert_allclose(
+        np.asarray(merged.var[0], np.float64), whole.var(0), rtol=1e-5
+    )
