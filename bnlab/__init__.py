@@ -7,19 +7,24 @@ on first use, so ``import bnlab`` alone does not import Flax).
 
 import importlib
 
-from bnlab.batch_norm import batch_moments, batch_norm
+from bnlab.batch_norm import batch_moments, batch_norm, batch_renorm
 from bnlab.stats import BatchStats, Moments, init_batch_stats, merge_moments
+from bnlab.variants import fold_batch_norm, frozen_batch_norm, renorm_schedules
 
 __all__ = [
     "BatchStats",
     "Moments",
     "batch_moments",
     "batch_norm",
+    "batch_renorm",
+    "fold_batch_norm",
+    "frozen_batch_norm",
     "init_batch_stats",
     "linen",
     "merge_moments",
     "nnx",
     "precise_stats",
+    "renorm_schedules",
 ]
 __version__ = "0.2.0"
 

@@ -31,7 +31,7 @@ from bnlab.stats import (
     sample_shift,
 )
 
-__all__ = ["batch_moments", "batch_norm", "canonical_axes"]
+__all__ = ["batch_moments", "batch_norm", "batch_renorm", "canonical_axes"]
 
 Axes = int | Sequence[int]
 
@@ -478,6 +478,45 @@ def batch_norm(
       True
       >>> y_eval, _ = bnlab.batch_norm(x, stats, train=False)
     """
+    return _batch_norm(
+        x,
+        stats,
+        scale,
+        bias,
+        train=train,
+        axis=axis,
+        momentum=momentum,
+        epsilon=epsilon,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        mask=mask,
+        dtype=dtype,
+        convention=convention,
+        ghost_size=ghost_size,
+        renorm=None,
+    )
+
+
+def _batch_norm(
+    x,
+    stats,
+    scale,
+    bias,
+    *,
+    train,
+    axis,
+    momentum,
+    epsilon,
+    axis_name,
+    axis_index_groups,
+    mask,
+    dtype,
+    convention,
+    ghost_size,
+    renorm,
+):
+    """The one implementation of :func:`batch_norm` and :func:`batch_renorm`
+    (``renorm = (r_max, d_max)`` or None)."""
     x, stats, scale, bias, mask, layout = _check_args(
         x, stats, scale, bias, train, axis, mask, dtype, convention, ghost_size
     )
@@ -520,6 +559,10 @@ def batch_norm(
     count, var = counts[0], sum(variances[1:], variances[0])
     center, offset = _join(centers), _join(offsets)
     usable = _usable(count, centers + offsets, var)
+    if renorm is not None:
+        scale, bias = _renorm_affine(
+            center, offset, var, run_mean, run_var, usable, scale, bias, epsilon, renorm
+        )
     y = _normalize(
         view,
         view_mask,
@@ -630,6 +673,113 @@ def _whole_batch(per_part, axis_name, axis_index_groups):
     var = sum((m.var for m in merged[1:]), merged[0].var)
     means = [m.mean for m in merged]
     return count, _join(means), var, _usable(count, means, var)
+
+
+def _renorm_affine(
+    center, offset, var, run_mean, run_var, usable, scale, bias, epsilon, renorm
+):
+    """Batch Renormalization's r and d folded into the affine parameters:
+    ``((x - mu_B) / sigma_B * r + d) * gamma + beta`` is BN with
+    ``gamma' = gamma * r`` and ``beta' = beta + gamma * d``."""
+    r_max, d_max = renorm
+    real = var.dtype
+    eps = jnp.asarray(epsilon, real)
+    sigma = jnp.sqrt(run_var + eps)
+    r = jnp.sqrt(var + eps) / sigma
+    d = ((center - run_mean) + offset) / sigma  # batch mean - running mean
+    r_max = jnp.asarray(r_max, real)
+    d_max = jnp.asarray(d_max, real)
+    r = lax.stop_gradient(jnp.where(usable, jnp.clip(r, 1 / r_max, r_max), 1))
+    d = lax.stop_gradient(jnp.where(usable, jnp.clip(d, -d_max, d_max), 0))
+    gamma = jnp.ones_like(r) if scale is None else scale.astype(real).reshape(r.shape)
+    beta = jnp.zeros_like(d) if bias is None else bias.astype(real).reshape(d.shape)
+    return gamma * r, beta + gamma * d
+
+
+def batch_renorm(
+    x: jax.Array,
+    stats: BatchStats,
+    scale: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    *,
+    train: bool,
+    r_max: float | jax.Array = 3.0,
+    d_max: float | jax.Array = 5.0,
+    axis: Axes = -1,
+    momentum: float | jax.Array = 0.99,
+    epsilon: float | jax.Array = 1e-5,
+    axis_name: AxisName | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    mask: jax.Array | None = None,
+    dtype: Any = None,
+) -> tuple[jax.Array, BatchStats]:
+    """Batch Renormalization (Ioffe 2017, arXiv:1702.03275).
+
+    In training ``y = ((x - mu_B) / sigma_B * r + d) * scale + bias`` with
+    ``sigma_B = sqrt(var_B + epsilon)``, ``sigma = sqrt(running var +
+    epsilon)``, ``r = stop_gradient(clip(sigma_B / sigma, 1 / r_max, r_max))``
+    and ``d = stop_gradient(clip((mu_B - running mean) / sigma, -d_max,
+    d_max))``: the output the network sees in training is corrected toward
+    the one it will see at inference, which matters for small or non-i.i.d.
+    batches. With ``r_max = 1, d_max = 0`` it is :func:`batch_norm`; when the
+    batch's statistics equal the running ones, training and inference
+    outputs are equal. Evaluation and the running-statistics update are those
+    of :func:`batch_norm` (same exact, synced moments). ``r_max`` / ``d_max``
+    may be traced, e.g. from :func:`bnlab.renorm_schedules`.
+
+    Args:
+      x: input (real).
+      stats: running statistics.
+      scale: optional ``gamma``.
+      bias: optional ``beta``.
+      train: batch statistics with the renorm correction (and update), or
+        running statistics.
+      r_max: bound of ``r`` (>= 1).
+      d_max: bound of ``|d|`` (>= 0).
+      axis: feature axis or axes.
+      momentum: running-statistics momentum (Flax convention).
+      epsilon: added to the variances.
+      axis_name: synchronise the batch statistics over this axis.
+      axis_index_groups: device groups (pmap).
+      mask: boolean mask of valid positions.
+      dtype: output dtype.
+
+    Returns:
+      ``(y, new_stats)`` as :func:`batch_norm`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bnlab
+      >>> x = jax.random.normal(jax.random.key(0), (8, 3)) + 2.0
+      >>> y, s = bnlab.batch_renorm(x, bnlab.init_batch_stats(3), train=True)
+      >>> y0, _ = bnlab.batch_norm(x, bnlab.init_batch_stats(3), train=True)
+      >>> bool(jnp.allclose(y, y0))  # fresh stats: r, d clipped away from BN
+      False
+    """
+    if not isinstance(train, (bool, np.bool_)):
+        raise TypeError(f"batch_renorm: train={train!r} must be a Python bool.")
+    for name, value, low in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
+        v = _concrete(value)
+        if v is not None and not v >= low:
+            raise ValueError(f"batch_renorm: {name}={value} must be >= {low:g}.")
+    if jnp.issubdtype(jnp.asarray(x).dtype, jnp.complexfloating):
+        raise TypeError("batch_renorm: complex inputs are not supported.")
+    return _batch_norm(
+        x,
+        stats,
+        scale,
+        bias,
+        train=train,
+        axis=axis,
+        momentum=momentum,
+        epsilon=epsilon,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        mask=mask,
+        dtype=dtype,
+        convention="flax",
+        ghost_size=None,
+        renorm=(r_max, d_max) if train else None,
+    )
 
 
 def _first(m: Moments) -> Moments:

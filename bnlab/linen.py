@@ -9,6 +9,8 @@ module owns variables only; the math is :func:`bnlab.batch_norm`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import warnings
 from typing import Any
@@ -17,10 +19,44 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnlab.batch_norm import batch_moments, batch_norm, canonical_axes
+from bnlab.batch_norm import batch_moments, batch_norm, batch_renorm, canonical_axes
 from bnlab.stats import BatchStats
 
-__all__ = ["MOMENTS_COLLECTION", "BatchNorm"]
+__all__ = ["MOMENTS_COLLECTION", "BatchNorm", "frozen_bn"]
+
+# Set by `frozen_bn()`: None, or whether gamma/beta are frozen too.
+_FROZEN: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "bnlab_frozen_bn", default=None
+)
+
+
+@contextlib.contextmanager
+def frozen_bn(freeze_affine: bool = False):
+    """Freezes every ``bnlab.linen.BatchNorm`` of any model traced inside.
+
+    Within the context, each bnlab BN normalizes with its running statistics
+    and updates nothing, in training mode too (FrozenBN, as used to fine-tune
+    detectors; Wu & Johnson 2021, arXiv:2105.07576); ``freeze_affine`` also
+    stops the gradients of ``scale`` / ``bias``. The switch acts when the
+    model is *traced*: wrap the function you jit (``jax.jit`` caches traces
+    made outside the context). Flax's own ``nn.BatchNorm`` is not affected.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bnlab.linen
+      >>> bn = bnlab.linen.BatchNorm(use_running_average=False)
+      >>> x = jnp.arange(6.0).reshape(3, 2)
+      >>> v = bn.init(jax.random.key(0), x)
+      >>> with bnlab.linen.frozen_bn():
+      ...     y, upd = bn.apply(v, x, mutable=["batch_stats"])
+      >>> bool(jnp.allclose(y, x / jnp.sqrt(1 + 1e-5)))  # running stats 0 / 1
+      True
+    """
+    token = _FROZEN.set(bool(freeze_affine))
+    try:
+        yield
+    finally:
+        _FROZEN.reset(token)
+
 
 # Train-mode calls store their exact batch moments in this collection when it
 # is mutable (see bnlab.precise_stats).
@@ -71,7 +107,7 @@ class BatchNorm(nn.BatchNorm):
     under sync, with all-masked features, and in bf16. See
     :func:`bnlab.batch_norm` for the algorithm and its error bound.
 
-    Attributes (those of ``flax.linen.BatchNorm``, plus the last three):
+    Attributes (those of ``flax.linen.BatchNorm``, plus the last seven):
       use_running_average: normalize with the stored running statistics (eval).
       axis: feature axis or axes.
       momentum: ``new = momentum * old + (1 - momentum) * batch``.
@@ -95,6 +131,15 @@ class BatchNorm(nn.BatchNorm):
       ghost_size: Ghost BN: normalize contiguous groups of this many examples
         with their own statistics (arXiv:1705.08741; see
         :func:`bnlab.batch_norm`); None for plain BN.
+      renorm: batch renormalization in training (arXiv:1702.03275; see
+        :func:`bnlab.batch_renorm`), with bounds ``r_max`` / ``d_max``
+        (overridable per call, e.g. from :func:`bnlab.renorm_schedules`).
+      r_max: renorm bound of ``r``.
+      d_max: renorm bound of ``|d|``.
+      frozen: always normalize with the running statistics and never update
+        them (FrozenBN; also switched on by :func:`frozen_bn`).
+      freeze_affine: with ``frozen``, also stop the gradients of
+        ``scale`` / ``bias``.
 
     A training call on a batch with one value per feature (e.g. a single
     example of a Dense layer) returns ``bias`` as Flax does, leaves the
@@ -115,6 +160,11 @@ class BatchNorm(nn.BatchNorm):
 
     convention: str = "flax"
     ghost_size: int | None = None
+    renorm: bool = False
+    r_max: float = 3.0
+    d_max: float = 5.0
+    frozen: bool = False
+    freeze_affine: bool = False
 
     @nn.compact
     def __call__(
@@ -123,6 +173,8 @@ class BatchNorm(nn.BatchNorm):
         use_running_average: bool | None = None,
         *,
         mask: jax.Array | None = None,
+        r_max: float | jax.Array | None = None,
+        d_max: float | jax.Array | None = None,
     ) -> jax.Array:
         """Normalizes ``x``; updates ``batch_stats`` when training (not in init).
 
@@ -130,6 +182,8 @@ class BatchNorm(nn.BatchNorm):
           x: the input.
           use_running_average: overrides the field of the same name.
           mask: boolean, broadcastable to ``x``: positions that enter the stats.
+          r_max: overrides the field (batch renorm), may be traced.
+          d_max: overrides the field (batch renorm), may be traced.
 
         Returns:
           The normalized array, ``x``'s shape.
@@ -157,6 +211,15 @@ class BatchNorm(nn.BatchNorm):
 
         initializing = self.is_initializing()
         train = not use_running_average
+        frozen_ctx = _FROZEN.get()
+        if self.frozen or frozen_ctx is not None:
+            train = False  # running statistics, no update
+            if self.freeze_affine or frozen_ctx:
+                scale, bias = jax.lax.stop_gradient((scale, bias))
+        if self.renorm and self.ghost_size is not None:
+            raise ValueError(
+                "bnlab.linen.BatchNorm: renorm and ghost_size cannot be combined."
+            )
         per_feature = math.prod(x.shape) // max(math.prod(feature_shape), 1)
         axis_name = None if initializing else self.axis_name
         groups = None if initializing else self.axis_index_groups
@@ -168,22 +231,37 @@ class BatchNorm(nn.BatchNorm):
             return single_value_output(
                 x, scale, bias, self.epsilon, feature_axes, self.dtype
             )
-        y, new_stats = batch_norm(
-            x,
-            BatchStats(ra_mean.value, ra_var.value),
-            scale,
-            bias,
-            train=train,
-            axis=feature_axes,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            axis_name=axis_name,
-            axis_index_groups=groups,
-            mask=mask,
-            dtype=self.dtype,
-            convention=self.convention,
-            ghost_size=self.ghost_size,
-        )
+        common = {
+            "train": train,
+            "axis": feature_axes,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "axis_name": axis_name,
+            "axis_index_groups": groups,
+            "mask": mask,
+            "dtype": self.dtype,
+        }
+        stats = BatchStats(ra_mean.value, ra_var.value)
+        if self.renorm and train and not initializing:
+            y, new_stats = batch_renorm(
+                x,
+                stats,
+                scale,
+                bias,
+                r_max=self.r_max if r_max is None else r_max,
+                d_max=self.d_max if d_max is None else d_max,
+                **common,
+            )
+        else:
+            y, new_stats = batch_norm(
+                x,
+                stats,
+                scale,
+                bias,
+                convention=self.convention,
+                ghost_size=self.ghost_size,
+                **common,
+            )
         if train and not initializing:
             ra_mean.value = new_stats.mean
             ra_var.value = new_stats.var

@@ -13,11 +13,11 @@ from typing import Any
 import jax
 from flax import nnx
 
-from bnlab.batch_norm import batch_norm, canonical_axes
+from bnlab.batch_norm import batch_norm, batch_renorm, canonical_axes
 from bnlab.linen import as_float_input, single_value_output, warn_single_value
 from bnlab.stats import BatchStats
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "freeze"]
 
 
 class BatchNorm(nnx.BatchNorm):
@@ -48,6 +48,11 @@ class BatchNorm(nnx.BatchNorm):
         the input before computing statistics.
       convention: ``"flax"`` or ``"torch"`` (see :func:`bnlab.batch_norm`).
       ghost_size: Ghost BN group size (see :func:`bnlab.batch_norm`).
+      renorm: batch renormalization in training (:func:`bnlab.batch_renorm`).
+      r_max: renorm bound of ``r`` (a call may override it).
+      d_max: renorm bound of ``|d|`` (a call may override it).
+      frozen: normalize with the running statistics always; no updates.
+      freeze_affine: with ``frozen``, stop the gradients of scale / bias.
       rngs: ``nnx.Rngs`` for the parameter initializers.
       bias_metadata: metadata for the ``bias`` Param.
       scale_metadata: metadata for the ``scale`` Param.
@@ -74,12 +79,26 @@ class BatchNorm(nnx.BatchNorm):
         *,
         convention: str = "flax",
         ghost_size: int | None = None,
+        renorm: bool = False,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        frozen: bool = False,
+        freeze_affine: bool = False,
         rngs: nnx.Rngs,
         **flax_kwargs: Any,
     ):
         super().__init__(num_features, rngs=rngs, **flax_kwargs)
+        if renorm and ghost_size is not None:
+            raise ValueError(
+                "bnlab.nnx.BatchNorm: renorm and ghost_size cannot be combined."
+            )
         self.convention = convention
         self.ghost_size = ghost_size
+        self.renorm = renorm
+        self.r_max = r_max
+        self.d_max = d_max
+        self.frozen = frozen
+        self.freeze_affine = freeze_affine
 
     def __call__(
         self,
@@ -87,6 +106,8 @@ class BatchNorm(nnx.BatchNorm):
         use_running_average: bool | None = None,
         *,
         mask: jax.Array | None = None,
+        r_max: float | jax.Array | None = None,
+        d_max: float | jax.Array | None = None,
     ) -> jax.Array:
         """Normalizes ``x``; updates ``mean``/``var`` in place when training.
 
@@ -94,6 +115,8 @@ class BatchNorm(nnx.BatchNorm):
           x: the input.
           use_running_average: overrides the attribute of the same name.
           mask: boolean, broadcastable to ``x``: positions that enter the stats.
+          r_max: overrides the attribute (batch renorm), may be traced.
+          d_max: overrides the attribute (batch renorm), may be traced.
 
         Returns:
           The normalized array, ``x``'s shape.
@@ -106,9 +129,11 @@ class BatchNorm(nnx.BatchNorm):
                 "constructor or the call, or use model.train() / model.eval()."
             )
         x = as_float_input(x)
-        train = not use_running_average
+        train = not use_running_average and not self.frozen
         scale = None if self.scale is None else self.scale[...]
         bias = None if self.bias is None else self.bias[...]
+        if self.frozen and self.freeze_affine:
+            scale, bias = jax.lax.stop_gradient((scale, bias))
         feature_axes = canonical_axes(x.ndim, self.axis)
         per_feature = math.prod(x.shape) // max(
             math.prod(x.shape[a] for a in feature_axes), 1
@@ -118,23 +143,63 @@ class BatchNorm(nnx.BatchNorm):
             return single_value_output(
                 x, scale, bias, self.epsilon, feature_axes, self.dtype
             )
-        y, new_stats = batch_norm(
-            x,
-            BatchStats(self.mean[...], self.var[...]),
-            scale,
-            bias,
-            train=train,
-            axis=self.axis,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            mask=mask,
-            dtype=self.dtype,
-            convention=self.convention,
-            ghost_size=self.ghost_size,
-        )
+        common = {
+            "train": train,
+            "axis": self.axis,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "axis_name": self.axis_name,
+            "axis_index_groups": self.axis_index_groups,
+            "mask": mask,
+            "dtype": self.dtype,
+        }
+        stats = BatchStats(self.mean[...], self.var[...])
+        if self.renorm and train:
+            y, new_stats = batch_renorm(
+                x,
+                stats,
+                scale,
+                bias,
+                r_max=self.r_max if r_max is None else r_max,
+                d_max=self.d_max if d_max is None else d_max,
+                **common,
+            )
+        else:
+            y, new_stats = batch_norm(
+                x,
+                stats,
+                scale,
+                bias,
+                convention=self.convention,
+                ghost_size=self.ghost_size,
+                **common,
+            )
         if train:
             self.mean[...] = new_stats.mean
             self.var[...] = new_stats.var
         return y
+
+
+def freeze(model: nnx.Module, freeze_affine: bool = False) -> nnx.Module:
+    """Freezes every BN of an NNX model in place and returns it.
+
+    Every ``bnlab.nnx.BatchNorm`` becomes ``frozen`` (running statistics
+    always, no updates; with ``freeze_affine`` no gradient to scale / bias);
+    every ``flax.nnx.BatchNorm`` gets ``use_running_average=True``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import bnlab.nnx
+      >>> bn = bnlab.nnx.freeze(bnlab.nnx.BatchNorm(2, rngs=nnx.Rngs(0)))
+      >>> _ = bn(jnp.ones((4, 2)) * 7)
+      >>> bn.mean[...].tolist()  # not updated
+      [0.0, 0.0]
+    """
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, BatchNorm):
+            node.frozen = True
+            node.freeze_affine = freeze_affine
+        elif isinstance(node, nnx.BatchNorm):
+            node.use_running_average = True
+    return model

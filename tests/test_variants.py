@@ -1,0 +1,312 @@
+"""Research variants: ghost BN, batch renormalization, folding, frozen BN,
+against float64 references and plain BN, also under sync."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import bnlab
+import bnlab.linen
+import bnlab.nnx
+from bnlab import parallel
+from tests import reference as ref
+
+# ------------------------------------------------------------------ ghost BN
+
+
+def _ghost_ref(x, g, mask=None):
+    """Plain bnlab BN on each contiguous group of g examples."""
+    stats = bnlab.init_batch_stats(x.shape[-1])
+    outs = []
+    for i in range(0, x.shape[0], g):
+        m = None if mask is None else mask[i : i + g]
+        outs.append(bnlab.batch_norm(x[i : i + g], stats, train=True, mask=m)[0])
+    return jnp.concatenate(outs)
+
+
+@pytest.mark.parametrize("shape,g", [((24, 5), 4), ((12, 3, 3, 4), 3), ((8, 6), 8)])
+def test_ghost_equals_bn_on_each_sub_batch_and_stats_are_the_whole_batch(shape, g):
+    x = jax.random.normal(jax.random.key(0), shape) * 3 + 50
+    x = x + jnp.arange(shape[0], dtype=jnp.float32).reshape(
+        (-1,) + (1,) * (len(shape) - 1)
+    )  # the groups differ
+    stats = bnlab.init_batch_stats(shape[-1])
+    y, new = jax.jit(
+        lambda x: bnlab.batch_norm(x, stats, train=True, ghost_size=g, momentum=0.0)
+    )(x)
+    np.testing.assert_allclose(y, _ghost_ref(x, g), atol=2e-5)
+    red = tuple(range(len(shape) - 1))
+    mean, var, _ = ref.moments(x, red)  # the exact statistics of the whole batch
+    np.testing.assert_allclose(np.asarray(new.mean, np.float64), mean, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(new.var, np.float64), var, rtol=1e-5)
+
+
+def test_ghost_gradients_equal_per_sub_batch_gradients():
+    x = jax.random.normal(jax.random.key(1), (12, 4)) + 3
+    w = jax.random.normal(jax.random.key(2), (12, 4))
+    g = jnp.linspace(0.5, 2, 4)
+    stats = bnlab.init_batch_stats(4)
+
+    def ghost(x, g):
+        return jnp.sum(
+            jnp.sin(bnlab.batch_norm(x, stats, g, train=True, ghost_size=4)[0]) * w
+        )
+
+    def split(x, g):
+        parts = [
+            bnlab.batch_norm(x[i : i + 4], stats, g, train=True)[0] for i in (0, 4, 8)
+        ]
+        return jnp.sum(jnp.sin(jnp.concatenate(parts)) * w)
+
+    for a, b in zip(
+        jax.grad(ghost, (0, 1))(x, g), jax.grad(split, (0, 1))(x, g), strict=True
+    ):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_ghost_with_a_mask():
+    x = jax.random.normal(jax.random.key(3), (16, 3)) * 2 + 7
+    mask = jax.random.bernoulli(jax.random.key(4), 0.7, (16, 3)).at[::4].set(True)
+    y, _ = bnlab.batch_norm(
+        x, bnlab.init_batch_stats(3), train=True, ghost_size=4, mask=mask
+    )
+    m = np.asarray(mask)
+    np.testing.assert_allclose(
+        np.asarray(y)[m], np.asarray(_ghost_ref(x, 4, mask))[m], atol=2e-5
+    )
+
+
+def test_ghost_under_pmap_stays_on_the_device_and_stats_are_global():
+    x = jax.random.normal(jax.random.key(5), (32, 3)) * 2 + 5
+    stats = bnlab.init_batch_stats(3)
+    y, new = jax.pmap(
+        lambda x: bnlab.batch_norm(
+            x, stats, train=True, ghost_size=2, axis_name="d", momentum=0.0
+        ),
+        axis_name="d",
+    )(parallel.split_for_pmap(x))
+    np.testing.assert_allclose(y.reshape(32, 3), _ghost_ref(x, 2), atol=2e-5)
+    mean, var, _ = ref.moments(x, (0,))
+    new = parallel.unreplicate(new)
+    np.testing.assert_allclose(np.asarray(new.var, np.float64), var, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(new.mean, np.float64), mean, rtol=1e-6)
+
+
+def test_ghost_errors():
+    s = bnlab.init_batch_stats(3)
+    with pytest.raises(ValueError, match=r"ghost_size=5 does not divide the 12"):
+        bnlab.batch_norm(jnp.ones((12, 3)), s, train=True, ghost_size=5)
+    with pytest.raises(ValueError, match="axis 0 is a feature axis"):
+        bnlab.batch_norm(jnp.ones((3, 12)), s, train=True, ghost_size=2, axis=0)
+    with pytest.raises(ValueError, match="1 value per feature per ghost batch"):
+        bnlab.batch_norm(jnp.ones((12, 3)), s, train=True, ghost_size=1)
+
+
+# ------------------------------------------------------------- batch renorm
+
+
+def _renorm_ref(x, mean_r, var_r, g, b, r_max, d_max, eps=1e-5):
+    x = np.asarray(x, np.float64)
+    mu, var, _ = ref.moments(x, (0,))
+    sb, s = np.sqrt(var + eps), np.sqrt(np.asarray(var_r, np.float64) + eps)
+    r = np.clip(sb / s, 1 / r_max, r_max)
+    d = np.clip((mu - np.asarray(mean_r, np.float64)) / s, -d_max, d_max)
+    return ((x - mu) / sb * r + d) * np.asarray(g) + np.asarray(b)
+
+
+@pytest.mark.parametrize("r_max,d_max", [(3.0, 5.0), (1.5, 0.5), (1.0, 0.0)])
+def test_renorm_matches_the_papers_formula(r_max, d_max):
+    x = jax.random.normal(jax.random.key(6), (32, 4)) * 2 + 1
+    stats = bnlab.BatchStats(
+        jnp.array([0.0, 3.0, 1.0, -2.0]), jnp.array([1.0, 0.3, 4.0, 9.0])
+    )
+    g, b = jnp.linspace(0.5, 1.5, 4), jnp.linspace(-1, 1, 4)
+    y, new = jax.jit(
+        lambda x: bnlab.batch_renorm(
+            x, stats, g, b, train=True, r_max=r_max, d_max=d_max
+        )
+    )(x)
+    np.testing.assert_allclose(
+        y, _renorm_ref(x, stats.mean, stats.var, g, b, r_max, d_max), atol=2e-5
+    )
+    _, bn_stats = bnlab.batch_norm(x, stats, g, b, train=True)
+    np.testing.assert_allclose(new.mean, bn_stats.mean)  # updated as batch_norm
+    np.testing.assert_allclose(new.var, bn_stats.var)
+
+
+def test_renorm_with_r_max_1_d_max_0_is_batch_norm_gradients_included():
+    x = jax.random.normal(jax.random.key(7), (16, 3)) + 4
+    stats = bnlab.BatchStats(jnp.array([1.0, 2.0, 3.0]), jnp.array([2.0, 3.0, 0.5]))
+    g = jnp.array([1.0, 2.0, 0.5])
+
+    def loss(f, x, g):
+        return jnp.sum(jnp.sin(f(x, stats, g, train=True)[0]) * jnp.arange(3.0)[None])
+
+    renorm = functools.partial(bnlab.batch_renorm, r_max=1.0, d_max=0.0)
+    for a, b in zip(
+        jax.grad(functools.partial(loss, renorm), (0, 1))(x, g),
+        jax.grad(functools.partial(loss, bnlab.batch_norm), (0, 1))(x, g),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_renorm_train_output_equals_inference_when_batch_equals_running_stats():
+    x = jax.random.normal(jax.random.key(8), (64, 5)) * 3 + 2
+    mean, var, _ = ref.moments(x, (0,))
+    stats = bnlab.BatchStats(
+        jnp.asarray(mean, jnp.float32), jnp.asarray(var, jnp.float32)
+    )
+    g, b = jnp.full(5, 1.3), jnp.full(5, 0.2)
+    y_train, _ = bnlab.batch_renorm(x, stats, g, b, train=True)
+    y_eval, _ = bnlab.batch_renorm(x, stats, g, b, train=False)
+    np.testing.assert_allclose(y_train, y_eval, atol=2e-5)
+
+
+def test_renorm_r_and_d_carry_no_gradient():
+    # d y / d x of renorm = r * (BN's d y / d x) with r, d constants.
+    x = jax.random.normal(jax.random.key(9), (16, 2)) * 2
+    stats = bnlab.BatchStats(jnp.array([5.0, -5.0]), jnp.array([16.0, 0.01]))
+    w = jax.random.normal(jax.random.key(10), (16, 2))
+    dx = jax.grad(lambda x: jnp.sum(bnlab.batch_renorm(x, stats, train=True)[0] * w))(x)
+    dx_bn = jax.grad(lambda x: jnp.sum(bnlab.batch_norm(x, stats, train=True)[0] * w))(
+        x
+    )
+    var = np.asarray(x, np.float64).var(0)
+    r = np.clip(np.sqrt(var + 1e-5) / np.sqrt(np.array([16.0, 0.01]) + 1e-5), 1 / 3, 3)
+    np.testing.assert_allclose(dx, np.asarray(dx_bn) * r, rtol=1e-4, atol=1e-6)
+
+
+def test_renorm_synced_equals_single_device_full_batch():
+    x = jax.random.normal(jax.random.key(11), (32, 3)) + 2
+    stats = bnlab.BatchStats(jnp.ones(3), jnp.full(3, 2.0))
+    y1, s1 = bnlab.batch_renorm(x, stats, train=True)
+    y8, s8 = jax.pmap(
+        lambda x: bnlab.batch_renorm(x, stats, train=True, axis_name="d"), axis_name="d"
+    )(parallel.split_for_pmap(x))
+    np.testing.assert_allclose(y8.reshape(32, 3), y1, atol=2e-6)
+    np.testing.assert_allclose(parallel.unreplicate(s8).var, s1.var, rtol=1e-6)
+
+
+def test_renorm_schedules_and_traced_bounds():
+    r, d = bnlab.renorm_schedules(warmup_steps=10, r_max_step=20, d_max_step=30)
+    assert [float(r(s)) for s in (0, 10, 15, 20, 99)] == [1.0, 1.0, 2.0, 3.0, 3.0]
+    assert [float(d(s)) for s in (0, 10, 20, 30)] == [0.0, 0.0, 2.5, 5.0]
+    x = jax.random.normal(jax.random.key(12), (8, 2))
+    f = jax.jit(
+        lambda x, step: bnlab.batch_renorm(
+            x, bnlab.init_batch_stats(2), train=True, r_max=r(step), d_max=d(step)
+        )[0]
+    )
+    np.testing.assert_allclose(
+        f(x, 0),
+        bnlab.batch_norm(x, bnlab.init_batch_stats(2), train=True)[0],
+        atol=1e-6,
+    )
+    with pytest.raises(ValueError, match=r"r_max=0.5 must be >= 1"):
+        bnlab.batch_renorm(x, bnlab.init_batch_stats(2), train=True, r_max=0.5)
+
+
+def test_renorm_as_a_module_option():
+    x = jax.random.normal(jax.random.key(13), (8, 3)) + 1
+    bn = bnlab.linen.BatchNorm(
+        use_running_average=False, renorm=True, r_max=1.0, d_max=0.0
+    )
+    v = bn.init(jax.random.key(0), x)
+    y, _ = bn.apply(v, x, mutable=["batch_stats"])
+    y_bn, _ = bnlab.linen.BatchNorm(use_running_average=False).apply(
+        v, x, mutable=["batch_stats"]
+    )
+    np.testing.assert_allclose(y, y_bn, atol=1e-6)
+    y2, _ = bn.apply(v, x, mutable=["batch_stats"], r_max=3.0, d_max=5.0)
+    ref_y = _renorm_ref(
+        x, v["batch_stats"]["mean"], v["batch_stats"]["var"], 1.0, 0.0, 3.0, 5.0
+    )
+    np.testing.assert_allclose(y2, ref_y, atol=2e-5)
+    m = bnlab.nnx.BatchNorm(3, renorm=True, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(m(x), ref_y, atol=2e-5)
+
+
+# ------------------------------------------------------- folding and frozen
+
+
+def test_fold_into_dense_and_conv():
+    key = jax.random.split(jax.random.key(14), 6)
+    stats = bnlab.BatchStats(
+        jax.random.normal(key[0], (8,)), jax.random.uniform(key[1], (8,)) + 0.5
+    )
+    g, b = jax.random.normal(key[2], (8,)), jax.random.normal(key[3], (8,))
+    x = jax.random.normal(key[4], (4, 6, 6, 3))
+    for layer, inp in ((nn.Dense(8), x.reshape(4, -1)), (nn.Conv(8, (3, 3)), x)):
+        v = layer.init(key[5], inp)
+        p = v["params"]
+        y, _ = bnlab.batch_norm(layer.apply(v, inp), stats, g, b, train=False)
+        k2, b2 = bnlab.fold_batch_norm(p["kernel"], p["bias"], stats, g, b)
+        y2 = layer.apply({"params": {"kernel": k2, "bias": b2}}, inp)
+        np.testing.assert_allclose(y2, y, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"stats\.mean has shape"):
+        bnlab.fold_batch_norm(jnp.ones((3, 4)), None, bnlab.init_batch_stats(5))
+
+
+def test_frozen_bn_is_inference_bn_without_gradients_to_stats():
+    x = jax.random.normal(jax.random.key(15), (6, 3))
+    stats = bnlab.BatchStats(jnp.array([0.5, 1.0, -1.0]), jnp.array([2.0, 0.5, 1.0]))
+    g, b = jnp.ones(3) * 2, jnp.ones(3)
+    y, out = bnlab.frozen_batch_norm(x, stats, g, b)
+    np.testing.assert_array_equal(y, bnlab.batch_norm(x, stats, g, b, train=False)[0])
+    assert out is not None
+    grads = jax.grad(
+        lambda s, g, b: jnp.sum(
+            bnlab.frozen_batch_norm(x, s, g, b, freeze_affine=True)[0]
+        ),
+        (0, 1, 2),
+    )(stats, g, b)
+    for leaf in jax.tree.leaves(grads):
+        np.testing.assert_array_equal(leaf, 0.0)
+
+
+def test_freezing_every_bn_of_a_linen_and_an_nnx_model():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            x = nn.Dense(4)(x)
+            x = bnlab.linen.BatchNorm(use_running_average=not train)(x)
+            return bnlab.linen.BatchNorm(use_running_average=not train)(nn.relu(x))
+
+    net, x = Net(), jax.random.normal(jax.random.key(16), (8, 3)) + 2
+    v = net.init(jax.random.key(0), x, train=False)
+    with bnlab.linen.frozen_bn(freeze_affine=True):
+        y, upd = jax.jit(
+            lambda v: net.apply(v, x, train=True, mutable=["batch_stats"])
+        )(v)
+        grads = jax.grad(
+            lambda p: jnp.sum(
+                net.apply({**v, "params": p}, x, train=True, mutable=["batch_stats"])[0]
+            )
+        )(v["params"])
+    np.testing.assert_array_equal(y, net.apply(v, x, train=False))
+    assert jax.tree.all(
+        jax.tree.map(
+            lambda a, b: bool(jnp.all(a == b)), upd["batch_stats"], v["batch_stats"]
+        )
+    )
+    assert float(jnp.abs(grads["BatchNorm_0"]["scale"]).sum()) == 0.0
+    assert float(jnp.abs(grads["Dense_0"]["kernel"]).sum()) > 0.0
+
+    class NNXNet(nnx.Module):
+        def __init__(self, rngs):
+            self.a = bnlab.nnx.BatchNorm(3, rngs=rngs)
+            self.b = nnx.BatchNorm(3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(self.a(x))
+
+    m = bnlab.nnx.freeze(NNXNet(nnx.Rngs(0)))
+    m(x)
+    assert float(jnp.abs(m.a.mean[...]).sum()) == 0.0
+    assert float(jnp.abs(m.b.mean[...]).sum()) == 0.0
