@@ -206,7 +206,7 @@ def _check_args(
             f"batch_norm: dtype={dtype!r} is not a floating or complex dtype; the "
             "output of a normalization is fractional (e.g. dtype=jnp.bfloat16)."
         )
-    if ghost_size is not None:
+    if ghost_size is not None and train:  # ghost batches exist only in training
         _check_ghost(ghost_size, x.shape, layout)
     return x, stats, scale, bias, mask, layout
 

@@ -259,7 +259,7 @@ class BatchNorm(nn.BatchNorm):
                 scale,
                 bias,
                 convention=self.convention,
-                ghost_size=self.ghost_size,
+                ghost_size=None if initializing else self.ghost_size,
                 **common,
             )
         if train and not initializing:

@@ -179,21 +179,55 @@ class DataParallel:
     collectives over ``axis_name``. ``pmap``: this process's devices with a
     leading device axis; the pmap axis spans all processes' devices.
 
+    BN groups (``bn_group_size=G``, statistics over groups of G devices):
+    under shard_map a 2-D mesh ``(devices / G, G)`` with axes
+    ``("replica", axis_name)``: BN synchronises over ``axis_name``
+    (:attr:`bn_axis_name`), gradients over both (:attr:`axis_name` is the
+    pair); under pmap ``axis_index_groups`` (:attr:`bn_groups`).
+
     Args:
       style: one of :data:`STYLES`.
       axis_name: mesh / pmap axis name.
+      bn_group_size: devices per BN statistics group; 0 or None = all.
     """
 
-    def __init__(self, style: Style, axis_name: str = "batch"):
+    def __init__(
+        self, style: Style, axis_name: str = "batch", bn_group_size: int | None = None
+    ):
         check_style(style, None if style in ("single", "jit") else axis_name)
         self.style = style
-        # BN and gradient collectives use axis_name only under pmap/shard_map;
-        # the mesh (jit, shard_map) always has an axis of that name.
+        n = jax.device_count()
+        group = bn_group_size or 0
+        if group and style not in ("pmap", "shard_map"):
+            raise ValueError(
+                f"bn_group_size={group} needs parallel='pmap' or 'shard_map' (BN "
+                f"groups are explicit device groups), not {style!r}."
+            )
+        if group and (n % group or group > n):
+            raise ValueError(
+                f"bn_group_size={group} does not divide the {n} devices; use a "
+                f"divisor of {n}."
+            )
+        self.grouped = bool(group) and group < n
+        # Gradient and metric collectives: every device. BN: its group.
         self.axis_name = axis_name if style in ("pmap", "shard_map") else None
-        self.mesh_axis = axis_name
+        self.bn_axis_name = self.axis_name
+        self.bn_groups = None
+        self.mesh_axis: Any = axis_name
         self.mesh = None
         if style in ("jit", "shard_map"):
-            self.mesh = jax.make_mesh((jax.device_count(),), (axis_name,))
+            if self.grouped and style == "shard_map":
+                self.mesh = jax.make_mesh((n // group, group), ("replica", axis_name))
+                self.mesh_axis = ("replica", axis_name)
+                self.axis_name = self.mesh_axis
+            else:
+                self.mesh = jax.make_mesh((n,), (axis_name,))
+        if self.grouped and style == "pmap":
+            self.bn_groups = [list(range(i, i + group)) for i in range(0, n, group)]
+        # the axis along which BN groups (and their running statistics) differ
+        self.group_axis = None
+        if self.grouped:
+            self.group_axis = "replica" if style == "shard_map" else axis_name
         self.n_local = jax.local_device_count() if style == "pmap" else None
 
     def put_state(self, state: Any) -> Any:
@@ -247,7 +281,7 @@ class DataParallel:
 
         def sharded(*args):
             specs = tuple(
-                P() if i < sharded_from else P(self.axis_name) for i in range(len(args))
+                P() if i < sharded_from else P(self.mesh_axis) for i in range(len(args))
             )
             return jax.shard_map(step, mesh=self.mesh, in_specs=specs, out_specs=P())(
                 *args

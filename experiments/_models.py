@@ -43,7 +43,9 @@ class MLP(nn.Module):
     norm_layer: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, train: bool, norm_kwargs: dict | None = None
+    ) -> jax.Array:
         init = (
             nn.initializers.normal(self.init_std)
             if self.init_std is not None
@@ -62,12 +64,12 @@ class MLP(nn.Module):
                 kernel_init=init,
             )(x)
             if norm_here and self.norm != "after":
-                x = make_norm(use_running_average=not train)(x)
+                x = make_norm(use_running_average=not train)(x, **(norm_kwargs or {}))
             if i == len(self.widths) - 1:
                 self.sow("intermediates", "last_sigmoid_input", x)
             x = act(x)
             if norm_here and self.norm == "after":
-                x = make_norm(use_running_average=not train)(x)
+                x = make_norm(use_running_average=not train)(x, **(norm_kwargs or {}))
         return nn.Dense(self.num_classes, kernel_init=init)(x)
 
 
@@ -81,3 +83,47 @@ def stateless_norm(
         return cls(**kw, **more)
 
     return make
+
+
+class NoisyBN(nn.Module):
+    """bnlab BN followed by noise with non-zero mean and non-unit variance,
+    redrawn every training step (Santurkar et al. 2018, sec. 2.1): ``y *
+    (1 + level * a) + level * b`` with ``a, b ~ N(0, 1)`` per feature."""
+
+    level: float = 0.0
+    use_running_average: bool | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = bnlab.linen.BatchNorm(
+            use_running_average=self.use_running_average, momentum=0.99
+        )(x)
+        if self.use_running_average or self.level == 0:
+            return y
+        a, b = jax.random.normal(self.make_rng("noise"), (2, x.shape[-1]))
+        return y * (1 + self.level * a)[None] + (self.level * b)[None]
+
+
+class DeviceSim(nn.Module):
+    """An MLP run on ``devices`` simulated devices: the batch is split along a
+    named ``vmap`` axis and BN synchronises its statistics over it, exactly
+    as under pmap / shard_map (collectives over a vmap axis are local ops)."""
+
+    widths: tuple[int, ...]
+    devices: int = 8
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        per = nn.vmap(
+            MLP,
+            variable_axes={"params": None, "batch_stats": None},
+            split_rngs={"params": False},
+            in_axes=(0, None),
+            axis_name="devices",
+        )(widths=self.widths, norm="before", norm_layer=bn_factory(axis_name="devices"))
+        b = x.shape[0]
+        if b % self.devices:  # (init with a dummy batch): one example per device
+            xs = jnp.broadcast_to(x[:1], (self.devices, *x.shape))[:, :1]
+            return per(xs, train).reshape(self.devices, -1)[:b]
+        y = per(x.reshape(self.devices, b // self.devices, *x.shape[1:]), train)
+        return y.reshape(b, -1)

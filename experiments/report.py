@@ -161,7 +161,8 @@ def _html(out: Path, verdicts: list[dict], head_md: list[str]) -> str:
         "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}",
         "table{border-collapse:collapse;margin:0.8em 0;font-size:0.9em}",
         "td,th{border:1px solid #ccc;padding:0.25em 0.5em;text-align:left;vertical-align:top}",
-        ".PASS{color:#0a7a2f;font-weight:bold}.FAIL{color:#b00020;font-weight:bold}",
+        ".PASS{color:#0a7a2f;font-weight:bold}.FAIL{color:#b00020;font-weight:bold}"
+        ".REPORT{color:#555;font-weight:bold}",
         "img{max-width:100%;border:1px solid #eee}code{background:#f4f4f4;padding:0 0.2em}",
         "</style></head><body>",
         "<h1>bnlab reproduce: Batch Normalization's claims, tested</h1><ul>",

@@ -40,6 +40,13 @@ EXPERIMENTS = (
     "sigmoid_depth",
     "smoothness",
     "hessian",
+    # research variants
+    "norm_batch_size",
+    "ghost_gap",
+    "renorm_small_batch",
+    "sync_bn",
+    "noisy_bn",
+    "zero_init_gamma",
 )
 OPTIONAL = ()  # experiments that run only when named with --only
 

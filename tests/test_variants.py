@@ -310,3 +310,63 @@ def test_freezing_every_bn_of_a_linen_and_an_nnx_model():
     m(x)
     assert float(jnp.abs(m.a.mean[...]).sum()) == 0.0
     assert float(jnp.abs(m.b.mean[...]).sum()) == 0.0
+
+
+# ------------------------------------------------------------ in training
+
+
+def _one_step(style, group, norm="before"):
+    from bnlab.train import Config, build_model, build_optimizer, init_state
+    from bnlab.train.step import make_train_step
+
+    config = Config(
+        parallel=style, batch_size=32, depth=2, width=8, bn_group_size=group, norm=norm
+    )
+    dp = parallel.DataParallel(style, bn_group_size=group)
+    model = build_model(config, 10, dp.bn_axis_name, dp.bn_groups)
+    tx = build_optimizer(config)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 8, 8, 1)) + np.arange(32)[:, None, None, None] / 8
+    x, y = x.astype(np.float32), rng.integers(0, 10, 32).astype(np.int32)
+    with jax.numpy_dtype_promotion("standard"):
+        state = dp.put_state(init_state(config, model, tx, x))
+        step = dp.compile(
+            make_train_step(
+                model, tx, 10, style, dp.axis_name, average_stats=dp.group_axis
+            )
+        )
+        new, _ = step(state, *dp.put_batch((x, y)))
+    return dp.local_copy(new)
+
+
+def test_bn_groups_shard_map_2d_mesh_equals_pmap_groups():
+    sm = _one_step("shard_map", 2)
+    pm = _one_step("pmap", 2)
+    full = _one_step("shard_map", 0)
+    for a, b in zip(jax.tree.leaves(sm), jax.tree.leaves(pm), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+    diff = max(
+        float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+        for a, b in zip(
+            jax.tree.leaves(sm.params), jax.tree.leaves(full.params), strict=True
+        )
+    )
+    assert diff > 1e-4  # groups of 2 devices really normalize differently
+
+
+@pytest.mark.parametrize("norm", ["ghost:2@after", "renorm", "frozen"])
+def test_variants_as_config_values(norm):
+    state = _one_step("shard_map", 0, norm)
+    assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(state))
+
+
+def test_bad_variant_spellings_and_group_sizes():
+    from bnlab.train import Config, ConfigError
+
+    for norm, match in (("ghost:0", "positive integer"), ("batchnorm", "not one of")):
+        with pytest.raises(ConfigError, match=match):
+            Config(norm=norm)
+    with pytest.raises(ConfigError, match="needs parallel='pmap' or 'shard_map'"):
+        Config(bn_group_size=2)
+    with pytest.raises(ValueError, match="does not divide the 8 devices"):
+        parallel.DataParallel("shard_map", bn_group_size=3)

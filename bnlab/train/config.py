@@ -15,7 +15,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PRESETS", "Config", "ConfigError", "load_config", "parse_overrides"]
+__all__ = [
+    "PRESETS",
+    "Config",
+    "ConfigError",
+    "load_config",
+    "norm_spec",
+    "parse_overrides",
+]
 
 
 class ConfigError(ValueError):
@@ -26,7 +33,6 @@ _CHOICES = {
     "dataset": ("digits", "fashion_mnist", "mnist", "synthetic"),
     "model": ("mlp", "cnn", "resnet20"),
     "activation": ("relu", "sigmoid", "tanh"),
-    "norm": ("none", "before", "after"),
     "init": ("normal", "he", "lecun"),
     "optimizer": ("sgd", "momentum", "adam"),
     "schedule": ("constant", "step", "cosine"),
@@ -63,7 +69,10 @@ class Config:
       depth: hidden layers of the MLP.
       width: hidden width of the MLP.
       activation: relu | sigmoid | tanh.
-      norm: BN placement: none | before | after (the activation).
+      norm: normalization: none | before | after (BN before / after the
+        activation) | a variant ``bn``, ``ghost:G`` (ghost batches of G
+        examples), ``renorm`` (batch renormalization, r_max 3, d_max 5) or
+        ``frozen`` (running statistics only), optionally ``@after``.
       init: kernel init: normal (N(0, init_std^2)) | he | lecun.
       init_std: std of the ``normal`` init.
       zero_init_last_gamma: ResNet: last BN scale of each block starts at 0.
@@ -81,6 +90,9 @@ class Config:
       parallel: single | pmap | shard_map | jit (data parallel over devices).
       bn_momentum: BN running-statistics momentum (Flax convention).
       bn_epsilon: BN epsilon.
+      bn_group_size: devices per BN statistics group under pmap / shard_map
+        (0 = all devices); each group normalizes with its own statistics and
+        the running statistics are averaged over the groups.
       checkpoint_every: save every N steps (and at the end).
       keep_checkpoints: how many checkpoints to keep.
       eval_every: evaluate every N steps (and at the end).
@@ -111,6 +123,7 @@ class Config:
     parallel: str = "single"
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    bn_group_size: int = 0
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     eval_every: int = 200
@@ -138,6 +151,14 @@ class Config:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= 1.")
+        norm_spec(self.norm)  # raises ConfigError for a bad spelling
+        if self.bn_group_size < 0:
+            raise ConfigError(f"bn_group_size={self.bn_group_size} must be >= 0.")
+        if self.bn_group_size and self.parallel not in ("pmap", "shard_map"):
+            raise ConfigError(
+                f"bn_group_size={self.bn_group_size} needs parallel='pmap' or "
+                "'shard_map' (explicit device groups)."
+            )
         for key, lo, hi, lo_open in _RANGES:
             v = getattr(self, key)
             ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi
@@ -147,7 +168,7 @@ class Config:
                     f"{key}={v!r} is outside its valid range "
                     f"{left}{_num(lo)}, {_num(hi)}]."
                 )
-        if self.norm != "none" and self.batch_size < 2:
+        if norm_spec(self.norm)[0] != "none" and self.batch_size < 2:
             raise ConfigError(
                 f"batch_size={self.batch_size}: BN needs at least 2 examples per "
                 "batch for batch statistics (or set norm='none')."
@@ -168,7 +189,7 @@ class Config:
             raise ConfigError(
                 "dataset='synthetic' is a 2-feature regression: use model='mlp'."
             )
-        if self.model == "resnet20" and self.norm == "none":
+        if self.model == "resnet20" and norm_spec(self.norm)[0] == "none":
             raise ConfigError("model='resnet20' always uses BN: set norm='before'.")
 
     def to_dict(self) -> dict[str, Any]:
@@ -202,11 +223,47 @@ class Config:
                 f"devices (parallel={self.parallel!r}); use a multiple of "
                 f"{device_count}, e.g. {device_count * max(1, self.batch_size // device_count)}."
             )
-        if self.batch_size // device_count < 2 and self.norm != "none":
+        if self.batch_size // device_count < 2 and norm_spec(self.norm)[0] != "none":
             raise ConfigError(
                 "fewer than 2 examples per device: BN statistics are synced, but "
                 "use a larger batch_size for meaningful per-device work."
             )
+
+
+VARIANTS = ("bn", "renorm", "frozen")
+
+
+def norm_spec(norm: str) -> tuple[str, str, int | None]:
+    """``(variant, placement, ghost_size)`` of a ``norm`` value.
+
+    Example:
+      >>> norm_spec("ghost:64@after"), norm_spec("before"), norm_spec("none")
+      (('bn', 'after', 64), ('bn', 'before', None), ('none', 'none', None))
+    """
+    if norm == "none":
+        return "none", "none", None
+    if norm in ("before", "after"):
+        return "bn", norm, None
+    variant, _, placement = norm.partition("@")
+    placement = placement or "before"
+    ghost = None
+    if variant.startswith("ghost:"):
+        try:
+            ghost = int(variant.split(":", 1)[1])
+        except ValueError:
+            ghost = 0
+        if ghost < 1:
+            raise ConfigError(
+                f"norm={norm!r}: ghost:G needs a positive integer G (examples per "
+                "ghost batch), e.g. norm=ghost:32."
+            )
+        variant = "bn"
+    if variant not in VARIANTS or placement not in ("before", "after"):
+        raise ConfigError(
+            f"norm={norm!r} is not one of none | before | after | "
+            "bn | ghost:G | renorm | frozen, optionally followed by @after."
+        )
+    return variant, placement, ghost
 
 
 def _num(v: float) -> str:

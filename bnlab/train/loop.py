@@ -119,8 +119,10 @@ class _Run:
         self.stream = bn_data.BatchStream(
             self.ds.x_train, self.ds.y_train, config.batch_size, config.seed
         )
-        self.dp = DataParallel(config.parallel)
-        self.model = build_model(config, self.ds.num_classes or 1, self.dp.axis_name)
+        self.dp = DataParallel(config.parallel, bn_group_size=config.bn_group_size)
+        self.model = build_model(
+            config, self.ds.num_classes or 1, self.dp.bn_axis_name, self.dp.bn_groups
+        )
         self.tx = build_optimizer(config)
 
     # ------------------------------------------------------------ resume
@@ -199,7 +201,12 @@ class _Run:
         previous step runs)."""
         config, dp, ds = self.config, self.dp, self.ds
         step = make_train_step(
-            self.model, self.tx, ds.num_classes, config.parallel, dp.axis_name
+            self.model,
+            self.tx,
+            ds.num_classes,
+            config.parallel,
+            dp.axis_name,
+            average_stats=dp.group_axis,
         )
         on_device = (
             config.parallel == "single"

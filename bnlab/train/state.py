@@ -12,7 +12,7 @@ import optax
 
 import bnlab.linen
 from bnlab.models import CNN, MLP, ResNet20
-from bnlab.train.config import Config
+from bnlab.train.config import Config, norm_spec
 
 __all__ = ["TrainState", "build_model", "build_optimizer", "init_state"]
 
@@ -38,28 +38,37 @@ class TrainState(NamedTuple):
     key: jax.Array
 
 
-def build_model(config: Config, num_outputs: int, axis_name: str | None):
-    """The Flax Linen model, with bnlab BN injected as one factory."""
+def build_model(
+    config: Config,
+    num_outputs: int,
+    axis_name: str | None,
+    axis_index_groups: list[list[int]] | None = None,
+):
+    """The Flax Linen model, with bnlab BN (or a variant) injected as one
+    factory; ``axis_name`` / ``axis_index_groups`` are BN's statistics axis."""
+    variant, placement, ghost = norm_spec(config.norm)
     norm = functools.partial(
         bnlab.linen.BatchNorm,
         momentum=config.bn_momentum,
         epsilon=config.bn_epsilon,
         axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        ghost_size=ghost,
+        renorm=variant == "renorm",
+        frozen=variant == "frozen",
     )
     if config.model == "mlp":
         return MLP(
             widths=(config.width,) * config.depth,
             num_outputs=num_outputs,
             activation=config.activation,
-            placement=config.norm,
+            placement=placement,
             norm=norm,
             init_scheme=config.init,
             init_std=config.init_std,
         )
     if config.model == "cnn":
-        return CNN(
-            num_outputs=num_outputs, norm=None if config.norm == "none" else norm
-        )
+        return CNN(num_outputs=num_outputs, norm=None if variant == "none" else norm)
     if config.model == "resnet20":
         return ResNet20(
             num_outputs=num_outputs,

@@ -36,13 +36,20 @@ def make_train_step(
     tx: optax.GradientTransformation,
     num_classes: int,
     style: str,
-    axis_name: str | None,
+    axis_name: str | tuple[str, ...] | None,
+    average_stats: str | None = None,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
     """``step(state, x, y) -> (state, {"loss", "accuracy"})`` for a style.
 
     The gradient rule of the style comes from
-    :func:`bnlab.parallel.value_and_grad`; BN synchronises its statistics
-    through the model's ``axis_name``.
+    :func:`bnlab.parallel.value_and_grad` over ``axis_name`` (every device);
+    BN synchronises its statistics through the model's own axis. With BN
+    groups each group's running statistics differ; ``average_stats`` names
+    the axis along which the groups differ
+    (:attr:`bnlab.parallel.DataParallel.group_axis`) and they are averaged
+    over it after the step, so every device keeps the same
+    state: the mean is then the global batch mean, the variance the mean of
+    the within-group variances (what the groups normalize with).
     """
 
     def loss_fn(params, batch_stats, x, y):
@@ -63,6 +70,8 @@ def make_train_step(
         (loss, (batch_stats, acc)), grads = vg(state.params, state.batch_stats, x, y)
         if axis_name is not None:
             acc = lax.pmean(acc, axis_name)
+            if average_stats is not None:
+                batch_stats = lax.pmean(batch_stats, average_stats)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new = TrainState(
             params=optax.apply_updates(state.params, updates),
