@@ -124,8 +124,11 @@ class BatchNorm(nn.BatchNorm):
       use_fast_variance: accepted for compatibility; no effect. bnlab has one
         algorithm, exact to two-pass accuracy (see :func:`bnlab.batch_norm`).
       force_float32_reductions: reductions always run in at least float32;
-        when False the running statistics start in ``param_dtype``, and, as
-        in Flax, are promoted to float32 by the first update.
+        when False the running statistics start in ``param_dtype`` and, as
+        in Flax, are promoted to float32 by the first update (identical
+        variable dtypes). One difference: Flax then normalizes in
+        ``param_dtype`` (e.g. bf16) while bnlab computes in float32, so
+        outputs agree to that dtype's resolution (2**-8 for bf16).
       convention: ``"flax"`` (default) or ``"torch"`` (see
         :func:`bnlab.batch_norm`).
       ghost_size: Ghost BN: normalize contiguous groups of this many examples

@@ -380,7 +380,7 @@ def ema_update(
         with jax.numpy_dtype_promotion("standard"):  # Flax's rule, even if strict
             dtype = jnp.promote_types(old.dtype, batch.dtype)
         old, batch = old.astype(dtype), batch.astype(dtype)
-        k = jnp.asarray(keep, dtype.type(0).real.dtype)
+        k = jnp.asarray(keep).astype(dtype)  # complex for a complex mean
         return jnp.where(valid, k * old + (1 - k) * batch, old)
 
     return BatchStats(step(stats.mean, mean), step(stats.var, var))
