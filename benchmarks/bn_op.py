@@ -12,6 +12,7 @@ elements), the physical limit on a GPU.
     python -m benchmarks.bn_op                 # CPU defaults (N=32)
     python -m benchmarks.bn_op --batch 128     # the paper-scale shapes
     python -m benchmarks.bn_op --smoke         # tiny shapes, seconds
+    python -m benchmarks.bn_op --device-time 20  # chained calls: device time
 """
 
 from __future__ import annotations
@@ -210,6 +211,74 @@ def bench(shape_map: dict, dtypes, reps: int) -> list[dict]:
     return rows
 
 
+def _chain(f, mode: str, k: int):
+    """``k`` calls of ``f`` in one jitted ``fori_loop``, each consuming the
+    previous call's whole output (train/eval forward: ``y`` is the next input;
+    forward+backward: the gradient w.r.t. ``x`` is), so nothing is dead code
+    and Python dispatch is paid once."""
+
+    def run(x, g, b, dy):
+        def body(_, x):
+            if mode == "train_fwd_bwd":
+                y, vjp = jax.vjp(f, x, g, b)
+                return vjp(dy.astype(y.dtype))[0].astype(x.dtype)
+            return f(x, g, b).astype(x.dtype)
+
+        return jax.lax.fori_loop(0, k, body, x)
+
+    return run
+
+
+def bench_device_time(shape_map: dict, dtypes, reps: int, k: int) -> list[dict]:
+    """Device time per call: ``k`` chained calls per measurement, / ``k``."""
+    rows = []
+    for dtype in dtypes:
+        for shape_name, shape in shape_map.items():
+            c = shape[-1]
+            kx, kd = jax.random.split(jax.random.key(0))
+            x = jax.random.normal(kx, shape, jnp.float32).astype(dtype)
+            dy = jax.random.normal(kd, shape, jnp.float32).astype(dtype)
+            g, b = jnp.ones(c), jnp.zeros(c)
+            impls = implementations(c, len(shape))
+
+            def copy_chain(x):
+                return jax.lax.fori_loop(
+                    0, k, lambda _, x: x + jnp.ones((), x.dtype), x
+                )
+
+            copy, _ = common.compile_fn(copy_chain, x)
+            copy_s = common.time_interleaved({"copy": (copy, (x,))}, reps)["copy"] / k
+            copy_gbps = 2 * x.size * x.dtype.itemsize / copy_s / 1e9
+            for mode in MODES:
+                fns, compile_s = {}, {}
+                for name, fs in impls.items():
+                    f = fs["eval"] if mode == "eval_fwd" else fs["train"]
+                    fn = _chain(f, mode, k)
+                    compiled, compile_s[name] = common.compile_fn(fn, x, g, b, dy)
+                    fns[name] = (compiled, (x, g, b, dy))
+                med = common.time_interleaved(fns, reps)
+                n_bytes = x.size * x.dtype.itemsize * MIN_ELEMENTS_MOVED[mode]
+                for name in impls:
+                    t = med[name] / k
+                    rows.append(
+                        {
+                            "shape": shape_name,
+                            "dims": list(shape),
+                            "dtype": jnp.dtype(dtype).name,
+                            "mode": mode,
+                            "impl": name,
+                            "median_ms": t * 1e3,
+                            "compile_s": compile_s[name],
+                            "ratio_to_bnlab": med[name] / med["bnlab"],
+                            "achieved_GBps": n_bytes / t / 1e9,
+                            "reps": reps,
+                            "chained_calls": k,
+                            "copy_GBps": copy_gbps,
+                        }
+                    )
+    return rows
+
+
 def table(rows: list[dict], acc: dict[str, float]) -> str:
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     out = [
@@ -259,17 +328,53 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--out", default=None, help="results directory")
     p.add_argument("--name", default=None, help="result file stem")
+    p.add_argument(
+        "--device-time",
+        type=int,
+        default=0,
+        metavar="K",
+        help="time K chained calls inside one jitted fori_loop (device time "
+        "per call, dispatch amortised); 0: time calls one by one",
+    )
+    p.add_argument(
+        "--impls", default=None, help="comma-separated subset (default: all found)"
+    )
+    p.add_argument(
+        "--shapes", default=None, help="comma-separated subset of the shape names"
+    )
     args = p.parse_args(argv)
     dtypes = [jnp.dtype(d) for d in args.dtypes.split(",")]
-    rows = bench(shapes(args.batch, args.smoke), dtypes, 2 if args.smoke else args.reps)
+    reps = 2 if args.smoke else args.reps
+    shape_map = shapes(args.batch, args.smoke)
+    if args.shapes:
+        shape_map = {k: v for k, v in shape_map.items() if k in args.shapes.split(",")}
+    if args.impls:
+        keep = set(args.impls.split(",")) | {"bnlab"}
+        global implementations
+        full = implementations
+        implementations = lambda c, n: {  # noqa: E731
+            k: v for k, v in full(c, n).items() if k in keep
+        }
+    if args.device_time:
+        rows = bench_device_time(shape_map, dtypes, reps, args.device_time)
+    else:
+        rows = bench(shape_map, dtypes, reps)
     acc = accuracy_at_1e4(implementations(16, 2))
     md = table(rows, acc)
     meta = common.metadata(
-        "bn_op", batch=args.batch, smoke=args.smoke, accuracy_at_1e4=acc
+        "bn_op",
+        batch=args.batch,
+        smoke=args.smoke,
+        accuracy_at_1e4=acc,
+        timing="device time: chained calls in a fori_loop"
+        if args.device_time
+        else "per call",
+        chained_calls=args.device_time or None,
     )
     print(md)
+    suffix = "_device" if args.device_time else ""
     name = args.name or (
-        "bn_op_smoke" if args.smoke else f"bn_op_{jax.devices()[0].platform}"
+        "bn_op_smoke" if args.smoke else f"bn_op_{jax.devices()[0].platform}{suffix}"
     )
     common.write(name, meta, rows, md, args.out)
     return 0

@@ -36,6 +36,7 @@ import functools  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -51,6 +52,7 @@ class NoNorm(nn.Module):
 
     use_running_average: bool | None = None
     scale_init: object = None
+    dtype: object = None
 
     def __call__(self, x):
         return x
@@ -87,17 +89,19 @@ def make_step(model, tx, style, axis_name):
     return step
 
 
-def run(model_name: str, batch: int, image: int, reps: int) -> list[dict]:
+def run(model_name: str, batch: int, image: int, reps: int, dtype=None) -> list[dict]:
     n_dev = jax.device_count()
     style = "shard_map" if n_dev > 1 else "single"
     axis = "batch" if n_dev > 1 else None
     x = jax.random.normal(jax.random.key(0), (batch, image, image, 3))
+    if dtype is not None:
+        x = x.astype(dtype)
     y = jax.random.randint(jax.random.key(1), (batch,), 0, 10)
     tx = optax.sgd(0.1, momentum=0.9)
     fns, rows = {}, []
     for name, norm in norms(axis).items():
         cls = ResNet20 if model_name == "resnet20" else ResNet50
-        model = cls(num_outputs=10, norm=norm)
+        model = cls(num_outputs=10, norm=norm, dtype=dtype)
         v = model.init(jax.random.key(2), x[:2], train=False)
         params, stats = v["params"], v.get("batch_stats", {})
         opt = tx.init(params)
@@ -131,6 +135,7 @@ def run(model_name: str, batch: int, image: int, reps: int) -> list[dict]:
             {
                 "impl": name,
                 "model": model_name,
+                "dtype": jnp.dtype(dtype or jnp.float32).name,
                 "batch": batch,
                 "image": image,
                 "devices": n_dev,
@@ -181,22 +186,30 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--name", default=None)
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="activation dtype (bfloat16: mixed precision; BN statistics stay float32)",
+    )
     args = p.parse_args(argv)
+    dtype = None if args.dtype == "float32" else jnp.dtype(args.dtype)
     image = args.image or (32 if args.model == "resnet20" else 224)
     batch = args.batch
     if args.smoke:
         batch, image = 16, 16 if args.model == "resnet20" else 32
-    rows = run(args.model, batch, image, 2 if args.smoke else args.reps)
+    rows = run(args.model, batch, image, 2 if args.smoke else args.reps, dtype)
     md = table(rows)
     print(md)
     name = args.name or (
         f"throughput_{args.model}_smoke_{jax.device_count()}dev"
         if args.smoke
         else f"throughput_{args.model}_{jax.devices()[0].platform}_{jax.device_count()}dev"
-    )
+    ) + ("" if dtype is None else f"_{jnp.dtype(dtype).name}")
     common.write(
         name,
-        common.metadata("throughput", model=args.model, smoke=args.smoke),
+        common.metadata(
+            "throughput", model=args.model, smoke=args.smoke, dtype=args.dtype
+        ),
         rows,
         md,
         args.out,

@@ -223,6 +223,9 @@ class Group:
         (for layers that draw fresh noise every step).
       train_kwargs: optional ``train_kwargs(step) -> dict`` of extra keyword
         arguments of the model in training (e.g. a batch-renorm schedule).
+      post_init: optional ``post_init(variables, hp) -> variables`` applied
+        to each arm's initial variables (arms that differ only in their
+        initialization then share one program).
     """
 
     name: str
@@ -238,6 +241,7 @@ class Group:
     sampler: Callable[[int, int], np.ndarray] | None = None
     noise: bool = False
     train_kwargs: Callable[[jax.Array], dict] | None = None
+    post_init: Callable[[dict, dict], dict] | None = None
 
     @property
     def n_arms(self) -> int:
@@ -296,6 +300,8 @@ def train_group(ctx: Context, group: Group, data: bn_data.Dataset | None = None)
 
     def init_one(seed, h):
         variables = model.init(jax.random.key(seed), x_tr[:2], train=False)
+        if group.post_init is not None:
+            variables = group.post_init(variables, h)
         opt = group.make_tx(h).init(variables["params"])
         return {"variables": variables, "opt": opt}
 

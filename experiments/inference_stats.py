@@ -56,6 +56,10 @@ def run(ctx: H.Context) -> dict:
             norm="before",
             norm_layer=bn_factory(momentum),
         )
+
+        def run_train(v, x, mutable, model=model):  # one per model: compiled once
+            return model.apply(v, x, train=True, mutable=mutable)
+
         for steps in lengths:
             r = H.train_group(
                 ctx,
@@ -71,9 +75,6 @@ def run(ctx: H.Context) -> dict:
                     eval_at_zero=False,
                 ),
             )
-
-            def run_train(v, x, mutable, model=model):
-                return model.apply(v, x, train=True, mutable=mutable)
 
             for s in seeds:
                 v = H.arm_slice(r.variables, s)

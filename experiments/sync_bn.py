@@ -5,8 +5,9 @@ like one device holding the whole batch.
 8 simulated devices (a named vmap axis, whose collectives JAX runs exactly as
 under pmap / shard_map), 2 examples each (global batch 16). Arms: bnlab BN
 synchronised over the devices; the same model on one device with the whole
-batch of 16; per-device BN (each device normalizes its 2 examples: ghost
-batches of 2). 3 x 128 ReLU MLP on Fashion-MNIST (quick: digits, 3 x 64),
+batch of 16 (the same wrapper with 1 device, so that both start from the same
+weights: Flax derives initial weights from the module path); per-device BN
+(each device normalizes its 2 examples: ghost batches of 2). 3 x 128 ReLU MLP on Fashion-MNIST (quick: digits, 3 x 64),
 SGD momentum 0.9, lr 0.02, 2000 steps (quick: 500).
 
     python -m experiments.sync_bn [--quick] [--seeds N] [--out DIR]
@@ -35,7 +36,7 @@ def run(ctx: H.Context) -> dict:
     widths = (width,) * 3
     models = {
         "sync (8 devices x 2)": DeviceSim(widths=widths, devices=8),
-        "one device, batch 16": MLP(widths=widths, norm="before"),
+        "one device, batch 16": DeviceSim(widths=widths, devices=1),
         "per-device (8 x 2)": MLP(
             widths=widths, norm="before", norm_layer=bn_factory(ghost_size=2)
         ),
@@ -60,7 +61,6 @@ def run(ctx: H.Context) -> dict:
     def params(r):
         return jax.tree.leaves(r.variables["params"])
 
-    # DeviceSim nests the MLP's parameters one level deeper: compare leaves.
     diffs = [
         float(np.max(np.abs(a - b)))
         for a, b in zip(params(sync), params(one), strict=True)
@@ -101,7 +101,13 @@ def run(ctx: H.Context) -> dict:
         records,
         table,
         [],
-        notes=f"{'digits' if ctx.quick else 'Fashion-MNIST'}, MLP 3 x {width}, {steps} steps of 16.",
+        notes=(
+            f"{'digits' if ctx.quick else 'Fashion-MNIST'}, MLP 3 x {width}, {steps} "
+            "steps of 16. History: a first full run compared the sync arm with a "
+            "plain MLP whose initial weights differed (Flax derives them from the "
+            "module path): parameters 62% apart, accuracies 0.819 vs 0.821. The "
+            "single-device arm is now the same wrapper with one device."
+        ),
     )
 
 

@@ -32,11 +32,21 @@ def _run(args, tmp_path):
         (["benchmarks.bn_op"], "bn_op_smoke"),
         (["benchmarks.collectives"], "collectives_smoke"),
         (["benchmarks.throughput"], "throughput_resnet20_smoke_1dev"),
+        (
+            ["benchmarks.bn_op", "--device-time", "3", "--impls", "flax_fast"],
+            "bn_op_smoke",
+        ),
+        (
+            ["benchmarks.deep_small", "--device-time", "3"],
+            "deep_small_cpu_device_smoke",
+        ),
+        (["benchmarks.train_loop"], "train_loop_cpu_smoke"),
     ],
 )
 def test_benchmark_scripts_run(args, stem, tmp_path):
     out = _run(args, tmp_path)
-    assert "bnlab" in out
+    assert "bnlab" in out or "fit" in out
     result = json.loads((tmp_path / f"{stem}.json").read_text())
-    assert result["rows"] and result["meta"]["smoke"] is not False
-    assert (tmp_path / f"{stem}.md").read_text().count("|") > 10
+    assert result["rows"]
+    assert result["meta"].get("smoke") is not False
+    assert (tmp_path / f"{stem}.md").read_text().count("|") > 4
