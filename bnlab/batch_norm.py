@@ -31,7 +31,13 @@ from bnlab.stats import (
     sample_shift,
 )
 
-__all__ = ["batch_moments", "batch_norm", "batch_renorm", "canonical_axes"]
+__all__ = [
+    "batch_moments",
+    "batch_norm",
+    "batch_renorm",
+    "canonical_axes",
+    "variant_batch_norm",
+]
 
 Axes = int | Sequence[int]
 
@@ -673,6 +679,31 @@ def _whole_batch(per_part, axis_name, axis_index_groups):
     var = sum((m.var for m in merged[1:]), merged[0].var)
     means = [m.mean for m in merged]
     return count, _join(means), var, _usable(count, means, var)
+
+
+def variant_batch_norm(
+    x: jax.Array,
+    stats: BatchStats,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    *,
+    renorm: bool = False,
+    r_max: Any = 3.0,
+    d_max: Any = 5.0,
+    convention: str = "flax",
+    ghost_size: int | None = None,
+    **common: Any,
+) -> tuple[jax.Array, BatchStats]:
+    """:func:`batch_renorm` when ``renorm`` (in training), else
+    :func:`batch_norm`: the one call of the Flax modules, whose options pick
+    the variant. ``common`` holds the keywords both share."""
+    if renorm and ghost_size is not None:
+        raise ValueError("batch_norm: renorm and ghost_size cannot be combined.")
+    if renorm and common.get("train"):
+        return batch_renorm(x, stats, scale, bias, r_max=r_max, d_max=d_max, **common)
+    return batch_norm(
+        x, stats, scale, bias, convention=convention, ghost_size=ghost_size, **common
+    )
 
 
 def _renorm_affine(

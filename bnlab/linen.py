@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnlab.batch_norm import batch_moments, batch_norm, batch_renorm, canonical_axes
+from bnlab.batch_norm import batch_moments, canonical_axes, variant_batch_norm
 from bnlab.stats import BatchStats
 
 __all__ = ["MOMENTS_COLLECTION", "BatchNorm", "frozen_bn"]
@@ -219,10 +219,6 @@ class BatchNorm(nn.BatchNorm):
             train = False  # running statistics, no update
             if self.freeze_affine or frozen_ctx:
                 scale, bias = jax.lax.stop_gradient((scale, bias))
-        if self.renorm and self.ghost_size is not None:
-            raise ValueError(
-                "bnlab.linen.BatchNorm: renorm and ghost_size cannot be combined."
-            )
         per_feature = math.prod(x.shape) // max(math.prod(feature_shape), 1)
         axis_name = None if initializing else self.axis_name
         groups = None if initializing else self.axis_index_groups
@@ -244,27 +240,18 @@ class BatchNorm(nn.BatchNorm):
             "mask": mask,
             "dtype": self.dtype,
         }
-        stats = BatchStats(ra_mean.value, ra_var.value)
-        if self.renorm and train and not initializing:
-            y, new_stats = batch_renorm(
-                x,
-                stats,
-                scale,
-                bias,
-                r_max=self.r_max if r_max is None else r_max,
-                d_max=self.d_max if d_max is None else d_max,
-                **common,
-            )
-        else:
-            y, new_stats = batch_norm(
-                x,
-                stats,
-                scale,
-                bias,
-                convention=self.convention,
-                ghost_size=None if initializing else self.ghost_size,
-                **common,
-            )
+        y, new_stats = variant_batch_norm(
+            x,
+            BatchStats(ra_mean.value, ra_var.value),
+            scale,
+            bias,
+            renorm=self.renorm and not initializing,
+            r_max=self.r_max if r_max is None else r_max,
+            d_max=self.d_max if d_max is None else d_max,
+            convention=self.convention,
+            ghost_size=None if initializing else self.ghost_size,
+            **common,
+        )
         if train and not initializing:
             ra_mean.value = new_stats.mean
             ra_var.value = new_stats.var

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from bnlab.batch_norm import batch_norm, batch_renorm, canonical_axes
+from bnlab.batch_norm import canonical_axes, variant_batch_norm
 from bnlab.linen import as_float_input, single_value_output, warn_single_value
 from bnlab.stats import BatchStats
 
@@ -153,27 +153,18 @@ class BatchNorm(nnx.BatchNorm):
             "mask": mask,
             "dtype": self.dtype,
         }
-        stats = BatchStats(self.mean[...], self.var[...])
-        if self.renorm and train:
-            y, new_stats = batch_renorm(
-                x,
-                stats,
-                scale,
-                bias,
-                r_max=self.r_max if r_max is None else r_max,
-                d_max=self.d_max if d_max is None else d_max,
-                **common,
-            )
-        else:
-            y, new_stats = batch_norm(
-                x,
-                stats,
-                scale,
-                bias,
-                convention=self.convention,
-                ghost_size=self.ghost_size,
-                **common,
-            )
+        y, new_stats = variant_batch_norm(
+            x,
+            BatchStats(self.mean[...], self.var[...]),
+            scale,
+            bias,
+            renorm=self.renorm,
+            r_max=self.r_max if r_max is None else r_max,
+            d_max=self.d_max if d_max is None else d_max,
+            convention=self.convention,
+            ghost_size=self.ghost_size,
+            **common,
+        )
         if train:
             self.mean[...] = new_stats.mean
             self.var[...] = new_stats.var

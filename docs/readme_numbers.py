@@ -80,7 +80,9 @@ def _speed() -> list[str]:
         ratios = {}
         for r in op["rows"]:
             if r["mode"] == mode and r["impl"] in ("bnlab", "flax_fast"):
-                ratios.setdefault((r["shape"], r["dtype"]), {})[r["impl"]] = r["median_ms"]
+                ratios.setdefault((r["shape"], r["dtype"]), {})[r["impl"]] = r[
+                    "median_ms"
+                ]
         vals = sorted(d["bnlab"] / d["flax_fast"] for d in ratios.values())
         lines.append(
             f"- BN op on CPU, {mode.replace('_', ' ')}: bnlab / Flax fast "

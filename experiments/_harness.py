@@ -226,6 +226,9 @@ class Group:
       post_init: optional ``post_init(variables, hp) -> variables`` applied
         to each arm's initial variables (arms that differ only in their
         initialization then share one program).
+      scan: run the steps of a chunk in one ``lax.scan``; False: a Python loop
+        of jitted steps (XLA:CPU runs convolutions about 10x slower inside a
+        loop: 1.18 vs 0.10 s per ResNet-20 step, measured).
     """
 
     name: str
@@ -242,6 +245,7 @@ class Group:
     noise: bool = False
     train_kwargs: Callable[[jax.Array], dict] | None = None
     post_init: Callable[[dict, dict], dict] | None = None
+    scan: bool = True
 
     @property
     def n_arms(self) -> int:
@@ -343,17 +347,28 @@ def train_group(ctx: Context, group: Group, data: bn_data.Dataset | None = None)
 
     seed_arr = jnp.asarray(seeds)
 
-    @jax.jit
-    def chunk(state, idx, t0):  # idx: (steps, arms, batch)
-        def body(st, xs):
-            idx_t, t = xs
-            return jax.vmap(step_one, in_axes=(0, 0, 0, 0, None))(
-                st, hp, idx_t, seed_arr, t
-            )
+    def body(st, xs):
+        idx_t, t = xs
+        return jax.vmap(step_one, in_axes=(0, 0, 0, 0, None))(
+            st, hp, idx_t, seed_arr, t
+        )
 
+    @jax.jit
+    def scanned(state, idx, t0):  # idx: (steps, arms, batch)
         ts = t0 + jnp.arange(idx.shape[0])
         state, losses = jax.lax.scan(body, state, (idx, ts))
         return state, jnp.mean(losses, axis=0)
+
+    one_step = jax.jit(lambda st, idx_t, t: body(st, (idx_t, t)))
+
+    def looped(state, idx, t0):
+        total = 0.0
+        for i in range(idx.shape[0]):
+            state, loss = one_step(state, idx[i], t0 + i)
+            total = total + loss  # stays on the device
+        return state, total / idx.shape[0]
+
+    chunk = scanned if group.scan else looped
 
     @jax.jit
     def eval_all(variables):
@@ -491,6 +506,43 @@ def _zero_arms(state, bad: np.ndarray):
         return jnp.where(m, jnp.zeros((), x.dtype), x)
 
     return jax.tree.map(zero, state)
+
+
+def momentum_sgd(hp: dict) -> optax.GradientTransformation:
+    """SGD with momentum 0.9 at the arm's ``hp["lr"]`` (most experiments')."""
+    return optax.sgd(hp["lr"], momentum=0.9)
+
+
+def plot_curves(
+    ctx: Context,
+    stem: str,
+    curves: dict[str, tuple[Sequence[int], np.ndarray]],
+    title: str,
+    ylabel: str = "test accuracy (mean over seeds)",
+    hline: float | None = None,
+) -> str:
+    """One figure of per-arm curves ``{label: (steps, values (evals, seeds))}``
+    (mean over seeds); returns the PNG's file name."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, (steps, values) in curves.items():
+        v = np.asarray(values, np.float64)
+        ok = ~np.all(np.isnan(v), axis=1)
+        mean = np.where(ok, np.nanmean(np.where(ok[:, None], v, 0.0), axis=1), np.nan)
+        ax.plot(
+            np.asarray(steps)[ok], mean[ok], "-" if "BN" in label else "--", label=label
+        )
+    if hline is not None:
+        ax.axhline(hline, color="k", lw=0.6, ls=":")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(ctx.figure(stem), dpi=110)
+    plt.close(fig)
+    return f"{stem}.png"
 
 
 def arm_slice(variables: Any, i: int) -> Any:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import optax
 
 from experiments import _harness as H
 from experiments._models import MLP, bn_factory
@@ -56,7 +55,7 @@ def run(ctx: H.Context) -> dict:
                 ),
                 seeds=seeds,
                 hparams={"lr": [lr] * len(seeds)},
-                make_tx=lambda hp: optax.sgd(hp["lr"], momentum=0.9),
+                make_tx=H.momentum_sgd,
                 steps=steps,
                 batch_size=b,
                 eval_every=max(steps // 4, 1),

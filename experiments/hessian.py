@@ -20,7 +20,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import bnlab
 from bnlab.diagnostics import top_hessian_eigenvalue
@@ -72,7 +71,7 @@ def run(ctx: H.Context) -> dict:
                 model=model,
                 seeds=seeds,
                 hparams={"lr": [0.05] * len(seeds)},
-                make_tx=lambda hp: optax.sgd(hp["lr"], momentum=0.9),
+                make_tx=H.momentum_sgd,
                 steps=steps,
                 batch_size=128,
                 eval_every=steps,

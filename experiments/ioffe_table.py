@@ -14,7 +14,6 @@ sigmoid, 5 eta), the sigmoid network without BN at 5 eta, and the baseline at
 from __future__ import annotations
 
 import numpy as np
-import optax
 
 from experiments import _harness as H
 from experiments._models import MLP
@@ -52,7 +51,7 @@ def run(ctx: H.Context) -> dict:
                 model=MLP(widths=(128,) * 6, activation=act, norm=norm),
                 seeds=[s for _ in arms for s in seeds],
                 hparams={"lr": [ETA * m for _, m in arms for _ in seeds]},
-                make_tx=lambda hp: optax.sgd(hp["lr"], momentum=0.9),
+                make_tx=H.momentum_sgd,
                 steps=steps,
                 batch_size=128,
                 eval_every=ctx.every(25, 50),

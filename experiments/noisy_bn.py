@@ -22,7 +22,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from experiments import _harness as H
 from experiments._models import MLP, NoisyBN
@@ -76,7 +75,7 @@ def run(ctx: H.Context) -> dict:
                 model=model,
                 seeds=seeds,
                 hparams={"lr": [0.02] * len(seeds)},
-                make_tx=lambda hp: optax.sgd(hp["lr"], momentum=0.9),
+                make_tx=H.momentum_sgd,
                 steps=steps,
                 batch_size=128,
                 eval_every=ctx.every(125, 500),
@@ -104,31 +103,21 @@ def run(ctx: H.Context) -> dict:
         for k, r in res.items()
         for i, s in enumerate(r.steps)
     ]
-    _figure(ctx, res)
+    fig = H.plot_curves(
+        ctx,
+        "noisy_bn",
+        {k: (r.steps, r.test_accuracy) for k, r in res.items()},
+        "BN with noise injected after every layer",
+    )
     return H.write_outputs(
         ctx,
         CLAIM,
         [],
         records,
         table,
-        ["noisy_bn.png"],
+        [fig],
         notes=f"{'digits' if ctx.quick else 'Fashion-MNIST'}, MLP 4 x {width}, {steps} steps; no criterion (a measurement to report).",
     )
-
-
-def _figure(ctx, res) -> None:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for k, r in res.items():
-        ax.plot(r.steps, np.nanmean(r.test_accuracy, 1), label=k)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("BN with noise injected after every layer")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(ctx.figure("noisy_bn"), dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

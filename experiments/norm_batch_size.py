@@ -18,7 +18,6 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import bnlab
 from experiments import _harness as H
@@ -70,7 +69,7 @@ def run(ctx: H.Context) -> dict:
                     model=model,
                     seeds=seeds,
                     hparams={"lr": [0.1 * b / 128] * len(seeds)},
-                    make_tx=lambda hp: optax.sgd(hp["lr"], momentum=0.9),
+                    make_tx=H.momentum_sgd,
                     steps=steps,
                     batch_size=b,
                     eval_every=steps,

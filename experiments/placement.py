@@ -12,7 +12,6 @@ Dense layer only. Compared: final test accuracy, means over seeds.
 from __future__ import annotations
 
 import numpy as np
-import optax
 
 from experiments import _harness as H
 from experiments._models import MLP
@@ -43,7 +42,7 @@ def run(ctx: H.Context) -> dict:
                 model=MLP(widths=(width,) * 6, activation="relu", norm=norm),
                 seeds=seeds,
                 hparams={"lr": [0.02] * len(seeds)},
-                make_tx=lambda hp: optax.sgd(hp["lr"], momentum=0.9),
+                make_tx=H.momentum_sgd,
                 steps=steps,
                 batch_size=128,
                 eval_every=ctx.every(100, 200),
@@ -84,31 +83,21 @@ def run(ctx: H.Context) -> dict:
         for k, r in res.items()
         for i, s in enumerate(r.steps)
     ]
-    _figure(ctx, res)
+    fig = H.plot_curves(
+        ctx,
+        "placement",
+        {ARMS[k]: (r.steps, r.test_accuracy) for k, r in res.items()},
+        "Where BN goes",
+    )
     return H.write_outputs(
         ctx,
         CLAIM,
         checks,
         records,
         table,
-        ["placement.png"],
+        [fig],
         notes=f"{'digits' if ctx.quick else 'Fashion-MNIST'}, MLP 6 x {width}, ReLU, {steps} steps.",
     )
-
-
-def _figure(ctx, res) -> None:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for k, r in res.items():
-        ax.plot(r.steps, np.nanmean(r.test_accuracy, 1), label=ARMS[k])
-    ax.set_xlabel("training step")
-    ax.set_ylabel("test accuracy (mean over seeds)")
-    ax.set_title("Where BN goes")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(ctx.figure("placement"), dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ seeds.
 from __future__ import annotations
 
 import numpy as np
-import optax
 
 import bnlab
 from experiments import _harness as H
@@ -74,7 +73,7 @@ def run(ctx: H.Context) -> dict:
                     model=model,
                     seeds=seeds,
                     hparams={"lr": [cfg["lr"]] * len(seeds)},
-                    make_tx=lambda hp: optax.sgd(hp["lr"], momentum=0.9),
+                    make_tx=H.momentum_sgd,
                     steps=steps,
                     batch_size=cfg["batch"],
                     eval_every=ctx.every(250, 500),

@@ -16,7 +16,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from bnlab.diagnostics import layer_grad_norms
 from experiments import _harness as H
@@ -68,7 +67,7 @@ def run(ctx: H.Context) -> dict:
                     model=model,
                     seeds=seeds,
                     hparams={"lr": [0.05] * len(seeds)},
-                    make_tx=lambda hp: optax.sgd(hp["lr"], momentum=0.9),
+                    make_tx=H.momentum_sgd,
                     steps=steps,
                     batch_size=128,
                     eval_every=steps // 4,

@@ -14,7 +14,6 @@ criterion): test accuracy over training.
 from __future__ import annotations
 
 import numpy as np
-import optax
 
 from bnlab.models import ResNet20
 from experiments import _harness as H
@@ -61,11 +60,12 @@ def run(ctx: H.Context) -> dict:
                 model=model,
                 seeds=[s for _, s in g],
                 hparams={"lr": [0.05] * len(g), "zero": [z for z, _ in g]},
-                make_tx=lambda hp: optax.sgd(hp["lr"], momentum=0.9),
+                make_tx=H.momentum_sgd,
                 steps=steps,
                 batch_size=32,
                 eval_every=ctx.every(50, 100),
                 post_init=zero_last_gamma,
+                scan=False,  # convolutions: see Group.scan
             ),
             data=ctx.images,
         )
@@ -90,7 +90,12 @@ def run(ctx: H.Context) -> dict:
         for k, r in res.items()
         for i, s in enumerate(r.steps)
     ]
-    _figure(ctx, res)
+    fig = H.plot_curves(
+        ctx,
+        "zero_init",
+        {k: (r.steps, r.test_accuracy) for k, r in res.items()},
+        "ResNet: zero-init last gamma",
+    )
     net = "ResNet-8 (1 block per stage)" if ctx.quick else "ResNet-20"
     return H.write_outputs(
         ctx,
@@ -98,27 +103,12 @@ def run(ctx: H.Context) -> dict:
         [],
         records,
         table,
-        ["zero_init.png"],
+        [fig],
         notes=(
             f"{'digits 8x8' if ctx.quick else 'Fashion-MNIST 28x28'}, {net}, "
             f"batch 32, {steps} steps, one compiled program per seed; no criterion."
         ),
     )
-
-
-def _figure(ctx, res) -> None:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for k, r in res.items():
-        ax.plot(r.steps, np.nanmean(r.test_accuracy, 1), "o-", label=k)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("ResNet-20: zero-init last gamma")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(ctx.figure("zero_init"), dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
