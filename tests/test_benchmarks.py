@@ -41,6 +41,7 @@ def _run(args, tmp_path):
             "deep_small_cpu_device_smoke",
         ),
         (["benchmarks.train_loop"], "train_loop_cpu_smoke"),
+        (["benchmarks.reductions"], "reductions_cpu_smoke"),
     ],
 )
 def test_benchmark_scripts_run(args, stem, tmp_path):

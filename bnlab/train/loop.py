@@ -231,6 +231,9 @@ class _Run:
         config, dp = self.config, self.dp
         train_step, batch_args = self._batches(start)
         evaluator = _Evaluator(self.model, self.ds, config.eval_batch_stats, dp)
+        evaluator.compile(
+            state if config.parallel == "single" else dp.local_copy(state)
+        )
         last = {"train_loss": None, "test_accuracy": None}
         t_ready = None  # when the first step (and compilation) finished
         last_t, last_step = time.perf_counter(), start
@@ -324,13 +327,26 @@ class _Evaluator:
             for i in range(0, len(ds.x_test), batch)
         ]
         self.n = len(ds.x_test)
+        self.compiled: dict[tuple, Any] = {}
+
+    def compile(self, state) -> None:
+        """Compiles every evaluation function for every test-batch shape now,
+        so that no compilation falls inside training (``state`` as later
+        passed to ``__call__``)."""
+        for name, fn in self.fns.items():
+            for x, y in self.batches:
+                key = (name, x.shape)
+                if key not in self.compiled:
+                    lowered = fn.lower(state.params, state.batch_stats, x, y)
+                    self.compiled[key] = lowered.compile()
 
     def __call__(self, state) -> dict[str, float]:
         out = {}
         for name, fn in self.fns.items():
             loss = correct = jnp.zeros((), jnp.float32)
             for x, y in self.batches:
-                bl, bc = fn(state.params, state.batch_stats, x, y)
+                run = self.compiled.get((name, x.shape), fn)
+                bl, bc = run(state.params, state.batch_stats, x, y)
                 loss, correct = loss + bl, correct + bc
             out[f"{name}_loss"] = float(loss) / self.n
             out[f"{name}_accuracy"] = float(correct) / self.n
