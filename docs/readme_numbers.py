@@ -53,6 +53,7 @@ def _reproduction() -> list[str]:
                 what += f"; +{len(v['checks']) - 1} more"
         else:
             what = "reported, no criterion"
+        what = what.replace("|", "\\|")  # inside a table cell
         out.append(
             f"| [{name}](experiments/results/cpu/REPORT.md#{name}) | "
             f"{v['verdict']} | {what} | {v['seconds']:.0f} s |"
@@ -76,7 +77,12 @@ def _speed() -> list[str]:
         f"variance {acc['flax_fast']:.2g}, Flax two-pass {acc['flax_two_pass']:.2g} "
         "(`python -m benchmarks.bn_op`).",
     ]
-    for mode in ("train_fwd", "train_fwd_bwd", "eval_fwd"):
+    labels = {
+        "train_fwd": "train forward",
+        "train_fwd_bwd": "train forward+backward",
+        "eval_fwd": "eval forward",
+    }
+    for mode in labels:
         ratios = {}
         for r in op["rows"]:
             if r["mode"] == mode and r["impl"] in ("bnlab", "flax_fast"):
@@ -85,7 +91,7 @@ def _speed() -> list[str]:
                 ]
         vals = sorted(d["bnlab"] / d["flax_fast"] for d in ratios.values())
         lines.append(
-            f"- BN op on CPU, {mode.replace('_', ' ')}: bnlab / Flax fast "
+            f"- BN op on CPU, {labels[mode]}: bnlab / Flax fast "
             f"{vals[0]:.2f}x to {vals[-1]:.2f}x over {len(vals)} shapes and dtypes "
             "(per-call time, best of 3 rounds)."
         )

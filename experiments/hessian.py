@@ -27,6 +27,16 @@ from experiments import _harness as H
 from experiments._models import MLP
 
 NAME = "hessian"
+# What the committed full run shows and why, written after it (the
+# criteria above were fixed before it and are not changed).
+DISCUSSION = """At initialization the network without BN has the smaller top eigenvalue
+(0.19x BN-batch), so the first check fails; after 1000 steps the ratio is
+3.3 and BN with population statistics is 6-7x BN-batch at both points, as
+the paper says. Our reading: with Flax's default (LeCun-normal) init the
+un-normalized 3-layer ReLU net starts with small outputs (each ReLU layer
+halves the second moment) and a flat loss, while BN rescales every layer to
+unit variance from the first step; the outlier eigenvalues Ghorbani et al. describe grow during training.
+The criterion at initialization is kept as it was set before the run."""
 CLAIM = (
     "BN with batch statistics removes the large Hessian eigenvalues; the same "
     "network with frozen population statistics has them (Ghorbani et al. 2019)."

@@ -38,13 +38,31 @@ def measured(v: Any) -> str:
     return str(v)
 
 
+def _discussion(name: str, quick: bool) -> str:
+    """The experiment module's ``DISCUSSION`` of its full-run result (full
+    reports only): what we think explains a FAIL."""
+    if quick:
+        return ""
+    import importlib
+
+    text = getattr(importlib.import_module(f"experiments.{name}"), "DISCUSSION", "")
+    return " ".join(text.split())
+
+
+def _cell(text: str) -> str:
+    """Text for a Markdown table cell (a bare ``|`` would end the cell)."""
+    return str(text).replace("|", "\\|")
+
+
 def _table_md(rows: list[dict]) -> str:
     if not rows:
         return ""
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out = ["| " + " | ".join(map(_cell, cols)) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        out.append("| " + " | ".join(measured(r.get(c, "")) for c in cols) + " |")
+        out.append(
+            "| " + " | ".join(_cell(measured(r.get(c, ""))) for c in cols) + " |"
+        )
     return "\n".join(out)
 
 
@@ -117,7 +135,7 @@ def write(out: Path, quick: bool, seeds: int, wall_seconds: float) -> tuple[Path
     for v in verdicts:
         ok = sum(c["pass"] for c in v["checks"])
         head.append(
-            f"| [{v['experiment']}](#{v['experiment']}) | {v['claim']} | "
+            f"| [{v['experiment']}](#{v['experiment']}) | {_cell(v['claim'])} | "
             f"**{v['verdict']}** | {ok}/{len(v['checks'])} |"
         )
     md = [*head, ""]
@@ -133,7 +151,8 @@ def write(out: Path, quick: bool, seeds: int, wall_seconds: float) -> tuple[Path
         ]
         for c in v["checks"]:
             md.append(
-                f"| {c['name']} | {measured(c['measured'])} | {c['criterion']} | "
+                f"| {_cell(c['name'])} | {_cell(measured(c['measured']))} | "
+                f"{_cell(c['criterion'])} | "
                 f"{'PASS' if c['pass'] else 'FAIL'} |"
             )
         md.append("")
@@ -142,6 +161,9 @@ def write(out: Path, quick: bool, seeds: int, wall_seconds: float) -> tuple[Path
         md += [_table_md(v["table"]), ""]
         if v.get("notes"):
             md += [f"*Notes.* {v['notes']}", ""]
+        discussion = _discussion(v["experiment"], quick)
+        if discussion:
+            md += [f"*Discussion (written after the full run).* {discussion}", ""]
         md += [
             f"*Command.* `{v['command']} --out {out / v['experiment']}` "
             f"({v.get('seconds', 0):.0f} s)",
@@ -150,11 +172,11 @@ def write(out: Path, quick: bool, seeds: int, wall_seconds: float) -> tuple[Path
     md_path = out / "REPORT.md"
     md_path.write_text("\n".join(md))
     html_path = out / "REPORT.html"
-    html_path.write_text(_html(out, verdicts, head))
+    html_path.write_text(_html(out, verdicts, head, quick))
     return md_path, html_path
 
 
-def _html(out: Path, verdicts: list[dict], head_md: list[str]) -> str:
+def _html(out: Path, verdicts: list[dict], head_md: list[str], quick: bool) -> str:
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         "<title>bnlab reproduce report</title><style>",
@@ -205,6 +227,12 @@ def _html(out: Path, verdicts: list[dict], head_md: list[str]) -> str:
         parts.append(_table_html(v["table"]))
         if v.get("notes"):
             parts.append(f"<p><i>Notes.</i> {html.escape(v['notes'])}</p>")
+        discussion = _discussion(v["experiment"], quick)
+        if discussion:
+            parts.append(
+                "<p><i>Discussion (written after the full run).</i> "
+                f"{html.escape(discussion)}</p>"
+            )
         parts.append(
             f"<p><i>Command.</i> <code>{html.escape(v['command'])}</code> ({v.get('seconds', 0):.0f} s)</p>"
         )

@@ -170,7 +170,8 @@ def run(
             else:
                 state = "already done"
             verdicts.append(verdict)
-            bar.line(f"{verdict['verdict']:<4}  {name:<16} ({state})")
+            width = max(map(len, names))
+            bar.line(f"{verdict['verdict']:<6} {name:<{width}}  ({state})")
         bar.experiment("done", len(names))
     finally:
         bar.close()

@@ -23,6 +23,15 @@ from experiments import _harness as H
 from experiments._models import MLP, DeviceSim, bn_factory
 
 NAME = "sync_bn"
+# What the committed full run shows and why, written after it (the
+# criteria above were fixed before it and are not changed).
+DISCUSSION = """Per step the synchronized statistics equal the one-device full batch to
+rounding (parameter difference 4.5e-7 of their size after 100 steps), but
+the criterion was checked after 2000 steps of SGD, where the difference
+from another summation order over 8 devices has grown chaotically to 0.13
+(1000 steps) and 0.20 (2000 steps); the accuracies stay close (0.819 vs
+0.825), while per-device BN on 2 examples is 40 points worse. The check
+should have been on a short horizon (or per step); it is kept as set."""
 CLAIM = (
     "Sync BN over 8 devices with 2 examples each equals single-device "
     "full-batch training; per-device BN is >= 5 points worse."
