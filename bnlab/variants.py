@@ -60,7 +60,7 @@ def fold_batch_norm(
       >>> k2, b2 = bnlab.fold_batch_norm(k, None, s)
       >>> x = jnp.ones((2, 4))
       >>> y, _ = bnlab.batch_norm(x @ k, s, train=False)
-      >>> bool(jnp.allclose(x @ k2 + b2, y, atol=1e-5))
+      >>> bool(jnp.allclose(x @ k2 + b2[None], y, atol=1e-5))
       True
     """
     kernel = jnp.asarray(kernel)

@@ -73,8 +73,8 @@ def test_vmap_with_axis_name():  # flax transforms test: vmapped BN == full batc
 
 
 def test_bind_vs_apply():
-    # Flax's version trains on one example of shape (4,); bnlab raises on one
-    # value per feature by design, so the same check runs on a batch.
+    # Flax's version trains on one example of shape (4,); that has no batch
+    # statistics (see the last lines), so the same check runs on a batch.
     x = jax.random.normal(jax.random.key(4), (3, 4))
     bn = bnlab.linen.BatchNorm(use_running_average=False)
     variables = bn.init(jax.random.key(5), x)
@@ -85,8 +85,15 @@ def test_bind_vs_apply():
     np.testing.assert_allclose(
         upd["batch_stats"]["mean"], bound.variables["batch_stats"]["mean"]
     )
-    with pytest.raises(ValueError, match="1 value per feature"):
-        bn.apply(variables, jnp.ones((1, 4)), mutable=["batch_stats"])
+    # One value per feature: Flax's output (the bias) and unchanged running
+    # statistics, with a warning (the pure function raises instead).
+    with pytest.warns(UserWarning, match="one value per feature"):
+        y1, upd1 = bn.apply(variables, jnp.ones((1, 4)), mutable=["batch_stats"])
+    np.testing.assert_array_equal(y1, np.zeros((1, 4)))
+    for k in ("mean", "var"):
+        np.testing.assert_array_equal(
+            upd1["batch_stats"][k], variables["batch_stats"][k]
+        )
 
 
 def test_init_does_not_update_stats_and_accepts_single_example():

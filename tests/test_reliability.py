@@ -158,8 +158,8 @@ def test_a_checkpoint_of_another_model_stops_and_moves_nothing(run_copy, monkeyp
     # not corrupt: stop, name the leaves, keep every file where it is.
     import bnlab.train.loop as loop_mod
 
-    def wider(config, num_outputs, axis_name):
-        model = train.build_model(config, num_outputs, axis_name)
+    def wider(config, *args):
+        model = train.build_model(config, *args)
         return model.clone(widths=(128, 128, 128, 64))
 
     before = sorted(p.name for p in (run_copy / "checkpoints").iterdir())
