@@ -7,7 +7,8 @@
 #  - 50 x (Dense 256 -> BN -> ReLU) SGD steps, device time and per step,
 #  - ResNet-50 (224px, batch 128) train step in float32 and bf16 activations,
 #    ResNet-20 train step, each bnlab BN vs Flax BN vs no BN,
-#  - bnlab.train.fit vs a minimal jitted loop (digits preset).
+#  - bnlab.train.fit vs a minimal jitted loop (digits preset),
+#  - the statistics reductions alone (raw vs shifted sums).
 #   bash benchmarks/gpu.sh            # on the GPU machine
 #   bash benchmarks/gpu.sh --smoke    # anywhere (CPU), tiny shapes, to check it runs
 set -euo pipefail
@@ -31,3 +32,4 @@ python -m benchmarks.throughput --model resnet50 --batch 128 --reps 10 --out "$o
 python -m benchmarks.throughput --model resnet50 --batch 128 --reps 10 --dtype bfloat16 --out "$out" "${smoke[@]}"
 python -m benchmarks.throughput --model resnet20 --batch 128 --reps 20 --out "$out" "${smoke[@]}"
 python -m benchmarks.train_loop --out "$out" "${smoke[@]}"
+python -m benchmarks.reductions --rows 65536 --features 1024 --out "$out" "${smoke[@]}"
