@@ -104,6 +104,16 @@ class Context:
     def figure(self, stem: str) -> Path:
         return self.out / f"{stem}.png"
 
+    def save_figure(self, fig: Any, stem: str) -> str:
+        """Lays out, writes ``stem.png`` and closes a matplotlib figure;
+        returns the file name (as ``write_outputs`` lists figures)."""
+        import matplotlib.pyplot as plt
+
+        fig.tight_layout()
+        fig.savefig(self.figure(stem), dpi=110)
+        plt.close(fig)
+        return f"{stem}.png"
+
 
 def check(name: str, measured: Any, criterion: str, passed: bool) -> dict:
     """One numeric check of a verdict."""
@@ -228,7 +238,8 @@ class Group:
         initialization then share one program).
       scan: run the steps of a chunk in one ``lax.scan``; False: a Python loop
         of jitted steps (XLA:CPU runs convolutions about 10x slower inside a
-        loop: 1.18 vs 0.10 s per ResNet-20 step, measured).
+        loop: 1.10 vs 0.11 s per ResNet-20 step, ``python -m
+        benchmarks.scan_steps``).
     """
 
     name: str
@@ -539,15 +550,22 @@ def plot_curves(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(ctx.figure(stem), dpi=110)
-    plt.close(fig)
-    return f"{stem}.png"
+    return ctx.save_figure(fig, stem)
 
 
 def arm_slice(variables: Any, i: int) -> Any:
     """One arm's variables out of a stacked tree."""
     return jax.tree.map(lambda a: a[i], variables)
+
+
+def curve_records(results: dict[str, Result], **fields: str) -> list[dict]:
+    """One record per arm name and evaluation step: ``{"arm", "step", key:
+    getattr(result, attribute)[i]}`` for each ``key=attribute``."""
+    return [
+        {"arm": k, "step": s, **{key: getattr(r, a)[i] for key, a in fields.items()}}
+        for k, r in results.items()
+        for i, s in enumerate(r.steps)
+    ]
 
 
 def mean_spread(values: np.ndarray, axis: int = -1) -> tuple[float, float]:

@@ -93,36 +93,23 @@ def run(ctx: H.Context) -> dict:
         k: max(r[k] for r in rows) for k in rows[0] if k not in ("seed", "per_scale")
     }
     checks = [
-        H.check(
-            "per-feature |mean| of BN output",
-            worst["max_abs_mean"],
-            f"<= {TOL:g}",
-            worst["max_abs_mean"] <= TOL,
-        ),
-        H.check(
-            "per-feature |var - var/(var+eps)| of BN output",
-            worst["max_var_error"],
-            f"<= {TOL:g}",
-            worst["max_var_error"] <= TOL,
-        ),
-        H.check(
-            "gamma = sqrt(var+eps), beta = mean restore the input (relative error)",
-            worst["identity_error"],
-            f"<= {TOL:g}",
-            worst["identity_error"] <= TOL,
-        ),
-        H.check(
-            "max |BN(aWu) - BN(Wu)| over a in " + str(SCALES),
-            worst["scale_invariance_error"],
-            f"<= {TOL:g}",
-            worst["scale_invariance_error"] <= TOL,
-        ),
-        H.check(
-            "max |a grad(aW) - grad(W)| / max |grad(W)| over a",
-            worst["gradient_scaling_error"],
-            f"<= {TOL:g}",
-            worst["gradient_scaling_error"] <= TOL,
-        ),
+        H.check(label, worst[key], f"<= {TOL:g}", worst[key] <= TOL)
+        for label, key in (
+            ("per-feature |mean| of BN output", "max_abs_mean"),
+            ("per-feature |var - var/(var+eps)| of BN output", "max_var_error"),
+            (
+                "gamma = sqrt(var+eps), beta = mean restore the input (relative error)",
+                "identity_error",
+            ),
+            (
+                "max |BN(aWu) - BN(Wu)| over a in " + str(SCALES),
+                "scale_invariance_error",
+            ),
+            (
+                "max |a grad(aW) - grad(W)| / max |grad(W)| over a",
+                "gradient_scaling_error",
+            ),
+        )
     ]
     table = [
         {
@@ -175,9 +162,7 @@ def _figure(ctx: H.Context, rows: list[dict]) -> None:
     ax.set_ylabel("max error (float32)")
     ax.set_title("BN(aWu) vs BN(Wu), and a grad(aW) vs grad(W)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(ctx.figure("scale_invariance"), dpi=110)
-    plt.close(fig)
+    ctx.save_figure(fig, "scale_invariance")
 
 
 if __name__ == "__main__":

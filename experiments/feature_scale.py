@@ -285,9 +285,7 @@ def _figure(ctx: H.Context, r: dict) -> None:
         "Squared-error surface (log contours) and the first 60 GD steps "
         "(left: w2 axis 10x magnified)"
     )
-    fig.tight_layout()
-    fig.savefig(ctx.figure("surfaces"), dpi=110)
-    plt.close(fig)
+    ctx.save_figure(fig, "surfaces")
 
 
 if __name__ == "__main__":

@@ -169,9 +169,7 @@ def _figure(ctx, eig) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("top Hessian eigenvalue")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(ctx.figure("eigenvalues"), dpi=110)
-    plt.close(fig)
+    ctx.save_figure(fig, "eigenvalues")
 
 
 if __name__ == "__main__":

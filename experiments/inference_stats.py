@@ -222,9 +222,7 @@ def _figure(ctx, rows, lengths) -> None:
         ax.set_title(f"after {st} steps")
     axes[0].set_ylabel("test accuracy")
     axes[-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(ctx.figure("inference"), dpi=110)
-    plt.close(fig)
+    ctx.save_figure(fig, "inference")
 
 
 if __name__ == "__main__":

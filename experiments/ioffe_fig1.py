@@ -194,9 +194,7 @@ def _figure(ctx: H.Context, results: dict) -> None:
             ax.plot(r.steps, p[:, k], "k" + style)
         ax.set_title(f"{title}: sigmoid input, 15/50/85th pct")
         ax.set_xlabel("training step")
-    fig.tight_layout()
-    fig.savefig(ctx.figure("fig1"), dpi=110)
-    plt.close(fig)
+    ctx.save_figure(fig, "fig1")
 
 
 if __name__ == "__main__":

@@ -158,9 +158,7 @@ def _figure(ctx, steps_axis, curves, thresholds) -> None:
     ax.set_ylabel("test accuracy (mean over seeds)")
     ax.set_title("Miniature of Ioffe & Szegedy Fig. 2/3")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(ctx.figure("curves"), dpi=110)
-    plt.close(fig)
+    ctx.save_figure(fig, "curves")
 
 
 if __name__ == "__main__":

@@ -154,9 +154,7 @@ def _figure(ctx, acc, div, best_lr) -> None:
     ax.set_ylabel("final test accuracy (diverged = chance)")
     ax.set_title("Learning-rate sweep")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(ctx.figure("lr_sweep"), dpi=110)
-    plt.close(fig)
+    ctx.save_figure(fig, "lr_sweep")
 
 
 if __name__ == "__main__":

@@ -93,16 +93,7 @@ def run(ctx: H.Context) -> dict:
         }
         for k, r in res.items()
     ]
-    records = [
-        {
-            "arm": k,
-            "step": s,
-            "test_accuracy": r.test_accuracy[i],
-            "instability": r.probes[i],
-        }
-        for k, r in res.items()
-        for i, s in enumerate(r.steps)
-    ]
+    records = H.curve_records(res, test_accuracy="test_accuracy", instability="probes")
     fig = H.plot_curves(
         ctx,
         "noisy_bn",

@@ -156,9 +156,7 @@ def _figure(ctx, mean, sizes) -> None:
     ax.set_ylabel("test error")
     ax.set_title("Normalization batch size")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(ctx.figure("batch_size"), dpi=110)
-    plt.close(fig)
+    ctx.save_figure(fig, "batch_size")
 
 
 if __name__ == "__main__":

@@ -73,16 +73,9 @@ def run(ctx: H.Context) -> dict:
         }
         for k, r in res.items()
     ]
-    records = [
-        {
-            "arm": k,
-            "step": s,
-            "test_accuracy": r.test_accuracy[i],
-            "train_loss": r.train_loss[i],
-        }
-        for k, r in res.items()
-        for i, s in enumerate(r.steps)
-    ]
+    records = H.curve_records(
+        res, test_accuracy="test_accuracy", train_loss="train_loss"
+    )
     fig = H.plot_curves(
         ctx,
         "placement",

@@ -155,9 +155,7 @@ def _figure(ctx, res) -> None:
         ax.set_title(f"gradient norm per layer, {title}")
     axes[0].set_ylabel("||dL/dW||")
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(ctx.figure("grad_norms"), dpi=110)
-    plt.close(fig)
+    ctx.save_figure(fig, "grad_norms")
 
 
 if __name__ == "__main__":

@@ -170,9 +170,7 @@ def _figure(ctx, metrics, names) -> None:
         ax.set_title(f"{nm} (lr 0.1)")
         ax.set_xlabel("training step")
     axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(ctx.figure("landscape"), dpi=110)
-    plt.close(fig)
+    ctx.save_figure(fig, "landscape")
 
 
 if __name__ == "__main__":

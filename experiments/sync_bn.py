@@ -118,11 +118,7 @@ def run(ctx: H.Context) -> dict:
         for g in growth
         if g["step"] in shown | {growth[-1]["step"]}
     ]
-    records = [
-        {"arm": k, "step": s, "test_accuracy": r.test_accuracy[i]}
-        for k, r in res.items()
-        for i, s in enumerate(r.steps)
-    ]
+    records = H.curve_records(res, test_accuracy="test_accuracy")
     return H.write_outputs(
         ctx,
         CLAIM,

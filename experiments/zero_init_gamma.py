@@ -85,11 +85,7 @@ def run(ctx: H.Context) -> dict:
         }
         for k, r in res.items()
     ]
-    records = [
-        {"arm": k, "step": s, "test_accuracy": r.test_accuracy[i]}
-        for k, r in res.items()
-        for i, s in enumerate(r.steps)
-    ]
+    records = H.curve_records(res, test_accuracy="test_accuracy")
     fig = H.plot_curves(
         ctx,
         "zero_init",
