@@ -44,8 +44,9 @@ def shapes(batch: int, smoke: bool) -> dict[str, tuple[int, ...]]:
     }
 
 
-def implementations(c: int, ndim: int) -> dict[str, dict]:
-    """name -> {"train": f(x, g, b) -> y, "eval": f(x, g, b) -> y}."""
+def implementations(c: int, ndim: int, only: set[str] | None = None) -> dict[str, dict]:
+    """name -> {"train": f(x, g, b) -> y, "eval": f(x, g, b) -> y}; ``only``
+    keeps those names (bnlab always)."""
     stats = bnlab.init_batch_stats(c)
     mean, var = stats.mean, stats.var + 0.5  # non-trivial eval statistics
     impls = {
@@ -146,6 +147,8 @@ def implementations(c: int, ndim: int) -> dict[str, dict]:
         }
     except ImportError:
         pass
+    if only is not None:
+        impls = {k: v for k, v in impls.items() if k in only or k == "bnlab"}
     return impls
 
 
@@ -155,60 +158,34 @@ def accuracy_at_1e4(impls: dict) -> dict[str, float]:
     ref = (xd - xd.mean(0)) / np.sqrt(xd.var(0) + 1e-5)
     g, b = jnp.ones(16), jnp.zeros(16)
     out = {}
-    for name in implementations(16, 2):
-        y = jax.jit(implementations(16, 2)[name]["train"])(x, g, b)
+    for name, fs in impls.items():
+        y = jax.jit(fs["train"])(x, g, b)
         out[name] = float(np.max(np.abs(np.asarray(y, np.float64) - ref)))
     return out
 
 
-def bench(shape_map: dict, dtypes, reps: int) -> list[dict]:
-    rows = []
-    for dtype in dtypes:
-        for shape_name, shape in shape_map.items():
-            c = shape[-1]
-            kx, kd = jax.random.split(jax.random.key(0))
-            x = jax.random.normal(kx, shape, jnp.float32).astype(dtype)
-            dy = jax.random.normal(kd, shape, jnp.float32).astype(dtype)
-            g, b = jnp.ones(c), jnp.zeros(c)
-            impls = implementations(c, len(shape))
-            copy, _ = common.compile_fn(lambda x: x + jnp.ones((), x.dtype), x)
-            copy_s = common.time_interleaved({"copy": (copy, (x,))}, reps)["copy"]
-            copy_gbps = 2 * x.size * x.dtype.itemsize / copy_s / 1e9
-            for mode in MODES:
-                fns, compile_s = {}, {}
-                for name, fs in impls.items():
-                    if mode == "train_fwd":
-                        f, args = fs["train"], (x, g, b)
-                    elif mode == "eval_fwd":
-                        f, args = fs["eval"], (x, g, b)
-                    else:
+def _inputs(shape: tuple[int, ...], dtype, only: set[str] | None) -> tuple:
+    """``x``, the output cotangent ``dy``, scale, bias and the implementations
+    for one shape and dtype (the same in both timing modes)."""
+    c = shape[-1]
+    kx, kd = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, shape, jnp.float32).astype(dtype)
+    dy = jax.random.normal(kd, shape, jnp.float32).astype(dtype)
+    return x, dy, jnp.ones(c), jnp.zeros(c), implementations(c, len(shape), only)
 
-                        def f(x, g, b, dy, fwd=fs["train"]):
-                            _, vjp = jax.vjp(fwd, x, g, b)
-                            return vjp(dy.astype(_.dtype))
 
-                        args = (x, g, b, dy)
-                    compiled, compile_s[name] = common.compile_fn(f, *args)
-                    fns[name] = (compiled, args)
-                med = common.time_interleaved(fns, reps)
-                n_bytes = x.size * x.dtype.itemsize * MIN_ELEMENTS_MOVED[mode]
-                for name in impls:
-                    rows.append(
-                        {
-                            "shape": shape_name,
-                            "dims": list(shape),
-                            "dtype": jnp.dtype(dtype).name,
-                            "mode": mode,
-                            "impl": name,
-                            "median_ms": med[name] * 1e3,
-                            "compile_s": compile_s[name],
-                            "ratio_to_bnlab": med[name] / med["bnlab"],
-                            "achieved_GBps": n_bytes / med[name] / 1e9,
-                            "reps": reps,
-                            "copy_GBps": copy_gbps,
-                        }
-                    )
-    return rows
+def _per_call(fs: dict, mode: str, x, g, b, dy) -> tuple:
+    """The function timed for ``mode`` and its arguments, one call each."""
+    if mode == "train_fwd":
+        return fs["train"], (x, g, b)
+    if mode == "eval_fwd":
+        return fs["eval"], (x, g, b)
+
+    def f(x, g, b, dy, fwd=fs["train"]):
+        _, vjp = jax.vjp(fwd, x, g, b)
+        return vjp(dy.astype(_.dtype))
+
+    return f, (x, g, b, dy)
 
 
 def _chain(f, mode: str, k: int):
@@ -229,37 +206,40 @@ def _chain(f, mode: str, k: int):
     return run
 
 
-def bench_device_time(shape_map: dict, dtypes, reps: int, k: int) -> list[dict]:
-    """Device time per call: ``k`` chained calls per measurement, / ``k``."""
+def bench(
+    shape_map: dict, dtypes, reps: int, k: int = 0, only: set[str] | None = None
+) -> list[dict]:
+    """Time per call; with ``k``, device time: ``k`` chained calls per
+    measurement (:func:`_chain`), divided by ``k``."""
+    calls = max(k, 1)
     rows = []
     for dtype in dtypes:
         for shape_name, shape in shape_map.items():
-            c = shape[-1]
-            kx, kd = jax.random.split(jax.random.key(0))
-            x = jax.random.normal(kx, shape, jnp.float32).astype(dtype)
-            dy = jax.random.normal(kd, shape, jnp.float32).astype(dtype)
-            g, b = jnp.ones(c), jnp.zeros(c)
-            impls = implementations(c, len(shape))
+            x, dy, g, b, impls = _inputs(shape, dtype, only)
 
-            def copy_chain(x):
-                return jax.lax.fori_loop(
-                    0, k, lambda _, x: x + jnp.ones((), x.dtype), x
-                )
+            def copy_fn(x):  # x + 1: the bandwidth reference, timed the same way
+                def add(_, x):
+                    return x + jnp.ones((), x.dtype)
 
-            copy, _ = common.compile_fn(copy_chain, x)
-            copy_s = common.time_interleaved({"copy": (copy, (x,))}, reps)["copy"] / k
-            copy_gbps = 2 * x.size * x.dtype.itemsize / copy_s / 1e9
+                return jax.lax.fori_loop(0, k, add, x) if k else add(0, x)
+
+            copy, _ = common.compile_fn(copy_fn, x)
+            copy_s = common.time_interleaved({"copy": (copy, (x,))}, reps)["copy"]
+            copy_gbps = 2 * x.size * x.dtype.itemsize / (copy_s / calls) / 1e9
             for mode in MODES:
                 fns, compile_s = {}, {}
                 for name, fs in impls.items():
-                    f = fs["eval"] if mode == "eval_fwd" else fs["train"]
-                    fn = _chain(f, mode, k)
-                    compiled, compile_s[name] = common.compile_fn(fn, x, g, b, dy)
-                    fns[name] = (compiled, (x, g, b, dy))
+                    if k:
+                        f = fs["eval"] if mode == "eval_fwd" else fs["train"]
+                        fn, args = _chain(f, mode, k), (x, g, b, dy)
+                    else:
+                        fn, args = _per_call(fs, mode, x, g, b, dy)
+                    compiled, compile_s[name] = common.compile_fn(fn, *args)
+                    fns[name] = (compiled, args)
                 med = common.time_interleaved(fns, reps)
                 n_bytes = x.size * x.dtype.itemsize * MIN_ELEMENTS_MOVED[mode]
                 for name in impls:
-                    t = med[name] / k
+                    t = med[name] / calls
                     rows.append(
                         {
                             "shape": shape_name,
@@ -272,7 +252,7 @@ def bench_device_time(shape_map: dict, dtypes, reps: int, k: int) -> list[dict]:
                             "ratio_to_bnlab": med[name] / med["bnlab"],
                             "achieved_GBps": n_bytes / t / 1e9,
                             "reps": reps,
-                            "chained_calls": k,
+                            **({"chained_calls": k} if k else {}),
                             "copy_GBps": copy_gbps,
                         }
                     )
@@ -348,18 +328,9 @@ def main(argv=None) -> int:
     shape_map = shapes(args.batch, args.smoke)
     if args.shapes:
         shape_map = {k: v for k, v in shape_map.items() if k in args.shapes.split(",")}
-    if args.impls:
-        keep = set(args.impls.split(",")) | {"bnlab"}
-        global implementations
-        full = implementations
-        implementations = lambda c, n: {  # noqa: E731
-            k: v for k, v in full(c, n).items() if k in keep
-        }
-    if args.device_time:
-        rows = bench_device_time(shape_map, dtypes, reps, args.device_time)
-    else:
-        rows = bench(shape_map, dtypes, reps)
-    acc = accuracy_at_1e4(implementations(16, 2))
+    only = set(args.impls.split(",")) if args.impls else None
+    rows = bench(shape_map, dtypes, reps, args.device_time, only)
+    acc = accuracy_at_1e4(implementations(16, 2, only))
     md = table(rows, acc)
     meta = common.metadata(
         "bn_op",

@@ -73,10 +73,6 @@ def layer_grad_norms(grads: Any) -> dict[str, jax.Array]:
     return {k: jnp.sqrt(v) for k, v in out.items()}
 
 
-def _flat(tree: Any) -> jax.Array:
-    return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
-
-
 def _tree_dot(a: Any, b: Any) -> jax.Array:
     return sum(
         jnp.vdot(x, y)
