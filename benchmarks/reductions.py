@@ -4,7 +4,9 @@ Times the statistics reductions alone, per call (best of 3 rounds' medians,
 interleaved), on one array: Flax's raw moments ``sum(x), sum(x*x)`` against
 the shifted sums ``sum(x - s), sum((x - s)**2)`` that exactness needs (fused
 by XLA as written, and as bnlab computes them), the elementwise ``x - s``
-alone, and bnlab's whole :func:`bnlab.batch_moments`.
+alone, bnlab's whole :func:`bnlab.batch_moments`, and other ways to write
+the shifted sums (one variadic reduce, a transposed layout, an einsum, a
+matmul with ones).
 
     python -m benchmarks.reductions            # (4096, 1024) float32
     python -m benchmarks.reductions --smoke
@@ -28,6 +30,26 @@ def candidates() -> dict:
         d = x - x[0]
         return jnp.sum(d, 0), jnp.sum(d * d, 0)
 
+    def variadic(x):  # both sums in one reduce op
+        d = x - x[0]
+        zero = jnp.zeros((), x.dtype)
+        return jax.lax.reduce(
+            (d, d * d), (zero, zero), lambda a, b: (a[0] + b[0], a[1] + b[1]), (0,)
+        )
+
+    def transposed(x):  # features first: reduce the minor axis
+        d = (x - x[0]).T
+        return jnp.sum(d, 1), jnp.sum(d * d, 1)
+
+    def einsum(x):
+        d = x - x[0]
+        return jnp.sum(d, 0), jnp.einsum("nc,nc->c", d, d)
+
+    def ones_matmul(x):
+        d = x - x[0]
+        ones = jnp.ones((x.shape[0],), x.dtype)
+        return ones @ d, ones @ (d * d)
+
     return {
         "sum(x)": lambda x: jnp.sum(x, 0),
         "sum(x), sum(x*x) (Flax fast)": lambda x: (jnp.sum(x, 0), jnp.sum(x * x, 0)),
@@ -35,6 +57,10 @@ def candidates() -> dict:
         "sum(x - s), sum((x - s)^2) (one fusion)": shifted,
         "x - s (elementwise only)": lambda x: x - x[0],
         "bnlab.batch_moments": lambda x: bnlab.batch_moments(x),
+        "shifted: one variadic reduce": variadic,
+        "shifted: transposed layout": transposed,
+        "shifted: einsum for the squares": einsum,
+        "shifted: ones @ d": ones_matmul,
     }
 
 

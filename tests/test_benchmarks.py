@@ -42,6 +42,7 @@ def _run(args, tmp_path):
         ),
         (["benchmarks.train_loop"], "train_loop_cpu_smoke"),
         (["benchmarks.reductions"], "reductions_cpu_smoke"),
+        (["benchmarks.scan_steps"], "scan_steps_cpu_smoke"),
     ],
 )
 def test_benchmark_scripts_run(args, stem, tmp_path):
