@@ -38,7 +38,6 @@ __all__ = [
     "CheckpointMismatchError",
     "Checkpointer",
     "NonFiniteError",
-    "tree_digests",
     "tree_signature",
 ]
 
@@ -71,14 +70,18 @@ def _leaves(tree: Any) -> list[tuple[str, Any]]:
     ]
 
 
-def tree_signature(tree: Any) -> list[list[Any]]:
-    """``[[path, shape, dtype], ...]`` of a pytree (no values)."""
+def _signature(leaves: list[tuple[str, Any]]) -> list[list[Any]]:
     return [
         [path, list(np.shape(leaf)), str(np.asarray(leaf).dtype)]
         if not hasattr(leaf, "dtype")
         else [path, list(leaf.shape), str(leaf.dtype)]
-        for path, leaf in _leaves(tree)
+        for path, leaf in leaves
     ]
+
+
+def tree_signature(tree: Any) -> list[list[Any]]:
+    """``[[path, shape, dtype], ...]`` of a pytree (no values)."""
+    return _signature(_leaves(tree))
 
 
 def _digest(a: np.ndarray) -> str:
@@ -86,11 +89,6 @@ def _digest(a: np.ndarray) -> str:
     h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
     h.update(a.view(np.uint8).reshape(-1) if a.size else b"")
     return h.hexdigest()
-
-
-def tree_digests(tree: Any) -> dict[str, str]:
-    """SHA-256 of each leaf's dtype, shape and bytes, by path."""
-    return {path: _digest(_host(leaf)) for path, leaf in _leaves(tree)}
 
 
 def _meta_digest(meta: dict[str, Any]) -> str:
@@ -188,7 +186,7 @@ class Checkpointer:
         meta = {
             **meta,
             "format": FORMAT,
-            "tree": [[p, list(a.shape), str(a.dtype)] for p, a in leaves],
+            "tree": _signature(leaves),
             "digests": {p: _digest(a) for p, a in leaves},
         }
         meta["meta_digest"] = _meta_digest(meta)
