@@ -1,6 +1,14 @@
 """Datasets (digits, Fashion-MNIST/MNIST IDX, synthetic) and resumable batches."""
 
-from bnlab.data.pipeline import BatchStream
+from bnlab.data.pipeline import (
+    ArraySource,
+    BatchStream,
+    EpochOrder,
+    Source,
+    StreamingDataset,
+    Subset,
+    read,
+)
 from bnlab.data.sources import (
     IDX_SOURCES,
     Dataset,
@@ -12,18 +20,26 @@ from bnlab.data.sources import (
     load_idx_dataset,
     read_idx,
     synthetic_regression,
+    validation_size,
 )
 
 __all__ = [
     "IDX_SOURCES",
+    "ArraySource",
     "BatchStream",
+    "EpochOrder",
     "Dataset",
     "DatasetError",
     "DatasetNotFoundError",
+    "Source",
+    "StreamingDataset",
+    "Subset",
     "find_idx_files",
     "load",
     "load_digits",
     "load_idx_dataset",
+    "read",
     "read_idx",
     "synthetic_regression",
+    "validation_size",
 ]

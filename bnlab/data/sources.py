@@ -31,6 +31,7 @@ __all__ = [
     "load_idx_dataset",
     "read_idx",
     "synthetic_regression",
+    "validation_size",
 ]
 
 
@@ -45,13 +46,72 @@ class DatasetNotFoundError(DatasetError, FileNotFoundError):
 
 
 class Dataset(NamedTuple):
-    """Train and test arrays; ``num_classes`` is 0 for regression."""
+    """In-memory train / test (and optional validation) arrays.
+
+    ``num_classes`` is 0 for regression. Validation arrays are optional:
+    :meth:`with_validation` carves them out of the training set, and
+    :func:`bnlab.train.fit` does so when given ``validation=fraction``.
+
+    Example:
+      >>> import numpy as np
+      >>> from bnlab.data import Dataset
+      >>> x, y = np.zeros((100, 4), np.float32), np.arange(100) % 3
+      >>> ds = Dataset(x, y, x[:10], y[:10], num_classes=3).with_validation(0.2)
+      >>> len(ds.x_train), len(ds.x_val)
+      (80, 20)
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
+
+    def with_validation(self, fraction: float, seed: int = 0) -> Dataset:
+        """A copy whose validation split is ``fraction`` of the training set.
+
+        The split is a fixed, seeded permutation (independent of any training
+        seed), so every arm of an experiment selects on the same examples.
+
+        Raises:
+          ValueError: ``fraction`` is not in (0, 1), the dataset already has
+            validation arrays, or the split would leave a side empty.
+        """
+        if self.x_val is not None:
+            raise ValueError(
+                "this Dataset already has validation arrays; pass validation=None "
+                "to use them."
+            )
+        n = len(self.x_train)
+        k = validation_size(n, fraction)
+        perm = np.random.default_rng([seed, 1729]).permutation(n)
+        val, train = np.sort(perm[:k]), np.sort(perm[k:])
+        return self._replace(
+            x_train=self.x_train[train],
+            y_train=self.y_train[train],
+            x_val=self.x_train[val],
+            y_val=self.y_train[val],
+        )
+
+
+def validation_size(n: int, fraction: float) -> int:
+    """Examples carved out for validation from ``n`` (checked)."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        raise TypeError(f"validation={fraction!r} must be a fraction, e.g. 0.1.")
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(
+            f"validation={fraction!r} must be a fraction in (0, 1) of the training "
+            "set, e.g. 0.1."
+        )
+    k = round(n * fraction)
+    if k < 1 or k >= n:
+        raise ValueError(
+            f"validation={fraction} of {n} training examples leaves an empty "
+            "split; use a fraction between 1/n and 1 - 1/n."
+        )
+    return k
 
 
 def load_digits(test_size: int = 360, seed: int = 0) -> Dataset:

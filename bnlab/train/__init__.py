@@ -1,24 +1,34 @@
-"""Training: config -> state -> one jitted step -> metrics and checkpoints."""
+"""Training: :func:`fit` trains your own Flax model on your data, seeds x
+hyper-parameters as arms of one program, on every device; :func:`load`
+reads a run back. :func:`fit_config` is ``bnlab train``'s preset path."""
 
+from bnlab.train.arms import Arm, make_arms
 from bnlab.train.checkpoint import Checkpointer, CheckpointMismatchError, NonFiniteError
 from bnlab.train.config import PRESETS, Config, ConfigError, load_config
-from bnlab.train.loop import fit
+from bnlab.train.loop import DATA_AXIS, FitResult, Loaded, fit, load
+from bnlab.train.presets import build_model, build_optimizer, fit_config
 from bnlab.train.rundir import DiskFullError, RunDirError
-from bnlab.train.state import TrainState, build_model, build_optimizer, init_state
+from bnlab.train.step import TrainState
 
 __all__ = [
+    "DATA_AXIS",
     "PRESETS",
+    "Arm",
     "CheckpointMismatchError",
     "Checkpointer",
     "Config",
     "ConfigError",
     "DiskFullError",
+    "FitResult",
+    "Loaded",
     "NonFiniteError",
     "RunDirError",
     "TrainState",
     "build_model",
     "build_optimizer",
     "fit",
-    "init_state",
+    "fit_config",
+    "load",
     "load_config",
+    "make_arms",
 ]

@@ -1,19 +1,21 @@
-"""Orbax checkpoints: save every N steps, keep K, verify, fall back past bad ones.
+"""Orbax checkpoints in orbax's standard layout, verified by SHA-256.
 
-Never pickle: arrays go through orbax's standard (tensorstore) format and the
-metadata (config, step, data position, tree layout, digests) through JSON.
+Layout of ``<workdir>/checkpoints/<step>/``:
+
+- ``state/``: one ``StandardSave`` item, the training state as the model's
+  own tree, every leaf with a leading axis of arms: ``params``,
+  ``batch_stats`` (and any other model collection), ``opt_state``, ``step``,
+  ``rng``, ``stopped_at``, ``interval``. Plain orbax restores it by name:
+  ``orbax.checkpoint.StandardCheckpointer().restore(".../checkpoints/100/state")``.
+- ``meta/``: a ``JsonSave`` item: the run's configuration and arms, the tree
+  layout, and a SHA-256 of every leaf of every arm (and of the metadata).
+
 orbax does not check array contents (a flipped byte in a saved array can
-restore silently), so every save records a SHA-256 of each array and of the
-metadata, and every restore checks them and finiteness before the state is
-used.
-
-Layout (format 2): one orbax item ``state`` = ``{"arrays": {dtype: flat},
-"meta_json": uint8}``: the leaves of each dtype concatenated in tree order,
-and the metadata as JSON bytes. orbax's cost grows with the number of arrays
-and items (measured on 2 CPU cores: 65 ms per save for a 31-leaf MLP state
-plus a JSON item, 25 ms in this layout), and a checkpoint every 200 steps of
-a small model is mostly that cost. ``meta["tree"]`` lists each leaf's path,
-shape and dtype, so the tree is rebuilt (and checked) against the model.
+restore silently), so every restore checks the digests and finiteness
+before the state is used. Sharded arrays are written by orbax from their
+shards, without gathering to one host; each process hashes the arm rows it
+holds and the digests are gathered (a few bytes per arm). Saves are
+asynchronous: training continues while orbax writes.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import contextlib
 import errno
 import hashlib
 import json
-import shutil
+import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,63 +34,123 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bnlab.train.rundir import DiskFullError
+from bnlab.train.rundir import DiskFullError, RunDirError
 
 __all__ = [
+    "FORMAT",
     "CheckpointMismatchError",
     "Checkpointer",
     "NonFiniteError",
+    "finalized_steps",
+    "leaf_path",
     "tree_signature",
 ]
 
 # meta keys written by every save; a checkpoint whose meta lacks one is unusable
-REQUIRED_META = ("config", "step", "data_position", "tree", "digests", "format")
-FORMAT = 2
+REQUIRED_META = ("config", "step", "tree", "digests", "format")
+FORMAT = 3
 
 
 class NonFiniteError(FloatingPointError):
-    """Training produced NaN/Inf; the message names the step."""
+    """Training produced NaN/Inf in every arm; the message names the step."""
 
 
 class CheckpointMismatchError(ValueError):
-    """A readable checkpoint whose arrays do not match the model (e.g. after a
-    code change); nothing is moved or deleted."""
+    """The checkpoints belong to another model or configuration; nothing is
+    moved or deleted."""
 
 
-def _host(leaf: Any) -> np.ndarray:
-    if hasattr(leaf, "addressable_data") and not getattr(
-        leaf, "is_fully_addressable", True
-    ):
-        leaf = leaf.addressable_data(0)  # replicated: every copy is the same
-    return np.asarray(leaf)
+# ------------------------------------------------------------------ trees
+
+
+def leaf_path(path: tuple) -> str:
+    """``"params/Dense_0/kernel"``: a pytree path as plain names, the same
+    for a NamedTuple field, a dict key or a list index (so a tree restored
+    by plain orbax, where NamedTuples become dicts, has the same paths)."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
 
 
 def _leaves(tree: Any) -> list[tuple[str, Any]]:
     return [
-        (jax.tree_util.keystr(path), leaf)
+        (leaf_path(path), leaf)
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
     ]
 
 
-def _signature(leaves: list[tuple[str, Any]]) -> list[list[Any]]:
+def tree_signature(tree: Any) -> list[list[Any]]:
+    """``[[path, shape, dtype], ...]`` of a pytree (arrays or abstract)."""
     return [
-        [path, list(np.shape(leaf)), str(np.asarray(leaf).dtype)]
-        if not hasattr(leaf, "dtype")
-        else [path, list(leaf.shape), str(leaf.dtype)]
-        for path, leaf in leaves
+        [path, list(np.shape(leaf)), str(np.dtype(leaf.dtype))]
+        for path, leaf in _leaves(tree)
     ]
 
 
-def tree_signature(tree: Any) -> list[list[Any]]:
-    """``[[path, shape, dtype], ...]`` of a pytree (no values)."""
-    return _signature(_leaves(tree))
-
-
-def _digest(a: np.ndarray) -> str:
-    a = np.ascontiguousarray(a)
-    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
-    h.update(a.view(np.uint8).reshape(-1) if a.size else b"")
+def _row_digest(row: np.ndarray) -> str:
+    row = np.ascontiguousarray(row)
+    h = hashlib.sha256(f"{row.dtype.str}{row.shape}".encode())
+    h.update(row.view(np.uint8).reshape(-1) if row.size else b"")
     return h.hexdigest()
+
+
+def _finite(a: np.ndarray) -> bool:
+    return not np.issubdtype(a.dtype, np.inexact) or bool(np.all(np.isfinite(a)))
+
+
+def _arm_rows(leaf: Any, n_arms: int) -> Iterable[tuple[int, np.ndarray]]:
+    """``(arm, row)`` for every arm row of ``leaf`` held by this process
+    (each once: only the first replica of a shard)."""
+    if isinstance(leaf, jax.Array):
+        for shard in leaf.addressable_shards:
+            if shard.replica_id != 0:
+                continue
+            data = np.asarray(shard.data)
+            start = shard.index[0].start or 0 if shard.index else 0
+            for i in range(data.shape[0]):
+                yield start + i, data[i]
+        return
+    data = np.asarray(leaf)
+    for i in range(n_arms):
+        yield i, data[i]
+
+
+def _digests(tree: Any, n_arms: int) -> tuple[dict[str, list[str]], list[bool]]:
+    """SHA-256 of every arm row of every leaf, and per arm whether all its
+    floating values are finite; gathered over processes."""
+    leaves = _leaves(tree)
+    raw = np.zeros((len(leaves), n_arms, 32), np.uint8)
+    have = np.zeros((len(leaves), n_arms), bool)
+    finite = np.ones(n_arms, bool)
+    for j, (_, leaf) in enumerate(leaves):
+        for arm, row in _arm_rows(leaf, n_arms):
+            raw[j, arm] = np.frombuffer(bytes.fromhex(_row_digest(row)), np.uint8)
+            have[j, arm] = True
+            finite[arm] &= _finite(row)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        all_raw, all_have, all_finite = (
+            np.asarray(a)
+            for a in multihost_utils.process_allgather((raw, have, finite))
+        )
+        pick = np.argmax(all_have, axis=0)  # a process that holds each row
+        raw = np.take_along_axis(all_raw, pick[None, :, :, None], 0)[0]
+        have = all_have.any(0)
+        finite = all_finite.all(0)
+    if not have.all():
+        raise RuntimeError("internal: some arm rows of the state were not hashed")
+    digests = {
+        path: [raw[j, a].tobytes().hex() for a in range(n_arms)]
+        for j, (path, _) in enumerate(leaves)
+    }
+    return digests, finite.tolist()
 
 
 def _meta_digest(meta: dict[str, Any]) -> str:
@@ -96,107 +158,144 @@ def _meta_digest(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def _finite(a: np.ndarray) -> bool:
-    return not np.issubdtype(a.dtype, np.inexact) or bool(np.all(np.isfinite(a)))
+def finalized_steps(directory: Path) -> list[int]:
+    """Steps with a finished checkpoint in ``directory`` (orbax's temporary
+    directories of a save that was interrupted are not checkpoints)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    except PermissionError:
+        raise RunDirError(
+            f"cannot read {directory}: permission denied. Fix its permissions "
+            f"(e.g. chmod -R u+rwX {directory}) and run again; nothing was moved."
+        ) from None
+    return sorted(int(n) for n in names if n.isdigit() and (directory / n).is_dir())
 
 
-def _all_finite(tree: Any) -> bool:
-    return all(_finite(_host(leaf)) for _, leaf in _leaves(tree))
-
-
-def _concat(arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """The arrays of each dtype raveled and concatenated, in order."""
-    out: dict[str, list[np.ndarray]] = {}
-    for a in arrays:
-        out.setdefault(str(a.dtype), []).append(a.reshape(-1))
-    return {k: np.concatenate(v) for k, v in out.items()}
-
-
-def _split(flat: dict[str, np.ndarray], tree: list) -> list[np.ndarray]:
-    """Inverse of :func:`_concat` for the leaves described by ``tree``."""
-    pos = dict.fromkeys(flat, 0)
-    out = []
-    for path, shape, dtype in tree:
-        size = int(np.prod(shape, dtype=np.int64))
-        if dtype not in flat or pos[dtype] + size > flat[dtype].size:
-            raise ValueError(f"the saved arrays are shorter than the layout ({path})")
-        out.append(flat[dtype][pos[dtype] : pos[dtype] + size].reshape(shape))
-        pos[dtype] += size
-    if any(pos[k] != flat[k].size for k in flat):
-        raise ValueError("the saved arrays are longer than the layout")
-    return out
-
-
-def _verify(leaves: list[np.ndarray], meta: dict[str, Any]) -> str | None:
-    saved = meta["digests"]
-    bad = [
-        path
-        for (path, _, _), a in zip(meta["tree"], leaves, strict=True)
-        if saved.get(path) != _digest(a)
-    ]
-    if bad:
-        return (
-            f"array(s) {bad[:5]} do not match the SHA-256 recorded when the "
-            "checkpoint was saved (bytes changed on disk)"
-        )
-    if not all(_finite(a) for a in leaves):
-        return "it holds NaN/Inf"
-    return None
+# -------------------------------------------------------------- errors
 
 
 def _is_disk_full(e: BaseException) -> bool:
-    text = str(e)
-    return (
-        getattr(e, "errno", None) == errno.ENOSPC
-        or "No space left" in text
-        or "RESOURCE_EXHAUSTED" in text
-    )
+    while e is not None:
+        text = str(e)
+        if (
+            getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+            or "No space left" in text
+            or "RESOURCE_EXHAUSTED" in text
+        ):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _permission_problem(e: BaseException) -> bool:
+    while e is not None:
+        if isinstance(e, PermissionError) or getattr(e, "errno", None) in (
+            errno.EACCES,
+            errno.EPERM,
+            errno.EROFS,
+        ):
+            return True
+        if "Permission denied" in str(e) or "PERMISSION_DENIED" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _unreadable(path: Path) -> Path | None:
+    """The first file or directory under ``path`` this process cannot read."""
+    if not os.access(path, os.R_OK | os.X_OK):
+        return path
+    for root, dirs, files in os.walk(path, onerror=lambda e: None):
+        for d in dirs:
+            if not os.access(Path(root) / d, os.R_OK | os.X_OK):
+                return Path(root) / d
+        for f in files:
+            if not os.access(Path(root) / f, os.R_OK):
+                return Path(root) / f
+    return None
+
+
+@contextlib.contextmanager
+def io_errors(what: str, directory: Path):
+    """Maps a full disk / no permission while writing to :class:`DiskFullError`
+    (exit 6): one line, earlier checkpoints are kept."""
+    try:
+        yield
+    except (OSError, RuntimeError, ValueError) as e:
+        if _is_disk_full(e):
+            raise DiskFullError(
+                f"disk full while {what} in {directory}; earlier checkpoints are "
+                "kept. Free space and run the same command again to resume."
+            ) from None
+        if _permission_problem(e):
+            raise DiskFullError(
+                f"permission denied while {what} in {directory}; earlier "
+                "checkpoints are kept. Fix the permissions and run again to resume."
+            ) from None
+        raise
+
+
+# ---------------------------------------------------------- checkpointer
 
 
 class Checkpointer:
-    """A thin wrapper over ``ocp.CheckpointManager`` with verified resume.
+    """Verified, asynchronous orbax checkpoints of an arm-stacked state.
 
     Args:
-      directory: where step directories go.
+      directory: where step directories go (``<workdir>/checkpoints``).
       keep: how many checkpoints to keep.
+      n_arms: the leading (arms) size of every leaf.
+      async_save: write in the background (orbax's async checkpointing).
     """
 
-    def __init__(self, directory: str | Path, keep: int):
+    def __init__(self, directory: str | Path, keep: int, n_arms: int, async_save=True):
         self.directory = Path(directory).absolute()
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-            item_names=("state", "meta"),
-        )
+        self.n_arms = n_arms
+        finalized_steps(self.directory)  # readable, or RunDirError now
+        with io_errors("opening the checkpoint directory", self.directory):
+            self._manager = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=keep,
+                    create=True,
+                    enable_async_checkpointing=async_save,
+                ),
+                item_names=("state", "meta"),
+            )
 
-    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Saves asynchronously, with digests; refuses non-finite state.
+    # ---------------------------------------------------------------- save
+
+    def save(self, step: int, tree: Any, meta: dict[str, Any]) -> None:
+        """Saves ``tree`` (arm-stacked leaves) at ``step`` with digests.
 
         Raises:
-          NonFiniteError: ``state`` holds NaN/Inf (nothing is written).
-          RunDirError: the disk is full or not writable (earlier checkpoints
-            are kept).
+          NonFiniteError: an arm's state holds NaN/Inf (nothing is written).
+          DiskFullError: the disk is full or not writable (earlier
+            checkpoints are kept).
         """
-        leaves = [(path, _host(leaf)) for path, leaf in _leaves(state)]
-        if not all(_finite(a) for _, a in leaves):
+        digests, finite = _digests(tree, self.n_arms)
+        if not all(finite):
+            bad = [i for i, ok in enumerate(finite) if not ok]
             raise NonFiniteError(
-                f"state after step {step} holds NaN/Inf; not checkpointed. Lower the "
-                "learning rate or check the data."
+                f"state after step {step} holds NaN/Inf in arm(s) {bad}; not "
+                "checkpointed."
             )
         meta = {
             **meta,
+            "step": step,
             "format": FORMAT,
-            "tree": _signature(leaves),
-            "digests": {p: _digest(a) for p, a in leaves},
+            "tree": tree_signature(tree),
+            "digests": digests,
         }
         meta["meta_digest"] = _meta_digest(meta)
-        item = {
-            "arrays": _concat([a for _, a in leaves]),
-            "meta_json": np.frombuffer(json.dumps(meta).encode(), np.uint8),
-        }
-        with self._io_errors(f"writing checkpoint {step}"):
+        with io_errors(f"writing checkpoint {step}", self.directory):
             saved = self._manager.save(
-                step, args=ocp.args.Composite(state=ocp.args.StandardSave(item))
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)
+                ),
             )
         if not saved:
             raise RuntimeError(
@@ -204,143 +303,211 @@ class Checkpointer:
                 f"{self.directory})."
             )
 
-    def restore_latest(
-        self, target: Any, check_meta: Callable[[dict[str, Any]], None] | None = None
-    ) -> tuple[Any, dict[str, Any]] | None:
-        """Newest verified checkpoint as ``(host state, meta)``, or None.
+    # ------------------------------------------------------------- restore
 
-        ``check_meta`` sees each candidate's metadata first; what it raises
-        (e.g. a config mismatch) propagates untouched. A checkpoint whose
-        arrays do not match ``target`` (or written in another format) raises
-        :class:`CheckpointMismatchError` (nothing moved). A checkpoint that
+    def steps(self) -> list[int]:
+        """Finished checkpoints, oldest first."""
+        return finalized_steps(self.directory)
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The metadata of ``step`` (checked: required keys, digest).
+
+        Raises:
+          ValueError: unreadable, or not consistent (a corrupt checkpoint).
+          RunDirError: permission denied.
+        """
+        self._check_readable(step)
+        try:
+            meta = self._manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )["meta"]
+        except Exception as e:  # orbax raises many types for corrupt files
+            if _permission_problem(e):
+                raise self._permission_error(step) from None
+            raise ValueError(f"{type(e).__name__}: {str(e)[:200]}") from None
+        problem = _meta_problem(meta, step)
+        if problem:
+            raise ValueError(problem)
+        return meta
+
+    def restore_latest(
+        self,
+        target: Any,
+        check_meta: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> tuple[Any, dict[str, Any]] | None:
+        """Newest verified checkpoint as ``(state, meta)``, or None.
+
+        ``target`` is the state's abstract tree (``jax.ShapeDtypeStruct`` s
+        with shardings): arrays come back placed like it. ``check_meta``
+        sees each candidate's metadata first and returns False for a
+        checkpoint of another configuration (set aside when an older one
+        matches; when none matches, :class:`CheckpointMismatchError` and
+        nothing moves). A checkpoint whose arrays do not match ``target``
+        raises :class:`CheckpointMismatchError` (nothing moved). One that
         cannot be read, has inconsistent metadata, or whose arrays fail their
-        digest or hold NaN/Inf is moved to ``<directory>/../corrupt/<step>``
-        with a warning naming it, and the previous one is tried: nothing is
-        deleted.
+        digest or hold NaN/Inf is moved to ``<directory>/../corrupt/`` (never
+        over an earlier copy) with a warning, and the previous one is tried.
+        Unreadable for lack of permission: :class:`RunDirError`, nothing moved.
         """
         signature = tree_signature(target)
-        for step in sorted(self._manager.all_steps(), reverse=True):
-            if (self.directory / str(step) / "meta").is_dir():
-                raise CheckpointMismatchError(
-                    f"checkpoint {self.directory / str(step)} was written by bnlab "
-                    "0.1 (separate 'state' and 'meta' items); this version cannot "
-                    "resume it. Finish that run with bnlab 0.1, or use a new "
-                    "--workdir. Nothing was moved."
-                )
+        candidates = sorted(self.steps(), reverse=True)
+        metas: dict[int, dict | str] = {}
+        for step in candidates:
             try:
-                arrays, meta = self._read(step)
-            except Exception as e:  # orbax raises many types for corrupt files
-                self._set_aside(step, f"{type(e).__name__}: {str(e)[:200]}")
+                metas[step] = self.read_meta(step)
+            except ValueError as e:
+                metas[step] = str(e)
+        usable = {
+            s: m
+            for s, m in metas.items()
+            if isinstance(m, dict) and (check_meta is None or check_meta(m))
+        }
+        foreign = [
+            s for s, m in metas.items() if isinstance(m, dict) and s not in usable
+        ]
+        if foreign and not usable:
+            raise CheckpointMismatchError(
+                f"{self.directory} holds checkpoints {foreign} of another run "
+                "configuration (a different model, data, arms or hyper-parameters); "
+                "use a new --workdir, or the configuration that wrote them. Nothing "
+                "was moved."
+            )
+        for step in candidates:
+            meta = metas[step]
+            if isinstance(meta, str):
+                self._set_aside(step, meta)
                 continue
-            problem = _meta_problem(meta, step)
-            if problem:
-                self._set_aside(step, problem)
+            if step in foreign:
+                self._set_aside(
+                    step,
+                    "it was written by another run configuration, and older "
+                    "checkpoints match this one",
+                )
                 continue
-            if check_meta is not None:
-                check_meta(meta)
             if meta["tree"] != signature:
                 raise CheckpointMismatchError(_mismatch_message(step, meta, signature))
             try:
-                leaves = _split(arrays, meta["tree"])
-            except ValueError as e:
-                self._set_aside(step, str(e))
+                state = self._manager.restore(
+                    step,
+                    args=ocp.args.Composite(state=ocp.args.StandardRestore(target)),
+                )["state"]
+            except Exception as e:
+                if _permission_problem(e):
+                    raise self._permission_error(step) from None
+                self._set_aside(step, f"{type(e).__name__}: {str(e)[:200]}")
                 continue
-            problem = _verify(leaves, meta)
+            problem = _verify(state, meta, self.n_arms)
             if problem:
                 self._set_aside(step, problem)
                 continue
-            state = jax.tree.unflatten(jax.tree.structure(target), leaves)
             return state, meta
         return None
 
-    def _read(self, step: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        item = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
-        ).state
-        meta = json.loads(np.asarray(item["meta_json"], np.uint8).tobytes())
-        if not isinstance(meta, dict):
-            raise ValueError("metadata is not a JSON object")
-        return {k: np.asarray(v) for k, v in item["arrays"].items()}, meta
+    def _check_readable(self, step: int) -> None:
+        if _unreadable(self.directory / str(step)) is not None:
+            raise self._permission_error(step)
 
-    def all_steps(self) -> list[int]:
-        return sorted(self._manager.all_steps())
-
-    def restore_raw(self, step: int) -> dict[str, np.ndarray]:
-        """The saved arrays of ``step`` by leaf path (for inspection)."""
-        arrays, meta = self._read(step)
-        leaves = _split(arrays, meta["tree"])
-        return {path: a for (path, _, _), a in zip(meta["tree"], leaves, strict=True)}
+    def _permission_error(self, step: int) -> RunDirError:
+        path = _unreadable(self.directory / str(step)) or self.directory / str(step)
+        return RunDirError(
+            f"cannot read checkpoint {step}: permission denied on {path}. Fix the "
+            f"permissions (e.g. chmod -R u+rwX {self.directory}) and run again; "
+            "nothing was moved."
+        )
 
     def _set_aside(self, step: int, why: str) -> None:
-        aside = self.directory.parent / "corrupt" / str(step)
+        """Moves checkpoint ``step`` to ``corrupt/<step>[.<n>]`` (a new name,
+        never over an earlier copy), or fails with nothing moved."""
+        src = self.directory / str(step)
+        corrupt = self.directory.parent / "corrupt"
+        aside = corrupt / str(step)
+        n = 0
+        while aside.exists():
+            n += 1
+            aside = corrupt / f"{step}.{n}"
+        older = [s for s in self.steps() if s < step]
+        then = (
+            f"falling back to checkpoint {max(older)}"
+            if older
+            else "no older checkpoint is left: training starts from step 0"
+        )
+        if jax.process_index() == 0:
+            try:
+                corrupt.mkdir(exist_ok=True)
+                os.rename(src, aside)
+            except OSError as e:
+                raise RunDirError(
+                    f"checkpoint {step} in {self.directory} cannot be restored "
+                    f"({why}), and it cannot be moved aside to {aside} "
+                    f"({e.strerror}); nothing was moved. Fix the permissions of "
+                    f"{self.directory.parent} and run again."
+                ) from None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"bnlab set aside {step}")
         warnings.warn(
-            f"checkpoint step {step} in {self.directory / str(step)} cannot be "
-            f"restored ({why}); moved it to {aside} and falling back to the "
-            "previous checkpoint.",
+            f"checkpoint {step} in {self.directory} cannot be restored ({why}); "
+            f"moved it to {aside}; {then}.",
             RuntimeWarning,
             stacklevel=3,
         )
-        if jax.process_index() == 0:
-            aside.parent.mkdir(parents=True, exist_ok=True)
-            if aside.exists():
-                shutil.rmtree(aside)
-            shutil.move(str(self.directory / str(step)), str(aside))
         self._manager.reload()
 
-    @contextlib.contextmanager
-    def _io_errors(self, what: str):
-        try:
-            yield
-        except (OSError, RuntimeError, ValueError) as e:
-            if _is_disk_full(e):
-                raise DiskFullError(
-                    f"disk full while {what} in {self.directory}; earlier "
-                    "checkpoints are kept. Free space and run the same command "
-                    "again to resume."
-                ) from None
-            if isinstance(e, PermissionError):
-                raise DiskFullError(
-                    f"permission denied while {what} in {self.directory}."
-                ) from None
-            raise
+    # ------------------------------------------------------------- finish
 
     def wait(self) -> None:
-        with self._io_errors("finishing a checkpoint"):
+        with io_errors("finishing a checkpoint", self.directory):
             self._manager.wait_until_finished()
 
     def close(self) -> None:
+        """Waits for the save in flight, then closes (errors mapped like
+        :meth:`save`'s)."""
         try:
             self.wait()
         finally:
-            self._manager.close()
+            with io_errors("closing the checkpoints", self.directory):
+                self._manager.close()
 
 
-def _meta_problem(meta: dict[str, Any], step: int) -> str | None:
+def _verify(state: Any, meta: dict[str, Any], n_arms: int) -> str | None:
+    digests, finite = _digests(state, n_arms)
+    saved = meta["digests"]
+    bad = sorted(p for p, d in digests.items() if saved.get(p) != d)
+    if bad:
+        return (
+            f"array(s) {bad[:5]} do not match the SHA-256 recorded when the "
+            "checkpoint was saved (bytes changed on disk)"
+        )
+    if not all(finite):
+        return "it holds NaN/Inf"
+    return None
+
+
+def _meta_problem(meta: Any, step: int) -> str | None:
+    if not isinstance(meta, dict):
+        return "its metadata is not a JSON object"
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         return f"its metadata lacks {missing}"
-    if "meta_digest" in meta and meta["meta_digest"] != _meta_digest(meta):
+    if meta.get("meta_digest") != _meta_digest(meta):
         return "its metadata does not match the SHA-256 recorded at save time"
     if meta["format"] != FORMAT:
         return f"its metadata says format {meta['format']!r}, not {FORMAT}"
     if not isinstance(meta["config"], dict) or not isinstance(meta["tree"], list):
         return "its metadata 'config' / 'tree' have the wrong type"
-    if meta["step"] != step or meta["data_position"] != step:
-        return (
-            f"its metadata says step {meta['step']}, data position "
-            f"{meta['data_position']}, but it is stored as step {step}"
-        )
+    if meta["step"] != step:
+        return f"its metadata says step {meta['step']}, but it is stored as step {step}"
     return None
 
 
 def _mismatch_message(step: int, meta: dict[str, Any], signature: list) -> str:
-    saved = {p: (s, d) for p, s, d in meta["tree"]}
-    now = {p: (s, d) for p, s, d in signature}
+    saved = {p: (tuple(s), d) for p, s, d in meta["tree"]}
+    now = {p: (tuple(s), d) for p, s, d in signature}
     diffs = [f"{p}: missing from the model" for p in sorted(set(saved) - set(now))]
     diffs += [f"{p}: not in the checkpoint" for p in sorted(set(now) - set(saved))]
     diffs += [
-        f"{p}: checkpoint {saved[p][1]}{tuple(saved[p][0])} vs model "
-        f"{now[p][1]}{tuple(now[p][0])}"
+        f"{p}: checkpoint {saved[p][1]}{saved[p][0]} vs model {now[p][1]}{now[p][0]}"
         for p in sorted(set(saved) & set(now))
         if saved[p] != now[p]
     ]
@@ -349,5 +516,55 @@ def _mismatch_message(step: int, meta: dict[str, Any], signature: list) -> str:
     )
     return (
         f"checkpoint {step} was saved from a different model ({shown}). Nothing was "
-        "moved: restore it with the code/config that wrote it, or use a new --workdir."
+        "moved: restore it with the code that wrote it, or use a new --workdir."
     )
+
+
+# ---------------------------------------------------------------- load
+
+
+def read_state(
+    directory: Path, step: int | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A verified checkpoint as host (numpy) arrays, without the model:
+    ``(tree, meta)`` of ``step`` (default: the newest finished one).
+
+    Raises:
+      FileNotFoundError: no such checkpoint.
+      ValueError: it fails its digests or its metadata is inconsistent.
+    """
+    directory = Path(directory).absolute()
+    steps = finalized_steps(directory)
+    if not steps:
+        raise FileNotFoundError(f"{directory} holds no finished checkpoint.")
+    if step is None:
+        step = steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(
+            f"{directory} has no checkpoint {step}; it has steps {steps}."
+        )
+    manager = ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(read_only=True),
+        item_names=("state", "meta"),
+    )
+    try:
+        meta = manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        )["meta"]
+        problem = _meta_problem(meta, step)
+        if problem:
+            raise ValueError(f"checkpoint {step} in {directory}: {problem}.")
+        layout = manager.item_metadata(step)["state"]
+        layout = getattr(layout, "tree", layout)
+        target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), layout)
+        tree = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )["state"]
+    finally:
+        manager.close()
+    n_arms = len(meta["config"].get("arms", [None]))
+    problem = _verify(tree, meta, n_arms)
+    if problem:
+        raise ValueError(f"checkpoint {step} in {directory}: {problem}.")
+    return tree, meta

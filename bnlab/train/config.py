@@ -51,7 +51,13 @@ _RANGES = (
     ("seed", 0, 2**32 - 1, False),
     ("steps", 1, 10**9, False),
     ("batch_size", 1, 10**7, False),
+    ("width", 1, 2**16, False),
+    ("depth", 1, 1000, False),
+    ("validation", 0.0, 0.5, False),
 )
+# The largest model a config may build (float32 parameters): beyond this a
+# typo (width=1e9) would abort, hang or exhaust memory instead of failing.
+MAX_PARAMETERS = 10**9
 
 # Fields that change the computation: a workdir's checkpoints only resume
 # under a config that agrees on all of them.
@@ -97,6 +103,8 @@ class Config:
       keep_checkpoints: how many checkpoints to keep.
       eval_every: evaluate every N steps (and at the end).
       eval_batch_stats: also evaluate with test-batch statistics.
+      validation: fraction of the training set held out as the validation
+        split (records ``val_*``); 0 for none.
     """
 
     dataset: str = "digits"
@@ -128,6 +136,7 @@ class Config:
     keep_checkpoints: int = 3
     eval_every: int = 200
     eval_batch_stats: bool = False
+    validation: float = 0.0
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -191,6 +200,15 @@ class Config:
             )
         if self.model == "resnet20" and norm_spec(self.norm)[0] == "none":
             raise ConfigError("model='resnet20' always uses BN: set norm='before'.")
+        if self.model == "mlp":
+            inputs = 784 if self.dataset in ("fashion_mnist", "mnist") else 64
+            n = inputs * self.width + (self.depth - 1) * self.width**2 + 10 * self.width
+            if n > MAX_PARAMETERS:
+                raise ConfigError(
+                    f"width={self.width}, depth={self.depth} make an MLP of {n:.2g} "
+                    f"parameters ({4 * n / 2**30:.3g} GiB); the limit is "
+                    f"{MAX_PARAMETERS:.0e}. Use a smaller width or depth."
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -354,8 +372,20 @@ def load_config(spec: str | None = None, overrides: list[str] | None = None) -> 
         if spec in PRESETS:
             base = dict(PRESETS[spec])
         elif os.path.exists(spec):
+            if os.path.isdir(spec):
+                raise ConfigError(
+                    f"--config {spec} is a directory; give a preset name or a JSON file."
+                )
             try:
-                base = json.loads(Path(spec).read_text())
+                base = json.loads(Path(spec).read_text(encoding="utf-8"))
+            except UnicodeDecodeError:
+                raise ConfigError(
+                    f"config file {spec} is not UTF-8 text; give a JSON file."
+                ) from None
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot read config file {spec}: {e.strerror}."
+                ) from None
             except json.JSONDecodeError as e:
                 raise ConfigError(
                     f"config file {spec} is not valid JSON: {e}"

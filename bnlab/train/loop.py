@@ -1,353 +1,1021 @@
-"""``fit``: data -> step -> metrics/checkpoints, resumable bit-exactly.
+"""``fit``: a researcher's own Flax model and data, seeds x hyper-parameters
+as arms of one vmapped program, on every local device, resumable bit-exactly.
 
-The host never waits for a step's values except at evaluation / checkpoint
-points: train metrics are summed on the device (:class:`Interval`), one step
-is kept in flight while the next batch is prepared, and on a single device
-the whole training set stays on the device and each step gathers its rows.
+One path for a batch: example indices (a pure function of the arm's seed and
+the step) -> the examples (gathered on the device when the data fits there,
+read from the source by the host otherwise) -> ``vmap`` of one arm's step
+over the arms, ``lax.scan`` over the steps between two evaluation or
+checkpoint points -> evaluation and records -> an orbax checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import hashlib
 import json
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from bnlab import data as bn_data
-from bnlab.parallel import DataParallel
-from bnlab.train.checkpoint import Checkpointer, NonFiniteError
-from bnlab.train.config import RUN_LENGTH_FIELDS, Config, ConfigError
+from bnlab import parallel as bn_parallel
+from bnlab.data import pipeline
+from bnlab.data.sources import Dataset, validation_size
+from bnlab.train.arms import Arm, make_arms, stacked
+from bnlab.train.checkpoint import (
+    Checkpointer,
+    NonFiniteError,
+    finalized_steps,
+    read_state,
+)
+from bnlab.train.model import model_fns
 from bnlab.train.rundir import (
     METRICS_FILE,
+    RunLock,
     append_record,
     check_run_dir,
-    lock_run_dir,
     read_records,
     rewrite_records,
+    write_json,
 )
-from bnlab.train.state import TrainState, build_model, build_optimizer, init_state
-from bnlab.train.step import Interval, make_eval_step, make_train_step, with_interval
+from bnlab.train.step import (
+    Interval,
+    TrainState,
+    default_loss,
+    make_arm_eval,
+    make_arm_step,
+    metric_names,
+)
 
-__all__ = ["METRICS_FILE", "fit"]
+__all__ = ["DATA_AXIS", "FitResult", "Loaded", "fit", "load"]
 
-# Keep a single-device training set on the device up to this size.
+DATA_AXIS = bn_parallel.DATA
+# A training set up to this size (per device) is kept on the device and each
+# step gathers its rows there; larger ones are read by the host per step.
 DEVICE_DATA_BYTES = 2**30
+# Keys of the run configuration that may change between a run and its resume.
+RUN_LENGTH_KEYS = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints")
+_RESERVED = ("opt_state", "step", "rng", "stopped_at", "interval")
 
 
-def _same_run(saved: dict[str, Any], config: Config) -> list[str]:
-    now = config.to_dict()
-    return sorted(
-        k for k in now if k not in RUN_LENGTH_FIELDS and saved.get(k) != now[k]
+class FitResult(NamedTuple):
+    """What :func:`fit` returns.
+
+    Attributes:
+      variables: the final variables (``params``, ``batch_stats``, ...) as
+        numpy arrays with a leading axis of arms.
+      arms: the arms, in the order of that axis.
+      records: every record of ``metrics.jsonl`` (one per evaluation and arm).
+      stopped_at: per arm, None, or the step whose loss or state was not
+        finite (the arm kept its last finite state).
+      step: the step the run reached.
+    """
+
+    variables: dict
+    arms: list[Arm]
+    records: list[dict]
+    stopped_at: list[int | None]
+    step: int
+
+    def arm(self, i: int) -> dict:
+        """The variables of arm ``i``, as ``model.apply`` takes them."""
+        return jax.tree.map(lambda a: a[i], self.variables)
+
+    def curve(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, values (evaluations, arms))`` of a record key (NaN where
+        absent or null), e.g. ``result.curve("val_accuracy")``."""
+        steps = sorted({r["step"] for r in self.records})
+        pos = {s: i for i, s in enumerate(steps)}
+        out = np.full((len(steps), len(self.arms)), np.nan)
+        for r in self.records:
+            v = r.get(key)
+            if v is not None:
+                out[pos[r["step"]], r["arm"]] = v
+        return np.asarray(steps), out
+
+
+# ------------------------------------------------------------------- data
+
+
+class _Splits(NamedTuple):
+    """Training data as arrays (in memory) or sources (streamed)."""
+
+    train: Any  # (x, y) arrays or a Source
+    val: Any | None
+    test: Any | None
+    num_classes: int
+    in_memory: bool
+
+
+def _splits(data: Any, validation: float | None) -> _Splits:
+    if isinstance(data, Dataset):
+        ds = data
+        if validation is not None:
+            ds = ds.with_validation(validation)
+        val = None if ds.x_val is None else (ds.x_val, ds.y_val)
+        test = None if ds.x_test is None else (ds.x_test, ds.y_test)
+        return _Splits((ds.x_train, ds.y_train), val, test, int(ds.num_classes), True)
+    if isinstance(data, pipeline.StreamingDataset):
+        train, val = data.train, data.val
+        if validation is not None:
+            if val is not None:
+                raise ValueError(
+                    "this StreamingDataset already has a validation source; pass "
+                    "validation=None to use it."
+                )
+            n = len(train)
+            k = validation_size(n, validation)
+            perm = np.random.default_rng([0, 1729]).permutation(n)
+            val = pipeline.Subset(train, np.sort(perm[:k]))
+            train = pipeline.Subset(train, np.sort(perm[k:]))
+        return _Splits(train, val, data.test, int(data.num_classes), False)
+    raise TypeError(
+        f"data must be a bnlab.data.Dataset (arrays in memory) or a "
+        f"bnlab.data.StreamingDataset (sources read by index), got "
+        f"{type(data).__name__}."
     )
 
 
-def _devices() -> dict[str, int]:
-    return {"devices": jax.device_count(), "processes": jax.process_count()}
+def _length(split: Any) -> int:
+    return len(split[0]) if isinstance(split, tuple) else len(split)
+
+
+def _read(split: Any, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(split, tuple):
+        return split[0][indices], split[1][indices]
+    return pipeline.read(split, indices)
+
+
+def _fingerprint(split: Any) -> str:
+    """A cheap identity of the training data (its labels and up to 256
+    evenly spaced examples), checked when a run resumes."""
+    n = _length(split)
+    rows = np.unique(np.linspace(0, n - 1, min(n, 256)).astype(np.int64))
+    x, y = _read(split, rows)
+    h = hashlib.sha256(str(n).encode())
+    h.update(np.ascontiguousarray(x).view(np.uint8).reshape(-1))
+    h.update(np.ascontiguousarray(y).view(np.uint8).reshape(-1))
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------- arguments
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer.")
+    return int(value)
+
+
+def _as_optimizer(optimizer: Any) -> Callable[[dict], optax.GradientTransformation]:
+    if isinstance(optimizer, optax.GradientTransformation):
+        return lambda hp: optimizer
+    if callable(optimizer):
+        return optimizer
+    raise TypeError(
+        "optimizer must be an optax.GradientTransformation or a function of the "
+        "arm's hyper-parameters returning one, e.g. lambda hp: optax.sgd(hp['lr'])."
+    )
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Everything :func:`fit` derives from its arguments before any work."""
+
+    fns: Any
+    arms: list[Arm]
+    hp: dict[str, np.ndarray]
+    splits: _Splits
+    loss_fn: Callable
+    metrics: list[str]
+    layout: bn_parallel.ArmsLayout
+    config: dict
+    on_device: bool
+
+
+# -------------------------------------------------------------------- fit
 
 
 def fit(
-    config: Config,
+    model: Any,
+    data: Dataset | pipeline.StreamingDataset,
     workdir: str | Path,
+    *,
+    optimizer: optax.GradientTransformation | Callable[[dict], Any],
+    steps: int,
+    batch_size: int,
+    seeds: Sequence[int] | int = (0,),
+    hparams: Mapping[str, Sequence[float]]
+    | Sequence[Mapping[str, float]]
+    | None = None,
+    eval_every: int | None = None,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int = 3,
+    validation: float | None = None,
+    loss: Callable[[Any, Any], Any] | None = None,
+    parallel: str = "auto",
+    mesh: jax.sharding.Mesh | None = None,
+    devices: Sequence[Any] | None = None,
+    bn_group_size: int = 0,
+    probe: Callable[[dict, dict], Any] | None = None,
+    train_kwargs: Callable[[jax.Array, dict], dict] | None = None,
+    post_init: Callable[[dict, dict], dict] | None = None,
+    rng_streams: Sequence[str] = ("dropout",),
+    eval_at_start: bool = False,
+    eval_batch_size: int = 1000,
+    eval_train: int = 0,
+    eval_batch_stats: bool = False,
+    steps_per_call: int | None = None,
+    unroll: int | bool = 1,
+    config: Mapping[str, Any] | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
-) -> TrainState:
-    """Trains (or resumes) the run in ``workdir``; returns the final host state.
+) -> FitResult:
+    """Trains (or resumes) every arm of a model in ``workdir``.
 
-    Writes ``config.json``, ``metrics.jsonl`` (one JSON record per evaluation;
-    ``train_loss`` / ``train_accuracy`` are means over the steps since the
-    previous record) and orbax checkpoints under ``checkpoints/``. If
-    ``workdir`` holds checkpoints of the same run, training resumes from the
-    newest verified one and ends with bit-identical results to an
-    uninterrupted run. One run at a time may use a ``workdir``.
+    Arms are ``seeds x hparams``: with ``seeds=(0, 1, 2)`` and
+    ``hparams={"lr": [0.1, 0.3]}`` six models train as one vmapped program.
+    An arm's seed fixes its initialization and its data order (arms with the
+    same seed are paired). If ``workdir`` holds checkpoints of the same run,
+    training resumes from the newest verified one and ends with the same
+    bits as an uninterrupted run. One run at a time may use a ``workdir``.
+
+    Writes ``config.json``, ``metrics.jsonl`` (one JSON record per
+    evaluation and arm: ``step``, ``arm``, ``seed``, ``hparams``, the mean
+    ``train_loss`` and ``train_<metric>`` since the previous record,
+    ``val_*`` / ``test_*`` loss and metrics with running statistics,
+    ``steps_per_sec``; metrics of an arm that stopped are null) and orbax
+    checkpoints in ``checkpoints/<step>/state`` (the model's own tree by
+    name; :func:`load` reads them back).
+
+    Devices: by default every device, one mesh ``arms x data`` chosen by
+    :func:`bnlab.parallel.arms_layout` (arms spread first, then each arm's
+    batch split with exact global statistics).
 
     Args:
-      config: the run.
-      workdir: output directory (created).
-      on_progress: called after every step with ``step``, ``total``,
-        ``rate`` (steps/s after compilation, or None), ``eta`` (seconds or
-        None) and the last record's ``train_loss`` / ``test_accuracy`` (or
-        None); it never waits for the device.
+      model: a ``flax.linen.Module`` called as ``model.apply(variables, x,
+        train=bool)``, or a function ``rngs -> flax.nnx.Module`` (switched
+        with ``.train()`` / ``.eval()``).
+      data: a :class:`bnlab.data.Dataset` (arrays) or a
+        :class:`bnlab.data.StreamingDataset` (sources read by index).
+      workdir: the run directory (created).
+      optimizer: an optax transformation, or ``hparams -> transformation``
+        (the arm's hyper-parameters as traced scalars).
+      steps: total training steps per arm.
+      batch_size: examples per step and arm.
+      seeds: the arms' seeds.
+      hparams: a grid ``{name: [values]}`` or a list of settings.
+      eval_every: steps between evaluations (and at the end); default
+        ``steps // 10``.
+      checkpoint_every: steps between checkpoints (and at the end); default
+        ``eval_every``.
+      keep_checkpoints: how many checkpoints to keep.
+      validation: carve this fraction of the training set out as the
+        validation split (fixed, seed-independent), unless ``data`` has one.
+      loss: ``(outputs, targets) -> mean loss`` or ``(loss, {metric:
+        value})``; default softmax cross-entropy with accuracy on integer
+        labels (``num_classes > 0``), mean squared error otherwise.
+      parallel: ``"auto"``, ``"shard_map"`` or ``"pmap"`` (see
+        :class:`bnlab.parallel.ArmsLayout`; the last two need BN layers with
+        ``axis_name=bnlab.train.DATA_AXIS``).
+      mesh: an explicit mesh with axes ``("arms", "data")``.
+      devices: the devices to use (default all; ``jax.devices()[:1]`` for
+        one).
+      bn_group_size: shard_map / pmap: devices per BN statistics group.
+      probe: ``(variables, hparams) -> pytree`` computed per arm at every
+        evaluation, recorded under ``"probe"``.
+      train_kwargs: ``(step, hparams) -> dict`` of extra keyword arguments of
+        the model in training.
+      post_init: ``(variables, hparams) -> variables`` applied to each arm's
+        initial variables.
+      rng_streams: Linen RNG streams drawn in training (each step folds the
+        arm's key with the step).
+      eval_at_start: also evaluate before the first step.
+      eval_batch_size: examples per evaluation batch.
+      eval_train: also evaluate this many training examples (a fixed subset)
+        with running statistics: records ``trainset_*``.
+      eval_batch_stats: also evaluate the test set with each batch's own
+        statistics: records ``test_batch_stats_*``.
+      steps_per_call: steps per compiled call (scanned); default: up to the
+        next evaluation or checkpoint, at most 100 (1 for streamed data).
+      unroll: ``lax.scan``'s unroll (``True`` for small conv nets on XLA:CPU,
+        which runs convolutions slowly inside loops).
+      config: your own description of the run (JSON), recorded in
+        ``config.json``; a resume must agree on it.
+      on_progress: called after every compiled call with ``step``,
+        ``total``, ``rate`` (steps/s after compilation, or None), ``eta``
+        and the last record's means over arms (``train_loss``,
+        ``val_accuracy`` / ``test_accuracy`` when present).
 
     Returns:
-      The final :class:`TrainState` as host arrays.
+      A :class:`FitResult`.
 
     Raises:
-      ConfigError: before any work, if the config cannot run here.
-      RunDirError: the run directory is in use or unusable, or the disk is
-        full (earlier checkpoints are kept).
-      CheckpointMismatchError: the checkpoints were written by a different
-        model; nothing is moved.
-      NonFiniteError: the loss became NaN/Inf (names the step); no checkpoint
-        with non-finite values is written. Checked at evaluation and
-        checkpoint steps, so the run stops at the next of those.
+      ValueError / TypeError: before any work, for arguments that cannot run.
+      RunDirError: the run directory is in use, unusable, or replaced while
+        running; DiskFullError: the disk is full (earlier checkpoints kept).
+      CheckpointMismatchError: the checkpoints belong to another model or
+        configuration; nothing is moved.
+      NonFiniteError: every arm's loss became NaN/Inf (names the steps).
+
+    Example:
+      >>> import flax.linen as nn, numpy as np, optax, tempfile, bnlab.linen
+      >>> from bnlab.data import Dataset
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train):
+      ...         x = nn.Dense(16)(x)
+      ...         x = bnlab.linen.BatchNorm(use_running_average=not train)(x)
+      ...         return nn.Dense(3)(nn.relu(x))
+      >>> rng = np.random.default_rng(0)
+      >>> x = rng.normal(size=(96, 4)).astype(np.float32)
+      >>> y = (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 1)
+      >>> ds = Dataset(x[:64], y[:64], x[64:], y[64:], num_classes=3)
+      >>> result = fit(Net(), ds, tempfile.mkdtemp(), seeds=(0, 1),
+      ...              hparams={"lr": [0.1, 0.3]}, batch_size=16, steps=20,
+      ...              optimizer=lambda hp: optax.sgd(hp["lr"]))
+      >>> len(result.arms), result.step
+      (4, 20)
     """
-    if config.parallel == "pmap" and jax.process_count() > 1:
-        raise ConfigError(
-            "parallel='pmap' checkpoints process-local copies; for several "
-            "processes use parallel='shard_map' or 'jit'."
-        )
-    config.check_devices(jax.device_count(), jax.process_count())
+    plan = _plan(
+        model,
+        data,
+        optimizer=optimizer,
+        steps=steps,
+        batch_size=batch_size,
+        seeds=seeds,
+        hparams=hparams,
+        eval_every=eval_every,
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints,
+        validation=validation,
+        loss=loss,
+        parallel=parallel,
+        mesh=mesh,
+        devices=devices,
+        bn_group_size=bn_group_size,
+        eval_train=eval_train,
+        eval_batch_size=eval_batch_size,
+        steps_per_call=steps_per_call,
+        config=config,
+    )
     workdir = Path(workdir).absolute()
     leader = jax.process_index() == 0
     if leader:
         check_run_dir(workdir)
-    with lock_run_dir(workdir) if leader else contextlib.nullcontext():
-        return _Run(config, workdir, on_progress).train()
+    lock = RunLock(workdir) if leader else None
+    try:
+        return _Run(
+            plan,
+            workdir,
+            lock,
+            optimizer=_as_optimizer(optimizer),
+            probe=probe,
+            train_kwargs=train_kwargs,
+            post_init=post_init,
+            rng_streams=tuple(rng_streams),
+            eval_at_start=eval_at_start,
+            eval_batch_size=eval_batch_size,
+            eval_train=eval_train,
+            eval_batch_stats=eval_batch_stats,
+            unroll=unroll,
+            on_progress=on_progress,
+        ).train()
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _plan(model, data, **kw) -> _Plan:
+    steps = _positive("steps", kw["steps"])
+    batch_size = _positive("batch_size", kw["batch_size"])
+    eval_every = _positive("eval_every", kw["eval_every"] or max(steps // 10, 1))
+    checkpoint_every = _positive(
+        "checkpoint_every", kw["checkpoint_every"] or eval_every
+    )
+    keep = _positive("keep_checkpoints", kw["keep_checkpoints"])
+    _positive("eval_batch_size", kw["eval_batch_size"])
+    if kw["steps_per_call"] is not None:
+        _positive("steps_per_call", kw["steps_per_call"])
+    if isinstance(kw["eval_train"], bool) or int(kw["eval_train"]) < 0:
+        raise ValueError(f"eval_train={kw['eval_train']!r} must be >= 0.")
+    _as_optimizer(kw["optimizer"])
+    fns = model_fns(model)
+    arms = make_arms(kw["seeds"], kw["hparams"])
+    splits = _splits(data, kw["validation"])
+    n_train = _length(splits.train)
+    if n_train == 0:
+        raise ValueError("the training split has no examples.")
+    if batch_size > n_train:
+        warnings.warn(
+            f"batch_size={batch_size} is larger than the training set ({n_train} "
+            "examples): each batch repeats examples.",
+            UserWarning,
+            stacklevel=3,
+        )
+    loss_fn = kw["loss"] or default_loss(splits.num_classes)
+    layout = bn_parallel.arms_layout(
+        len(arms),
+        batch_size,
+        style=kw["parallel"],
+        mesh=kw["mesh"],
+        devices=kw["devices"],
+        bn_group_size=kw["bn_group_size"],
+    )
+    x0, y0 = _read(splits.train, np.arange(min(2, n_train)))
+    variables = jax.eval_shape(fns.init, jax.random.key(0), jnp.asarray(x0))
+    clash = sorted(set(variables) & set(_RESERVED))
+    if clash:
+        raise ValueError(
+            f"the model has variable collection(s) {clash}, names fit uses for the "
+            "training state; rename them."
+        )
+    if "params" not in variables:
+        raise ValueError("the model has no 'params' collection: nothing to train.")
+    outputs = jax.eval_shape(
+        lambda v, x: fns.apply(v, x, False, None, None)[0], variables, jnp.asarray(x0)
+    )
+    metrics = metric_names(loss_fn, outputs, jax.ShapeDtypeStruct(y0.shape, y0.dtype))
+    on_device = False
+    if splits.in_memory:
+        x, y = splits.train
+        on_device = (x.nbytes + y.nbytes) <= DEVICE_DATA_BYTES
+    if kw["config"] is not None and not isinstance(kw["config"], Mapping):
+        raise TypeError("config must be a dict describing the run (JSON).")
+    run_config = {
+        "model": f"{fns.kind}:{fns.name}",
+        "arms": [{"seed": a.seed, "hparams": a.hparams} for a in arms],
+        "batch_size": batch_size,
+        "validation": kw["validation"],
+        "data": {
+            "train": n_train,
+            "val": None if splits.val is None else _length(splits.val),
+            "test": None if splits.test is None else _length(splits.test),
+            "num_classes": splits.num_classes,
+            "fingerprint": _fingerprint(splits.train),
+        },
+        "metrics": metrics,
+        "parallel_style": layout.style,
+        "steps": steps,
+        "eval_every": eval_every,
+        "checkpoint_every": checkpoint_every,
+        "keep_checkpoints": keep,
+        "config": _jsonable(dict(kw["config"] or {})),
+    }
+    run_config["_steps_per_call"] = kw["steps_per_call"] or (100 if on_device else 1)
+    run_config = json.loads(json.dumps(run_config))  # as it reads back from disk
+    return _Plan(
+        fns,
+        arms,
+        stacked(arms),
+        splits,
+        loss_fn,
+        metrics,
+        layout,
+        run_config,
+        on_device,
+    )
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return repr(x)
+
+
+def _state_tree(state: TrainState) -> dict:
+    """The state as saved: the model's collections by name, then training."""
+    return {
+        **state.variables,
+        "opt_state": state.opt_state,
+        "step": state.step,
+        "rng": state.rng,
+        "stopped_at": state.stopped_at,
+        "interval": {
+            "count": state.interval.count,
+            "loss": state.interval.loss,
+            "metrics": state.interval.metrics,
+        },
+    }
+
+
+def _from_tree(tree: dict, like: TrainState) -> TrainState:
+    variables = {k: tree[k] for k in like.variables}
+    opt_state = jax.tree.unflatten(
+        jax.tree.structure(like.opt_state), jax.tree.leaves(tree["opt_state"])
+    )
+    i = tree["interval"]
+    return TrainState(
+        variables,
+        opt_state,
+        tree["step"],
+        tree["rng"],
+        tree["stopped_at"],
+        Interval(i["count"], i["loss"], dict(i["metrics"])),
+    )
 
 
 class _Run:
     """One call of :func:`fit`: everything it sets up, then the loop."""
 
-    def __init__(self, config, workdir, on_progress):
-        self.config, self.workdir, self.on_progress = config, workdir, on_progress
+    def __init__(self, plan: _Plan, workdir: Path, lock: RunLock | None, **kw):
+        self.plan = plan
+        self.workdir = workdir
+        self.lock = lock
         self.leader = jax.process_index() == 0
+        self.kw = kw
         self.metrics_path = workdir / METRICS_FILE
-        self.ds = bn_data.load(config.dataset, config.data_dir, seed=config.seed)
-        if config.batch_size > len(self.ds.x_train):
-            warnings.warn(
-                f"batch_size={config.batch_size} is larger than the training set "
-                f"({len(self.ds.x_train)} examples): each batch repeats examples.",
-                UserWarning,
-                stacklevel=3,
+        c = plan.config
+        self.steps, self.eval_every = c["steps"], c["eval_every"]
+        self.checkpoint_every = c["checkpoint_every"]
+        self.n = len(plan.arms)
+        self.orders = {
+            a.seed: pipeline.EpochOrder(
+                _length(plan.splits.train), c["batch_size"], a.seed
             )
-        self.stream = bn_data.BatchStream(
-            self.ds.x_train, self.ds.y_train, config.batch_size, config.seed
+            for a in plan.arms
+        }
+        self.last: dict[str, Any] = {}
+        self.warned_stopped: set[int] = set()
+
+    # ------------------------------------------------------------ build
+
+    def _init_fn(self):
+        plan, kw = self.plan, self.kw
+        x0, _ = _read(plan.splits.train, np.arange(min(2, _length(plan.splits.train))))
+        x0 = jnp.asarray(x0)
+        names = plan.metrics
+
+        def init_one(seed, hp):
+            key = jax.random.key(seed)
+            init_key, run_key = jax.random.split(key)
+            variables = plan.fns.init(init_key, x0)
+            if kw["post_init"] is not None:
+                variables = kw["post_init"](variables, hp)
+            opt_state = kw["optimizer"](hp).init(variables["params"])
+            return TrainState(
+                variables,
+                opt_state,
+                jnp.zeros((), jnp.int32),
+                jax.random.key_data(run_key),
+                jnp.full((), -1, jnp.int32),
+                Interval.zeros(names),
+            )
+
+        return jax.vmap(init_one)
+
+    def _fresh(self) -> TrainState:
+        seeds = np.asarray([a.seed for a in self.plan.arms], np.uint32)
+        state = jax.jit(self._init_fn())(seeds, self.plan.hp)
+        return self.plan.layout.put_arms(jax.device_get(state))
+
+    def _abstract(self) -> Any:
+        """The saved tree's shapes, dtypes and shardings (restore target)."""
+        seeds = np.zeros(self.n, np.uint32)
+        shapes = jax.eval_shape(self._init_fn(), seeds, self.plan.hp)
+        layout = self.plan.layout
+        if layout.style == "pmap":
+            return _state_tree(shapes)
+        sharding = jax.sharding.NamedSharding(
+            layout.mesh, jax.sharding.PartitionSpec("arms")
         )
-        self.dp = DataParallel(config.parallel, bn_group_size=config.bn_group_size)
-        self.model = build_model(
-            config, self.ds.num_classes or 1, self.dp.bn_axis_name, self.dp.bn_groups
+        return jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+            _state_tree(shapes),
         )
-        self.tx = build_optimizer(config)
 
     # ------------------------------------------------------------ resume
 
-    def _check_meta(self, meta: dict[str, Any]) -> None:
-        config = self.config
-        diff = _same_run(meta["config"], config)
-        if diff:
-            raise ConfigError(
-                f"{self.workdir} holds checkpoints of a different run (differs in "
-                f"{diff}); use a new --workdir or the same config."
-            )
-        if meta["config"]["steps"] != config.steps and config.schedule != "constant":
-            warnings.warn(
-                f"resuming a {meta['config']['steps']}-step run with steps="
-                f"{config.steps}: the {config.schedule} learning-rate schedule now "
-                "follows the new total, so the run differs from either length "
-                "trained from scratch.",
-                UserWarning,
-                stacklevel=4,
-            )
-        saved = {k: meta.get(k) for k in _devices()}
-        if config.parallel != "single" and saved != _devices():
-            warnings.warn(
-                f"resuming on {_devices()} where the checkpoint was written on "
-                f"{saved}: reductions run in another order, so results differ "
-                "from an uninterrupted run by float rounding (~1e-8).",
-                UserWarning,
-                stacklevel=4,
-            )
-
-    def _restore(self, ckpt: Checkpointer, fresh: TrainState):
-        restored = ckpt.restore_latest(fresh, self._check_meta)
-        if restored is None:
-            if self.leader:
-                rewrite_records(self.metrics_path, [])
-            return fresh, Interval.zeros()
-        state, meta = restored
-        step = int(state.step)
-        if self.leader:
-            kept = [r for r in read_records(self.metrics_path) if r["step"] <= step]
-            rewrite_records(self.metrics_path, kept)
-        interval = meta.get("interval")
-        return state, Interval.zeros() if interval is None else Interval.from_host(
-            interval
+    def _check_meta(self, meta: dict) -> bool:
+        saved = meta.get("config", {})
+        now = self.plan.config
+        same = all(
+            saved.get(k) == now.get(k)
+            for k in set(now) | set(saved)
+            if k not in RUN_LENGTH_KEYS and not k.startswith("_")
         )
+        if not same:
+            return False
+        old_steps = saved.get("steps")
+        if old_steps != now["steps"] and not getattr(self, "_warned_steps", False):
+            self._warned_steps = True
+            warnings.warn(
+                f"resuming a {old_steps}-step run with steps={now['steps']}: a "
+                "learning-rate schedule that depends on the run length now follows "
+                "the new total, so the run differs from either length trained from "
+                "scratch.",
+                UserWarning,
+                stacklevel=5,
+            )
+        devices = {
+            "devices": self.plan.layout.devices,
+            "processes": jax.process_count(),
+        }
+        saved_devices = {k: meta.get(k) for k in devices}
+        if saved_devices != devices and not getattr(self, "_warned_devices", False):
+            self._warned_devices = True
+            warnings.warn(
+                f"resuming on {devices} where the checkpoint was written on "
+                f"{saved_devices}: reductions may run in another order, so results "
+                "can differ from an uninterrupted run by float rounding.",
+                UserWarning,
+                stacklevel=5,
+            )
+        return True
+
+    def _restore(self, ckpt: Checkpointer, fresh: TrainState) -> TrainState | None:
+        target = self._abstract()
+        restored = ckpt.restore_latest(target, self._check_meta)
+        if restored is None:
+            return None
+        tree, _ = restored
+        state = _from_tree(tree, fresh)
+        if self.plan.layout.style == "pmap":
+            state = self.plan.layout.put_arms(jax.device_get(state))
+        return state
 
     # ------------------------------------------------------------- train
 
-    def train(self) -> TrainState:
-        config, dp = self.config, self.dp
-        fresh = init_state(config, self.model, self.tx, self.ds.x_train)
-        ckpt = Checkpointer(self.workdir / "checkpoints", config.keep_checkpoints)
+    def train(self) -> FitResult:
+        plan = self.plan
+        fresh = self._fresh()
+        ckpt = Checkpointer(
+            self.workdir / "checkpoints", plan.config["keep_checkpoints"], self.n
+        )
         try:
-            state, interval = self._restore(ckpt, fresh)
-            start = int(state.step)
-            if start >= config.steps:
+            state = self._restore(ckpt, fresh)
+            start = 0 if state is None else int(self._host_scalar(state.step))
+            if state is None:
+                state = fresh
+                if self.leader:
+                    rewrite_records(self.metrics_path, [])
+            if start >= self.steps:
                 warnings.warn(
-                    f"{self.workdir} already holds step {start} >= steps="
-                    f"{config.steps}: nothing to train. Its files are unchanged; "
-                    "pass a larger --steps to continue the run.",
+                    f"{self.workdir} already holds step {start} >= steps={self.steps}: "
+                    "nothing to train, no file was changed; pass a larger steps to "
+                    "continue the run.",
                     UserWarning,
                     stacklevel=3,
                 )
-                return jax.device_get(state)
-            if self.leader:
-                (self.workdir / "config.json").write_text(
-                    json.dumps(config.to_dict(), indent=1)
+                return self._result(
+                    state, read_records(self.metrics_path, keep_bad=False)
                 )
-            return self._loop(ckpt, dp.put_state(state), dp.put_state(interval), start)
+            if self.leader:
+                if start:
+                    kept = [
+                        r for r in read_records(self.metrics_path) if r["step"] <= start
+                    ]
+                    rewrite_records(self.metrics_path, kept)
+                write_json(self.workdir / "config.json", plan.config)
+            state = self._loop(ckpt, state, start)
         finally:
             ckpt.close()
+        return self._result(state, read_records(self.metrics_path))
 
-    def _batches(self, start: int):
-        """Compiled step and, per step, its batch arguments (prepared while the
-        previous step runs)."""
-        config, dp, ds = self.config, self.dp, self.ds
-        step = make_train_step(
-            self.model,
-            self.tx,
-            ds.num_classes,
-            config.parallel,
-            dp.axis_name,
-            average_stats=dp.group_axis,
-        )
-        on_device = (
-            config.parallel == "single"
-            and ds.x_train.nbytes + ds.y_train.nbytes <= DEVICE_DATA_BYTES
-        )
-        if on_device:
-            data = jax.device_put((ds.x_train, ds.y_train))
-            compiled = dp.compile(with_interval(step, gather=True), replicated=2)
+    def _host_scalar(self, arr) -> int:
+        host = self.plan.layout.host(arr)
+        return int(np.asarray(host).reshape(-1)[0])
 
-            def args(i):
-                return (*data, self.stream.indices(i).astype(np.int32))
+    def _result(self, state: TrainState, records: list[dict]) -> FitResult:
+        host = self.plan.layout.host(state)
+        stopped = [None if s < 0 else int(s) for s in np.asarray(host.stopped_at)]
+        return FitResult(
+            host.variables, self.plan.arms, records, stopped, int(host.step[0])
+        )
+
+    def _boundaries(self, start: int) -> list[int]:
+        spc = self.plan.config["_steps_per_call"]
+        ends = set(range(start + 1, self.steps + 1))
+        cut = {
+            s
+            for s in ends
+            if s % self.eval_every == 0
+            or s % self.checkpoint_every == 0
+            or s % spc == 0
+        }
+        cut.add(self.steps)
+        return sorted(cut)
+
+    def _loop(self, ckpt: Checkpointer, state: TrainState, start: int) -> TrainState:
+        plan, kw = self.plan, self.kw
+        layout = plan.layout
+        step_fn = make_arm_step(
+            plan.fns,
+            kw["optimizer"],
+            plan.loss_fn,
+            style=layout.style,
+            axis_name=layout.grad_axis,
+            average_axis=layout.average_axis,
+            rng_streams=kw["rng_streams"] if plan.fns.kind == "linen" else (),
+            train_kwargs=kw["train_kwargs"],
+        )
+        unroll = kw["unroll"]
+        vstep = jax.vmap(step_fn)
+
+        if plan.on_device:
+
+            def chunk(state, hp, x_all, y_all, idx):
+                def body(st, idx_t):
+                    return vstep(st, x_all[idx_t], y_all[idx_t], hp), None
+
+                return jax.lax.scan(body, state, idx, unroll=unroll)[0]
+
+            compiled = layout.compile(chunk, n_arms=2, n_replicated=2)
+            x_all, y_all = layout.put_replicated(
+                tuple(map(np.asarray, plan.splits.train))
+            )
+
+            def run_chunk(state, a, b):
+                return compiled(
+                    state, hp, x_all, y_all, layout.put_chunk(self._indices(a, b))
+                )
 
         else:
-            compiled = dp.compile(with_interval(step), replicated=2)
 
-            def args(i):
-                return dp.put_batch(self.stream.batch(i))
+            def chunk(state, hp, xs, ys):
+                def body(st, batch):
+                    return vstep(st, *batch, hp), None
 
-        return compiled, args
+                return jax.lax.scan(body, state, (xs, ys), unroll=unroll)[0]
 
-    def _loop(self, ckpt, state, interval, start: int) -> TrainState:
-        config, dp = self.config, self.dp
-        train_step, batch_args = self._batches(start)
-        evaluator = _Evaluator(self.model, self.ds, config.eval_batch_stats, dp)
-        evaluator.compile(
-            state if config.parallel == "single" else dp.local_copy(state)
+            compiled = layout.compile(chunk, n_arms=2, n_replicated=0)
+
+            def run_chunk(state, a, b):
+                xs, ys = _read(plan.splits.train, self._indices(a, b))
+                return compiled(state, hp, *layout.put_chunk((xs, ys)))
+
+        hp = layout.put_arms(plan.hp)
+        reset = layout.compile(
+            lambda st: st._replace(interval=jax.tree.map(jnp.zeros_like, st.interval)),
+            n_arms=1,
+            n_replicated=0,
         )
-        last = {"train_loss": None, "test_accuracy": None}
-        t_ready = None  # when the first step (and compilation) finished
-        last_t, last_step = time.perf_counter(), start
-        args = batch_args(start)
-        in_flight = None
-        for step in range(start + 1, config.steps + 1):
-            state, interval = train_step(state, interval, *args)
-            if step < config.steps:
-                args = batch_args(step)  # while the device runs this step
-            if in_flight is not None:  # at most one step ahead of the device
-                jax.block_until_ready(in_flight)
-            in_flight = interval
+        evaluator = _Evaluator(plan, kw, layout)
+        if start == 0 and kw["eval_at_start"]:
+            self._record(0, state, evaluator, rate=None, hp=hp)
+        t_ready = rate = None
+        done_at_ready = start
+        prev = start
+        for stop in self._boundaries(start):
+            state = run_chunk(state, prev, stop)
+            prev = stop
             if t_ready is None:
-                jax.block_until_ready(interval)
-                t_ready, ready_step = time.perf_counter(), step
-                last_t, last_step = t_ready, step
-            is_last = step == config.steps
-            do_eval = step % config.eval_every == 0 or is_last
-            do_ckpt = step % config.checkpoint_every == 0 or is_last
-            if do_eval or do_ckpt:
-                sums = dp.local_copy(interval)
-                if sums.first_bad >= 0:
-                    raise NonFiniteError(
-                        f"loss is NaN/Inf at step {int(sums.first_bad)}; training "
-                        "stopped. No checkpoint after that step was written. Lower "
-                        "lr or check the data."
-                    )
-            host = (
-                dp.local_copy(state)
-                if (do_eval and config.parallel != "single")
-                or (do_ckpt and dp.style == "pmap")
-                else None
-            )
-            if do_eval:
-                now = time.perf_counter()
-                record = {
-                    "step": step,
-                    "train_loss": float(sums.loss_sum) / int(sums.count),
-                    "train_accuracy": float(sums.accuracy_sum) / int(sums.count),
-                    # after compilation; None when no step ran since then
-                    "steps_per_sec": (step - last_step) / max(now - last_t, 1e-9)
-                    if step > last_step
-                    else None,
-                    **evaluator(state if host is None else host),
-                }
-                if not self.ds.num_classes:  # regression: MSE, no accuracy
-                    record = {k: v for k, v in record.items() if "accuracy" not in k}
-                if self.leader:
-                    append_record(self.metrics_path, record)
-                last = {
-                    "train_loss": record["train_loss"],
-                    "test_accuracy": record.get("test_accuracy"),
-                }
-                interval = dp.put_state(Interval.zeros())
-                sums = Interval.zeros()
-                in_flight = None
-                last_t, last_step = time.perf_counter(), step
-            if do_ckpt:
+                jax.block_until_ready(state.step)
+                t_ready, done_at_ready = time.perf_counter(), stop
+            elif stop > done_at_ready:
+                rate = (stop - done_at_ready) / max(time.perf_counter() - t_ready, 1e-9)
+            self._check_stopped(state, stop)
+            if stop % self.eval_every == 0 or stop == self.steps:
+                self._record(stop, state, evaluator, rate, hp)
+                state = reset(state)
+            if stop % self.checkpoint_every == 0 or stop == self.steps:
+                if self.lock is not None:
+                    self.lock.check()
+                tree = _state_tree(state)
+                if layout.style == "pmap":
+                    tree = layout.host(tree)
                 meta = {
-                    "config": config.to_dict(),
-                    "step": step,
-                    "data_position": step,
-                    "interval": Interval(*map(np.asarray, sums)).to_host(),
-                    **_devices(),
+                    "config": plan.config,
+                    "devices": layout.devices,
+                    "processes": jax.process_count(),
                 }
-                ckpt.save(step, host if dp.style == "pmap" else state, meta)
-            if self.on_progress is not None:
-                rate = eta = None
-                if step > ready_step:
-                    rate = (step - ready_step) / max(
-                        time.perf_counter() - t_ready, 1e-9
-                    )
-                    eta = (config.steps - step) / rate
-                self.on_progress(
-                    {"step": step, "total": config.steps, "rate": rate, "eta": eta}
-                    | last
+                ckpt.save(stop, tree, meta)
+            if kw["on_progress"] is not None:
+                eta = None if rate is None else (self.steps - stop) / rate
+                kw["on_progress"](
+                    {"step": stop, "total": self.steps, "rate": rate, "eta": eta}
+                    | self.last
                 )
-        return dp.local_copy(state)
+        return state
+
+    def _indices(self, a: int, b: int) -> np.ndarray:
+        """Example indices ``(steps a..b-1, arms, batch)``, int32."""
+        per_seed = {
+            s: np.stack([o.indices(i) for i in range(a, b)])
+            for s, o in self.orders.items()
+        }
+        return np.stack([per_seed[arm.seed] for arm in self.plan.arms], axis=1).astype(
+            np.int32
+        )
+
+    def _check_stopped(self, state: TrainState, step: int) -> None:
+        stopped = np.asarray(self.plan.layout.host(state.stopped_at))
+        new = [
+            (i, int(s))
+            for i, s in enumerate(stopped)
+            if s >= 0 and i not in self.warned_stopped
+        ]
+        if (stopped >= 0).all():
+            where = ", ".join(
+                f"{self.plan.arms[i].label()} at step {int(s)}"
+                for i, s in enumerate(stopped)
+            )
+            raise NonFiniteError(
+                f"the loss (or the new state) became NaN/Inf in every arm ({where}); "
+                "training stopped. No checkpoint holds non-finite values. Lower the "
+                "learning rate or check the data."
+            )
+        for i, s in new:
+            self.warned_stopped.add(i)
+            warnings.warn(
+                f"{self.plan.arms[i].label()}: the loss (or the new state) became "
+                f"NaN/Inf at step {s}; this arm stopped there (it keeps its last "
+                "finite state, its later metrics are null); the other arms go on.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _record(self, step, state, evaluator, rate, hp) -> None:
+        plan = self.plan
+        view = plan.layout.eval_view(state)
+        interval = plan.layout.host(state.interval)
+        stopped = np.asarray(plan.layout.host(state.stopped_at))
+        evals = evaluator(view, plan.layout.eval_view(hp))
+        records = []
+        for i, arm in enumerate(plan.arms):
+            alive = stopped[i] < 0
+            count = int(interval.count[i])
+            r: dict[str, Any] = {
+                "step": step,
+                "arm": i,
+                "seed": arm.seed,
+                "hparams": arm.hparams,
+            }
+
+            def mean(total, alive=alive, count=count):
+                return float(total) / count if alive and count else None
+
+            r["train_loss"] = mean(interval.loss[i])
+            for m in plan.metrics:
+                r[f"train_{m}"] = mean(interval.metrics[m][i])
+            for key, values in evals.items():
+                if key == "probe":
+                    r["probe"] = (
+                        jax.tree.map(lambda a: np.asarray(a[i]).tolist(), values)
+                        if alive
+                        else None
+                    )
+                else:
+                    r[key] = float(values[i]) if alive else None
+            r["stopped_at"] = None if alive else int(stopped[i])
+            r["steps_per_sec"] = rate
+            records.append(r)
+        if self.leader:
+            for r in records:
+                append_record(self.metrics_path, r)
+        self.last = _summary(records)
+
+
+def _summary(records: list[dict]) -> dict[str, Any]:
+    """Means over arms of what the progress line shows."""
+    out = {}
+    for key in ("train_loss", "val_accuracy", "test_accuracy"):
+        values = [r[key] for r in records if r.get(key) is not None]
+        out[key] = float(np.mean(values)) if values else None
+    return out
 
 
 class _Evaluator:
-    """Test-set loss/accuracy with running statistics (and optionally with
-    test-batch statistics), summed on the device, read back once."""
+    """Validation, test (and training-subset) metrics of every arm with
+    running statistics, summed on the device, read back once."""
 
-    def __init__(self, model, ds, batch_stats: bool, dp: DataParallel, batch=1000):
-        self.fns = {"test": make_eval_step(model, ds.num_classes)}
-        if batch_stats:
-            self.fns["test_batch_stats"] = make_eval_step(model, ds.num_classes, True)
-        self.batches = [
-            jax.device_put((ds.x_test[i : i + batch], ds.y_test[i : i + batch]))
-            for i in range(0, len(ds.x_test), batch)
-        ]
-        self.n = len(ds.x_test)
-        self.compiled: dict[tuple, Any] = {}
+    def __init__(self, plan: _Plan, kw: dict, layout: bn_parallel.ArmsLayout):
+        self.plan, self.layout = plan, layout
+        b = kw["eval_batch_size"]
+        splits = {}
+        if plan.splits.val is not None:
+            splits["val"] = plan.splits.val
+        if plan.splits.test is not None:
+            splits["test"] = plan.splits.test
+        if kw["eval_train"]:
+            n = min(int(kw["eval_train"]), _length(plan.splits.train))
+            rows = np.sort(
+                np.random.default_rng([0, 4242]).permutation(
+                    _length(plan.splits.train)
+                )[:n]
+            )
+            splits["trainset"] = _read(plan.splits.train, rows)
+        self.sets = {}
+        for name, split in splits.items():
+            n = _length(split)
+            chunks = [(i, min(i + b, n)) for i in range(0, n, b)]
+            if (
+                isinstance(split, tuple) and plan.splits.in_memory
+            ) or name == "trainset":
+                placed = [
+                    layout.put_replicated(
+                        (np.asarray(split[0][i:j]), np.asarray(split[1][i:j]))
+                    )
+                    for i, j in chunks
+                ]
+                self.sets[name] = (n, placed)
+            else:
+                self.sets[name] = (n, [(split, i, j) for i, j in chunks])
+        arm_eval = make_arm_eval(plan.fns, plan.loss_fn)
+        self.fns = {
+            "": layout.compile_eval(jax.vmap(arm_eval, in_axes=(0, None, None)), 1)
+        }
+        if kw["eval_batch_stats"]:
+            bs_eval = make_arm_eval(plan.fns, plan.loss_fn, batch_stats=True)
+            self.fns["_batch_stats"] = layout.compile_eval(
+                jax.vmap(bs_eval, in_axes=(0, None, None)), 1
+            )
+        self.probe = None
+        if kw["probe"] is not None:
+            self.probe = layout.compile_eval(jax.vmap(kw["probe"]), 2)
 
-    def compile(self, state) -> None:
-        """Compiles every evaluation function for every test-batch shape now,
-        so that no compilation falls inside training (``state`` as later
-        passed to ``__call__``)."""
-        for name, fn in self.fns.items():
-            for x, y in self.batches:
-                key = (name, x.shape)
-                if key not in self.compiled:
-                    lowered = fn.lower(state.params, state.batch_stats, x, y)
-                    self.compiled[key] = lowered.compile()
-
-    def __call__(self, state) -> dict[str, float]:
+    def __call__(self, state: TrainState, hp) -> dict[str, Any]:
+        variables = state.variables
         out = {}
-        for name, fn in self.fns.items():
-            loss = correct = jnp.zeros((), jnp.float32)
-            for x, y in self.batches:
-                run = self.compiled.get((name, x.shape), fn)
-                bl, bc = run(state.params, state.batch_stats, x, y)
-                loss, correct = loss + bl, correct + bc
-            out[f"{name}_loss"] = float(loss) / self.n
-            out[f"{name}_accuracy"] = float(correct) / self.n
+        for suffix, fn in self.fns.items():
+            for name, (n, batches) in self.sets.items():
+                if suffix and name != "test":
+                    continue
+                total_loss, totals = None, None
+                for batch in batches:
+                    if len(batch) == 3:  # streamed: read now
+                        split, i, j = batch
+                        batch = self.layout.put_replicated(
+                            _read(split, np.arange(i, j))
+                        )
+                    loss, metrics = fn(variables, *batch)
+                    if total_loss is None:
+                        total_loss, totals = loss, metrics
+                    else:
+                        total_loss = total_loss + loss
+                        totals = jax.tree.map(jnp.add, totals, metrics)
+                out[f"{name}{suffix}_loss"] = np.asarray(total_loss) / n
+                for m, v in totals.items():
+                    out[f"{name}{suffix}_{m}"] = np.asarray(v) / n
+        if self.probe is not None:
+            out["probe"] = jax.tree.map(np.asarray, self.probe(variables, hp))
         return out
+
+
+# ------------------------------------------------------------------- load
+
+
+class Loaded(NamedTuple):
+    """A run read back by :func:`load`.
+
+    Attributes:
+      variables: per arm, the variables as ``model.apply`` takes them
+        (numpy arrays).
+      arms: per arm, ``{"seed", "hparams"}``.
+      step: the checkpoint's step.
+      config: the run's ``config.json`` contents (as saved with the
+        checkpoint).
+      stopped_at: per arm, None or the step at which it stopped.
+    """
+
+    variables: list[dict]
+    arms: list[dict]
+    step: int
+    config: dict
+    stopped_at: list[int | None]
+
+
+def load(workdir: str | Path, step: int | None = None) -> Loaded:
+    """The variables of every arm of a run, verified, for your own code.
+
+    Reads the newest finished checkpoint of ``workdir`` (or ``step``) with
+    orbax, checks every array against the SHA-256 recorded when it was saved,
+    and returns each arm's model variables (``params``, ``batch_stats``, ...)
+    as numpy arrays. No model is needed.
+
+    Raises:
+      FileNotFoundError: no such run or checkpoint.
+      ValueError: the checkpoint fails its digests (corrupt).
+
+    Example:
+      >>> run = load(workdir)  # doctest: +SKIP
+      >>> logits = model.apply(run.variables[0], x, train=False)  # doctest: +SKIP
+    """
+    directory = Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{workdir} has no checkpoints/ directory.")
+    if not finalized_steps(directory):
+        raise FileNotFoundError(f"{directory} holds no finished checkpoint.")
+    tree, meta = read_state(directory, step)
+    config = meta["config"]
+    arms = config.get("arms", [])
+    collections = [k for k in tree if k not in _RESERVED]
+    variables = [
+        {c: jax.tree.map(lambda a, i=i: a[i], tree[c]) for c in collections}
+        for i in range(len(arms))
+    ]
+    stopped = [None if s < 0 else int(s) for s in np.asarray(tree["stopped_at"])]
+    return Loaded(variables, arms, int(meta["step"]), config, stopped)

@@ -2,7 +2,9 @@
 ``metrics.jsonl`` that is never lost, torn or invalid JSON.
 
 Layout: ``config.json``, ``metrics.jsonl``, ``checkpoints/<step>/`` (orbax),
-``corrupt/<step>/`` (checkpoints set aside), ``.lock`` (the writer's pid).
+``corrupt/<step>[.<n>]/`` (checkpoints set aside), ``metrics.jsonl.bad``
+(lines that could not be read, kept), ``.lock`` (the writer's pid; the lock
+itself is held on the directory).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import fcntl
 import json
 import math
 import os
+import stat
 import tempfile
 import warnings
 from pathlib import Path
@@ -22,11 +25,13 @@ __all__ = [
     "METRICS_FILE",
     "DiskFullError",
     "RunDirError",
+    "RunLock",
     "append_record",
     "check_run_dir",
     "lock_run_dir",
     "read_records",
     "rewrite_records",
+    "write_json",
 ]
 
 METRICS_FILE = "metrics.jsonl"
@@ -34,7 +39,8 @@ METRICS_FILE = "metrics.jsonl"
 
 class RunDirError(OSError):
     """The run directory cannot be used (in use, not a directory, not
-    writable); the message says which path and what to do."""
+    readable or writable, replaced while running); the message says which
+    path and what to do."""
 
 
 class DiskFullError(RunDirError):
@@ -61,6 +67,11 @@ def check_run_dir(workdir: Path) -> None:
         ("config.json", False),
     ):
         p = workdir / name
+        if p.is_symlink():
+            raise RunDirError(
+                f"{p} is a symbolic link; bnlab does not write through links. Move "
+                "it away or use another --workdir."
+            )
         if p.exists() and p.is_dir() != want_dir:
             kind = "a directory" if want_dir else "a file"
             raise RunDirError(
@@ -68,32 +79,100 @@ def check_run_dir(workdir: Path) -> None:
             )
 
 
-@contextlib.contextmanager
-def lock_run_dir(workdir: Path):
-    """Exclusive lock on ``workdir/.lock`` for the life of the run.
+class RunLock:
+    """Exclusive lock of a run directory for the life of a run.
 
-    ``flock`` locks are released by the OS when the process dies, so a
-    SIGKILL never leaves a stale lock. A second run gets a
-    :class:`RunDirError` naming the holder's pid.
+    The ``flock`` is held on the directory itself, which cannot be unlinked
+    from under the holder (deleting ``.lock`` changes nothing), and is
+    released by the OS when the process dies, so a SIGKILL never leaves a
+    stale lock. A second run is refused with the holder's pid. A run whose
+    directory is deleted or replaced while it runs (``rm -rf`` and a new run
+    in the same place) is stopped by :meth:`check` before its next write, so
+    two runs never write into one directory.
     """
-    path = workdir / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self._fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
+        self._inode = os.fstat(self._fd).st_ino
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
+            os.close(self._fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
             raise RunDirError(
-                f"{workdir} is in use by another bnlab run (pid {holder}); wait "
-                "for it to finish, stop it, or use another --workdir."
+                f"{workdir} is in use by another bnlab run (pid {self._holder()}); "
+                "wait for it to finish, stop it, or use another --workdir."
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
+        try:
+            self._write_pid()
+        except BaseException:
+            self.release()
+            raise
+
+    def _holder(self) -> str:
+        try:
+            fd = os.open(self.workdir / ".lock", os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return "?"
+        try:
+            return os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        finally:
+            os.close(fd)
+
+    def _write_pid(self) -> None:
+        path = self.workdir / ".lock"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise RunDirError(
+                    f"{path} is a symbolic link; bnlab refuses to write through it. "
+                    "Remove it and run again."
+                ) from None
+            if e.errno == errno.EISDIR:
+                raise RunDirError(
+                    f"{path} is a directory; remove it (bnlab keeps its lock file "
+                    "there) and run again."
+                ) from None
+            raise RunDirError(f"cannot write {path}: {e.strerror}.") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise RunDirError(f"{path} is not a regular file; remove it.")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        finally:
+            os.close(fd)
+
+    def check(self) -> None:
+        """Raises :class:`RunDirError` if the directory was deleted or
+        replaced since the lock was taken."""
+        try:
+            now = os.stat(self.workdir).st_ino
+        except FileNotFoundError:
+            now = None
+        if now != self._inode:
+            raise RunDirError(
+                f"{self.workdir} was deleted or replaced while this run was using "
+                "it; stopping so that two runs never write into one directory. "
+                "Its last checkpoint and records are gone with it."
+            )
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
+
+
+@contextlib.contextmanager
+def lock_run_dir(workdir: Path):
+    """:class:`RunLock` of ``workdir`` as a context manager."""
+    lock = RunLock(workdir)
+    try:
+        yield lock
     finally:
-        os.close(fd)  # releases the lock
+        lock.release()
 
 
 def _finite_json(value: Any) -> Any:
@@ -111,6 +190,20 @@ def _line(record: dict[str, Any]) -> str:
     return json.dumps(_finite_json(record), allow_nan=False) + "\n"
 
 
+def _write_error(path: Path, e: OSError) -> DiskFullError | None:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(
+            f"disk full while writing {path}; earlier records and checkpoints "
+            "are kept. Free space and run the same command again to resume."
+        )
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return DiskFullError(
+            f"cannot write {path}: {e.strerror}; earlier records and checkpoints "
+            "are kept. Fix the permissions and run the same command again."
+        )
+    return None
+
+
 def append_record(path: Path, record: dict[str, Any]) -> None:
     """Appends one JSON line and flushes it to disk.
 
@@ -123,54 +216,107 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
-            raise DiskFullError(
-                f"cannot write {path}: {e.strerror}; earlier records and "
-                "checkpoints are kept. Free space and run the same command again "
-                "to resume."
-            ) from None
+        mapped = _write_error(path, e)
+        if mapped is not None:
+            raise mapped from None
         raise
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of ``path``; an unreadable line (e.g. torn by a kill during
-    a write) is dropped with a warning naming it."""
+def _valid(record: Any) -> bool:
+    step = record.get("step") if isinstance(record, dict) else None
+    return isinstance(step, int) and not isinstance(step, bool) and step >= 0
+
+
+def read_records(path: Path, keep_bad: bool = True) -> list[dict[str, Any]]:
+    """The valid records of ``path`` (JSON objects with an integer ``step``).
+
+    Lines that are not (torn by a kill during a write, edited, junk) are
+    dropped with ONE warning, and with ``keep_bad`` appended to
+    ``<path>.bad`` first, so nothing is lost.
+    """
     if not path.exists():
         return []
-    out = []
-    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or "step" not in record:
-                raise ValueError("not a metrics record")
-            out.append(record)
-        except ValueError:
-            warnings.warn(
-                f"{path}: line {i} is not a valid record ({line[:60]!r}); dropping it.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+    out, bad = [], []
+    with open(path, errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if _valid(record):
+                out.append(record)
+            else:
+                bad.append((i, line if line.endswith("\n") else line + "\n"))
+    if bad:
+        where = ""
+        if keep_bad:
+            backup = path.with_name(path.name + ".bad")
+            try:
+                with open(backup, "a") as f:
+                    f.writelines(line for _, line in bad)
+                where = f"; they are kept in {backup}"
+            except OSError as e:
+                where = f" (and could not be copied to {backup}: {e.strerror})"
+        first = bad[0][1].strip()[:60]
+        warnings.warn(
+            f"{path}: {len(bad)} line(s) are not valid metrics records (first: line "
+            f"{bad[0][0]}, {first!r}); they are left out{where}.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return out
 
 
 def rewrite_records(path: Path, records: list[dict[str, Any]]) -> None:
     """Replaces ``path`` atomically (temp file, fsync, rename): a kill at any
-    moment leaves either the old file or the new one, never an empty one."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    moment leaves either the old file or the new one, never an empty one.
+    The file keeps its permissions.
+
+    Raises:
+      DiskFullError: no space (or no permission) to write it.
+    """
+    _atomic_write(path, "".join(_line(r) for r in records))
+
+
+def write_json(path: Path, value: Any) -> None:
+    """``path`` holds ``value`` as JSON, replaced atomically.
+
+    Raises:
+      DiskFullError: no space (or no permission) to write it.
+    """
+    _atomic_write(path, json.dumps(value, indent=1) + "\n")
+
+
+def _atomic_write(path: Path, text: str) -> None:
     try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
         with os.fdopen(fd, "w") as f:
-            f.writelines(_line(r) for r in records)
+            f.write(text)
             f.flush()
+            os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        tmp = None
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        mapped = _write_error(path, e)
+        if mapped is not None:
+            raise mapped from None
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
     finally:
-        os.close(dir_fd)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)

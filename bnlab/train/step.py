@@ -1,8 +1,15 @@
-"""One train step and the evaluation step (pure functions; jitted by callers)."""
+"""One arm's train step, evaluation and probes: pure functions of arrays.
+
+The loop (:mod:`bnlab.train.loop`) vmaps them over arms and places them on
+devices (:mod:`bnlab.parallel`); nothing here knows how many arms or devices
+there are. A step of an arm whose loss or new state is not finite is not
+applied: the arm keeps its last finite state and records the step at which
+it stopped, while the other arms go on.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -11,161 +18,226 @@ import optax
 from jax import lax
 
 from bnlab import parallel
-from bnlab.train.state import TrainState
+from bnlab.train.model import ModelFns
 
 __all__ = [
     "Interval",
-    "make_eval_step",
-    "make_train_step",
-    "task_loss",
-    "with_interval",
+    "LossFn",
+    "TrainState",
+    "default_loss",
+    "loss_and_metrics",
+    "make_arm_eval",
+    "make_arm_step",
+    "metric_names",
 ]
 
-
-def task_loss(outputs: jax.Array, y: jax.Array, num_classes: int):
-    """(mean loss, accuracy) for classification; (MSE, 0) for regression."""
-    if num_classes:
-        loss = optax.softmax_cross_entropy_with_integer_labels(outputs, y).mean()
-        acc = jnp.mean((jnp.argmax(outputs, -1) == y).astype(jnp.float32))
-        return loss, acc
-    return jnp.mean((outputs[:, 0] - y) ** 2), jnp.zeros((), jnp.float32)
+LossFn = Callable[[Any, Any], Any]
 
 
-def make_train_step(
-    model,
-    tx: optax.GradientTransformation,
-    num_classes: int,
-    style: str,
-    axis_name: str | tuple[str, ...] | None,
-    average_stats: str | None = None,
-) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
-    """``step(state, x, y) -> (state, {"loss", "accuracy"})`` for a style.
+class Interval(NamedTuple):
+    """Train metrics of one arm since the last record, summed on the device.
 
-    The gradient rule of the style comes from
-    :func:`bnlab.parallel.value_and_grad` over ``axis_name`` (every device);
-    BN synchronises its statistics through the model's own axis. With BN
-    groups each group's running statistics differ; ``average_stats`` names
-    the axis along which the groups differ
-    (:attr:`bnlab.parallel.DataParallel.group_axis`) and they are averaged
-    over it after the step, so every device keeps the same
-    state: the mean is then the global batch mean, the variance the mean of
-    the within-group variances (what the groups normalize with).
+    Attributes:
+      count: steps summed (int32).
+      loss: sum of the steps' mean losses.
+      metrics: per metric, the sum of the steps' batch values.
     """
 
-    def loss_fn(params, batch_stats, x, y):
-        outputs, updates = model.apply(
-            {"params": params, "batch_stats": batch_stats},
-            x,
-            train=True,
-            mutable=["batch_stats"],
-        )
-        loss, acc = task_loss(outputs, y, num_classes)
-        return loss, (updates.get("batch_stats", batch_stats), acc)
+    count: jax.Array
+    loss: jax.Array
+    metrics: dict[str, jax.Array]
 
-    vg = parallel.value_and_grad(
-        loss_fn, style=style, axis_name=axis_name, has_aux=True
+    @classmethod
+    def zeros(cls, names: Sequence[str]) -> Interval:
+        f = jnp.zeros((), jnp.float32)
+        return cls(jnp.zeros((), jnp.int32), f, {k: f for k in names})
+
+
+class TrainState(NamedTuple):
+    """Everything one arm needs to continue bit-exactly (stacked over arms
+    by :func:`bnlab.train.fit`).
+
+    The data position is ``step``: the batch of step ``i`` is a pure function
+    of the arm's seed and ``i``, so restoring ``step`` restores the position.
+
+    Attributes:
+      variables: the model's collections (``params``, ``batch_stats``, ...).
+      opt_state: the optax state.
+      step: completed steps (int32).
+      rng: raw data of the arm's PRNG key (uint32), folded with the step for
+        any randomness of the step (e.g. dropout).
+      stopped_at: -1 while the arm trains; else the step whose loss or new
+        state was not finite (the arm kept its last finite state).
+      interval: train metrics since the last record.
+    """
+
+    variables: dict
+    opt_state: Any
+    step: jax.Array
+    rng: jax.Array
+    stopped_at: jax.Array
+    interval: Interval
+
+
+def default_loss(num_classes: int) -> LossFn:
+    """Softmax cross-entropy on integer labels with accuracy (classification,
+    ``num_classes > 0``); mean squared error of ``outputs[:, 0]`` otherwise."""
+    if num_classes:
+
+        def cross_entropy(outputs, labels):
+            loss = optax.softmax_cross_entropy_with_integer_labels(outputs, labels)
+            correct = jnp.argmax(outputs, -1) == labels
+            return jnp.mean(loss), {"accuracy": jnp.mean(correct.astype(jnp.float32))}
+
+        return cross_entropy
+
+    def mse(outputs, targets):
+        return jnp.mean((outputs[:, 0] - targets) ** 2), {}
+
+    return mse
+
+
+def loss_and_metrics(loss_fn: LossFn, outputs, targets) -> tuple[jax.Array, dict]:
+    """``(mean loss, {metric: value})`` from a loss that returns a scalar or
+    a ``(scalar, dict)`` pair; float32."""
+    out = loss_fn(outputs, targets)
+    loss, metrics = out if isinstance(out, tuple) else (out, {})
+    if not isinstance(metrics, dict):
+        raise TypeError(
+            f"the loss returned {type(metrics).__name__} as its metrics; return a "
+            "scalar or (scalar, {name: scalar})."
+        )
+    loss = jnp.asarray(loss)
+    if loss.shape != ():
+        raise ValueError(
+            f"the loss returned shape {loss.shape}; it must be the batch's mean, a "
+            "scalar (e.g. jnp.mean(per_example))."
+        )
+    return loss.astype(jnp.float32), {
+        k: jnp.asarray(v).astype(jnp.float32) for k, v in metrics.items()
+    }
+
+
+def metric_names(loss_fn: LossFn, outputs: Any, targets: Any) -> list[str]:
+    """The metric names ``loss_fn`` reports, from abstract shapes."""
+    _, metrics = jax.eval_shape(
+        lambda o, t: loss_and_metrics(loss_fn, o, t), outputs, targets
     )
+    return sorted(metrics)
 
-    def step(state: TrainState, x, y):
-        (loss, (batch_stats, acc)), grads = vg(state.params, state.batch_stats, x, y)
-        if axis_name is not None:
-            acc = lax.pmean(acc, axis_name)
-            if average_stats is not None:
-                batch_stats = lax.pmean(batch_stats, average_stats)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new = TrainState(
-            params=optax.apply_updates(state.params, updates),
-            batch_stats=batch_stats,
-            opt_state=opt_state,
-            step=state.step + 1,
-            key=state.key,
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [
+        jnp.all(jnp.isfinite(a))
+        for a in jax.tree.leaves(tree)
+        if jnp.issubdtype(a.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.ones((), bool)
+
+
+def make_arm_step(
+    fns: ModelFns,
+    optimizer: Callable[[dict], optax.GradientTransformation],
+    loss_fn: LossFn,
+    *,
+    style: str,
+    axis_name: Any = None,
+    average_axis: Any = None,
+    rng_streams: Sequence[str] = (),
+    train_kwargs: Callable[[jax.Array, dict], dict] | None = None,
+) -> Callable[[TrainState, Any, Any, dict], TrainState]:
+    """``step(state, x, y, hparams) -> state`` for one arm.
+
+    Args:
+      fns: the model (:func:`bnlab.train.model.model_fns`).
+      optimizer: ``hparams -> optax transformation`` (the arm's traced
+        hyper-parameters).
+      loss_fn: ``(outputs, targets) -> loss`` or ``(loss, metrics)``.
+      style: ``"single"``/``"auto"`` (one program, XLA places the reductions),
+        ``"shard_map"`` or ``"pmap"``: the gradient rule of
+        :func:`bnlab.parallel.value_and_grad`.
+      axis_name: the data axis (or axes) of shard_map / pmap.
+      average_axis: with BN device groups, the axis along which the groups'
+        running statistics differ; they are averaged over it after the step.
+      rng_streams: names of the RNG streams the model draws from in training
+        (e.g. ``("dropout",)``), each a fold of the arm's key with the step.
+      train_kwargs: ``(step, hparams) -> dict`` of extra keyword arguments of
+        the model in training (e.g. a batch-renorm schedule).
+    """
+    grad_style = "jit" if style in ("single", "auto") else style
+
+    def step(state: TrainState, x, y, hparams: dict) -> TrainState:
+        variables = state.variables
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        rngs = {name: jax.random.fold_in(key, i) for i, name in enumerate(rng_streams)}
+        kwargs = None if train_kwargs is None else train_kwargs(state.step, hparams)
+
+        def objective(params):
+            out, new_vars = fns.apply(
+                {**variables, "params": params}, x, True, rngs or None, kwargs
+            )
+            loss, metrics = loss_and_metrics(loss_fn, out, y)
+            return loss, (new_vars, metrics)
+
+        vg = parallel.value_and_grad(
+            objective,
+            style=grad_style,
+            axis_name=axis_name if grad_style in ("shard_map", "pmap") else None,
+            has_aux=True,
         )
-        return new, {"loss": loss, "accuracy": acc}
+        (loss, (new_vars, metrics)), grads = vg(variables["params"])
+        if grad_style in ("shard_map", "pmap"):
+            metrics = lax.pmean(metrics, axis_name)
+            if average_axis is not None:
+                new_vars = {
+                    k: v if k == "params" else lax.pmean(v, average_axis)
+                    for k, v in new_vars.items()
+                }
+        tx = optimizer(hparams)
+        updates, opt_state = tx.update(grads, state.opt_state, variables["params"])
+        new_vars = {
+            **new_vars,
+            "params": optax.apply_updates(variables["params"], updates),
+        }
+        alive = state.stopped_at < 0
+        ok = alive & jnp.isfinite(loss) & _all_finite(new_vars)
+        keep = lambda new, old: jax.tree.map(  # noqa: E731
+            lambda a, b: jnp.where(ok, a, b), new, old
+        )
+        count = state.interval.count + ok.astype(jnp.int32)
+        zero = jnp.zeros((), jnp.float32)
+        interval = Interval(
+            count,
+            state.interval.loss + jnp.where(ok, loss, zero),
+            {
+                k: state.interval.metrics[k] + jnp.where(ok, metrics[k], zero)
+                for k in state.interval.metrics
+            },
+        )
+        return TrainState(
+            variables=keep(new_vars, variables),
+            opt_state=keep(opt_state, state.opt_state),
+            step=state.step + 1,
+            rng=state.rng,
+            stopped_at=jnp.where(alive & ~ok, state.step + 1, state.stopped_at),
+            interval=interval,
+        )
 
     return step
 
 
-class Interval(NamedTuple):
-    """Train metrics since the last record, summed on the device.
+def make_arm_eval(
+    fns: ModelFns, loss_fn: LossFn, batch_stats: bool = False
+) -> Callable[[dict, Any, Any], tuple[jax.Array, dict]]:
+    """``evaluate(variables, x, y) -> (sum of losses, {metric: sum})`` of one
+    arm on one batch: running statistics (inference mode) by default, each
+    batch's own statistics with ``batch_stats``. Sums are the batch mean
+    times its size, so batches of any size add up to the dataset's mean."""
 
-    Attributes:
-      loss_sum: sum of the steps' mean losses.
-      accuracy_sum: sum of the steps' batch accuracies.
-      count: number of steps summed.
-      first_bad: first step whose loss was NaN/Inf, or -1.
-    """
+    def evaluate(variables, x, y):
+        out, _ = fns.apply(variables, x, batch_stats, None, None)
+        loss, metrics = loss_and_metrics(loss_fn, out, y)
+        n = jnp.asarray(x.shape[0], jnp.float32)
+        return loss * n, {k: v * n for k, v in metrics.items()}
 
-    loss_sum: jax.Array
-    accuracy_sum: jax.Array
-    count: jax.Array
-    first_bad: jax.Array
-
-    @classmethod
-    def zeros(cls) -> Interval:
-        f, i = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
-        return cls(f, f, i, i - 1)
-
-    @classmethod
-    def from_host(cls, d: dict[str, Any]) -> Interval:
-        return cls(
-            jnp.asarray(d["loss_sum"], jnp.float32),
-            jnp.asarray(d["accuracy_sum"], jnp.float32),
-            jnp.asarray(d["count"], jnp.int32),
-            jnp.asarray(d.get("first_bad", -1), jnp.int32),
-        )
-
-    def to_host(self) -> dict[str, Any]:
-        return {
-            "loss_sum": float(self.loss_sum),
-            "accuracy_sum": float(self.accuracy_sum),
-            "count": int(self.count),
-            "first_bad": int(self.first_bad),
-        }
-
-    def add(self, loss, accuracy, step) -> Interval:
-        bad = ~jnp.isfinite(loss)
-        first_bad = jnp.where(
-            (self.first_bad < 0) & bad, step.astype(jnp.int32), self.first_bad
-        )
-        return Interval(
-            self.loss_sum + loss.astype(jnp.float32),
-            self.accuracy_sum + accuracy.astype(jnp.float32),
-            self.count + 1,
-            first_bad,
-        )
-
-
-def with_interval(step: Callable, gather: bool = False) -> Callable:
-    """``(state, interval, *batch) -> (state, interval)``: the train step with
-    its metrics summed on the device, so nothing is read back per step. With
-    ``gather`` the batch is ``(x_all, y_all, indices)`` and rows are gathered
-    inside the step (data kept on the device)."""
-
-    def run(state, interval, *batch):
-        if gather:
-            x_all, y_all, idx = batch
-            batch = (x_all[idx], y_all[idx])
-        state, metrics = step(state, *batch)
-        return state, interval.add(metrics["loss"], metrics["accuracy"], state.step)
-
-    return run
-
-
-def make_eval_step(model, num_classes: int, use_batch_stats: bool = False) -> Callable:
-    """``eval(params, batch_stats, x, y) -> (sum loss, sum correct)``.
-
-    Running statistics by default (test time, as the paper prescribes);
-    ``use_batch_stats`` normalises each test batch with its own statistics.
-    """
-
-    def evaluate(params: Any, batch_stats: Any, x, y):
-        variables = {"params": params, "batch_stats": batch_stats}
-        if use_batch_stats:
-            outputs, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
-        else:
-            outputs = model.apply(variables, x, train=False)
-        loss, acc = task_loss(outputs, y, num_classes)
-        n = x.shape[0]
-        return loss * n, acc * n
-
-    return jax.jit(evaluate)
+    return evaluate
