@@ -1,7 +1,11 @@
 """The bnlab command: argument parsing, progress and exit codes only.
 
-bnlab train --workdir runs/digits --config digits --set lr=0.3 --steps 800
-bnlab reproduce --quick
+    bnlab train --workdir runs/digits --config digits --set lr=0.3 --steps 800
+    bnlab reproduce --quick
+
+Results go to stdout, progress and messages to stderr. ``bnlab reproduce``
+is a plugin (the ``bnlab.commands`` entry point that the ``experiments``
+package registers): this package never imports the experiments by name.
 """
 
 from __future__ import annotations
@@ -9,44 +13,64 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
+import importlib.metadata
 import json
 import logging
+import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
-__all__ = ["EXIT_CODES", "main"]
+__all__ = ["EXIT_CODES", "Progress", "main"]
 
 EXIT_CODES = {
     0: "success",
     1: "unexpected error (a bug: please report it with the traceback)",
     2: "usage or configuration error (nothing was run)",
-    3: "the loss became NaN/Inf (the step is named; no bad checkpoint written)",
-    4: "run directory unusable: in use by another run, not a directory, or "
-    "holding checkpoints of another model/config (nothing was moved)",
+    3: "the loss became NaN/Inf in every arm (the step is named; no bad "
+    "checkpoint written)",
+    4: "run directory unusable: in use by another run, not a directory, not "
+    "readable, replaced while running, or holding checkpoints of another "
+    "model/config (nothing was moved)",
     5: "dataset missing or corrupt",
     6: "disk full or not writable while running (earlier checkpoints kept)",
     130: "interrupted (Ctrl-C); run the same command again to resume",
+    143: "terminated (SIGTERM, e.g. a scheduler's preemption); run the same "
+    "command again to resume",
 }
 
 _EPILOG_CODES = "exit codes:\n" + "\n".join(
     f"  {code:>3}  {what}" for code, what in EXIT_CODES.items()
 )
 
+_TERMINAL = sys.stderr  # where bnlab's own messages go (libraries' noise does not)
+_RESULTS = sys.stdout  # where results go (`> log` keeps them)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that the same
+    cleanup runs (the checkpoint in flight is finished, files closed)."""
+
 
 class Progress:
     """A rich progress bar on a terminal; a plain line per 10% otherwise.
 
-    Shows steps/s measured after compilation, the ETA, the last recorded
-    train loss (mean since the previous record) and test accuracy.
+    One object serves ``bnlab train`` (``__call__`` with fit's progress
+    dict) and ``bnlab reproduce`` (``experiment`` for the outer level and
+    ``steps`` for the training inside it). Shows steps/s measured after
+    compilation, the ETA, the last records' train loss and accuracy.
     """
 
-    def __init__(self, stream=sys.stderr, label: str = "train"):
-        self.stream = stream
-        self.tty = stream.isatty()
+    def __init__(self, stream=None, label: str = "train", total_experiments: int = 0):
+        self.stream = stream if stream is not None else _TERMINAL
+        self.tty = self.stream.isatty()
         self.label = label
         self.last_decile = -1
         self.last_draw = 0.0
@@ -57,12 +81,17 @@ class Progress:
             from rich.progress import Progress as RichProgress
 
             self._bar = RichProgress(
-                TextColumn("{task.description}"),
+                TextColumn("{task.description:<28}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[info]}"),
-                console=Console(file=stream),
+                console=Console(file=self.stream),
             )
+            self._outer = None
+            if total_experiments:
+                self._outer = self._bar.add_task(
+                    "experiments", total=total_experiments, info=""
+                )
             self._task = self._bar.add_task(label, total=None, info="compiling...")
             self._bar.start()
 
@@ -75,28 +104,47 @@ class Progress:
             parts.append(f"ETA {time.strftime('%M:%S', time.gmtime(p['eta']))}")
         if p.get("train_loss") is not None:
             parts.append(f"loss {p['train_loss']:.4f}")
-        if p.get("test_accuracy") is not None:
-            parts.append(f"test acc {p['test_accuracy']:.3f}")
+        for key, short in (("val_accuracy", "val acc"), ("test_accuracy", "test acc")):
+            if p.get(key) is not None:
+                parts.append(f"{short} {p[key]:.3f}")
         return "  ".join(parts)
 
     def __call__(self, p: dict[str, Any]) -> None:
+        """fit's ``on_progress``."""
         done, total = p["step"], p["total"]
         now = time.monotonic()
         if self._bar is not None:
             if now - self.last_draw > 0.1 or done == total:
                 self._bar.update(
-                    self._task, completed=done, total=total, info=self._info(p)
+                    self._task,
+                    completed=done,
+                    total=total,
+                    info=self._info(p),
+                    description=p.get("label", self.label),
                 )
                 self.last_draw = now
-            if done == total:
-                self.close()
         elif int(done / total * 10) > self.last_decile:
             self.last_decile = int(done / total * 10)
             print(
-                f"{self.label} step {done}/{total} {self._info(p)}",
+                f"{p.get('label', self.label)} step {done}/{total} {self._info(p)}",
                 file=self.stream,
                 flush=True,
             )
+
+    def experiment(self, name: str, done: int) -> None:
+        """The outer level of ``bnlab reproduce``: experiment ``done + 1``."""
+        self.last_decile = -1
+        if self._bar is not None and self._outer is not None:
+            self._bar.update(
+                self._outer, completed=done, description=f"experiments ({name})"
+            )
+
+    def line(self, text: str) -> None:
+        """A message above the bar (stderr)."""
+        if self._bar is not None:
+            self._bar.console.print(text, highlight=False)
+        else:
+            print(text, file=self.stream, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -104,22 +152,25 @@ class Progress:
             self._bar = None
 
 
+def _plain(text: str) -> str:
+    """Docstring text for a terminal: no Sphinx roles or double backticks."""
+    text = re.sub(r":(?:func|class|meth|attr|mod|data):`~?([^`]+)`", r"\1", text)
+    return text.replace("``", "")
+
+
 def _config_help() -> str:
     """Every config key with its type, default and meaning (from the
-    docstring of :class:`bnlab.train.Config`)."""
+    docstring of bnlab.train.Config)."""
     from bnlab.train.config import PRESETS, Config
 
     doc = Config.__doc__ or ""
     meaning = dict(re.findall(r"^\s{6}(\w+): (.+(?:\n\s{8}.+)*)", doc, re.M))
     lines = ["config keys (--set KEY=VALUE):"]
     for f in dataclasses.fields(Config):
-        text = " ".join(meaning.get(f.name, "").split()).replace("``", "")
+        text = _plain(" ".join(meaning.get(f.name, "").split()))
         lines.append(f"  {f.name} ({f.type}, default {f.default!r}): {text}")
     lines.append("presets (--config NAME): " + ", ".join(sorted(PRESETS)))
     return "\n".join(lines)
-
-
-_TERMINAL = sys.stderr  # where bnlab's own lines go (libraries' noise does not)
 
 
 def _fail(code: int, command: str, message: str) -> int:
@@ -130,10 +181,10 @@ def _fail(code: int, command: str, message: str) -> int:
 @contextlib.contextmanager
 def _quiet_libraries(command: str, verbose: bool):
     """Keeps orbax/absl background-thread logs and tracebacks (e.g. dozens of
-    lines after a full disk, "Event loop is closed") off the terminal: they
-    go to a temporary log whose path is printed if the command fails. Python
-    warnings (a checkpoint set aside, a resumed schedule) stay visible, one
-    line each."""
+    lines after a full disk or an interrupted save) off the terminal: they
+    go to a temporary log, deleted on success and named if the command
+    fails. Python warnings (a checkpoint set aside, an arm that stopped)
+    stay visible, one line each."""
     if verbose:
         yield None
         return
@@ -143,26 +194,99 @@ def _quiet_libraries(command: str, verbose: bool):
     absl = logging.getLogger("absl")
     saved = (sys.stderr, absl.level, absl.propagate, warnings.showwarning)
     handler = logging.StreamHandler(log)
+    hook = threading.excepthook
 
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"bnlab {command}: warning: {message}", file=_TERMINAL, flush=True)
         print(f"{category.__name__}: {message}", file=log, flush=True)
 
+    def thread_exception(args):  # orbax's writer threads after an interrupt
+        print(
+            f"thread {args.thread}: {args.exc_type.__name__}: {args.exc_value}",
+            file=log,
+        )
+
     absl.addHandler(handler)
     absl.propagate = False
     warnings.showwarning = show
+    threading.excepthook = thread_exception
     sys.stderr = log
     try:
-        yield log.name
+        yield log
     finally:
-        sys.stderr, absl.level, absl.propagate, warnings.showwarning = (
-            saved[0],
-            saved[1],
-            saved[2],
-            saved[3],
-        )
+        sys.stderr, absl.level, absl.propagate, warnings.showwarning = saved
+        threading.excepthook = hook
         absl.removeHandler(handler)
         log.close()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises :class:`Terminated` in the main thread (like Ctrl-C)."""
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _guarded(command: str, run, verbose: bool = False) -> int:
+    """Runs ``run()``; maps every expected failure to one line and its code.
+    The library log is deleted on success, named on failure."""
+    with _quiet_libraries(command, verbose) as log, _sigterm_as_interrupt():
+        code = _mapped(command, run)
+    if log is not None:
+        if code:
+            print(f"  (library log: {log.name})", file=_TERMINAL)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(log.name)
+    return code
+
+
+def _mapped(command: str, run) -> int:
+    from bnlab.data import DatasetError
+    from bnlab.train import CheckpointMismatchError, ConfigError, NonFiniteError
+    from bnlab.train.rundir import DiskFullError, RunDirError
+
+    try:
+        run()
+    except ConfigError as e:
+        return _fail(2, command, f"config error: {e}")
+    except NonFiniteError as e:
+        return _fail(3, command, str(e))
+    except DiskFullError as e:
+        return _fail(6, command, str(e))
+    except (RunDirError, CheckpointMismatchError) as e:
+        return _fail(4, command, str(e))
+    except DatasetError as e:
+        return _fail(5, command, str(e))
+    except Terminated:
+        return _fail(
+            143,
+            command,
+            "terminated (SIGTERM); the last checkpoint is complete: run the same "
+            "command again to resume.",
+        )
+    except KeyboardInterrupt:
+        return _fail(
+            130,
+            command,
+            "interrupted; run the same command again to resume from the last "
+            "checkpoint.",
+        )
+    return 0
+
+
+# ------------------------------------------------------------------ train
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -186,15 +310,27 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     if args.workdir is None:
         return _fail(2, "train", "--workdir is required to train.")
+    if not args.workdir.strip():
+        return _fail(
+            2, "train", "--workdir is empty; give a directory, e.g. runs/digits."
+        )
 
-    from pathlib import Path
+    import jax
 
-    from bnlab.train import fit
+    from bnlab.train import fit_config
+    from bnlab.train.checkpoint import finalized_steps
+    from bnlab.train.presets import layout_of
 
+    try:  # everything about the config, before any file is touched
+        config.check_devices(jax.device_count(), jax.process_count())
+        layout_of(config)
+    except ConfigError as e:
+        return _fail(2, "train", f"config error: {e}")
     workdir = Path(args.workdir)
-    resuming = (workdir / "checkpoints").is_dir() and any(
-        (workdir / "checkpoints").iterdir()
-    )
+    try:
+        resuming = bool(finalized_steps(workdir / "checkpoints"))
+    except OSError:
+        resuming = False  # fit reports what is wrong with the directory
     print(
         f"{'resuming' if resuming else 'starting'} run in {workdir} "
         f"({config.model} on {config.dataset}, {config.steps} steps, "
@@ -202,11 +338,15 @@ def _train(args: argparse.Namespace) -> int:
         file=_TERMINAL,
     )
     progress = None if args.quiet else Progress(_TERMINAL)
-    code = _guarded(
-        "train", lambda: fit(config, workdir, on_progress=progress), args.verbose
-    )
-    if progress is not None:
-        progress.close()
+    try:
+        code = _guarded(
+            "train",
+            lambda: fit_config(config, workdir, on_progress=progress),
+            args.verbose,
+        )
+    finally:
+        if progress is not None:
+            progress.close()
     if code:
         return code
     from bnlab.train.rundir import METRICS_FILE, read_records
@@ -217,79 +357,83 @@ def _train(args: argparse.Namespace) -> int:
         summary = ", ".join(
             f"{k} {v:.4f}"
             for k, v in last.items()
-            if k.startswith("test") and v is not None
+            if k.startswith(("val_", "test")) and isinstance(v, float)
         )
-        print(f"final (step {last['step']}): {summary}")
-    print(f"results: {workdir / METRICS_FILE}, checkpoints: {workdir / 'checkpoints'}")
+        print(f"final (step {last['step']}): {summary}", file=_RESULTS)
+    print(
+        f"results: {workdir / METRICS_FILE}, checkpoints: {workdir / 'checkpoints'}",
+        file=_RESULTS,
+    )
     return 0
 
 
-def _guarded(command: str, run, verbose: bool = False) -> int:
-    """Runs ``run()``; maps every expected failure to one line and its code."""
-    with _quiet_libraries(command, verbose) as log:
-        code = _mapped(command, run)
-    if code and log is not None:
-        print(f"  (library log: {log})", file=_TERMINAL)
-    return code
+# -------------------------------------------------------------- reproduce
 
 
-def _mapped(command: str, run) -> int:
-    from bnlab.data import DatasetError
-    from bnlab.train import CheckpointMismatchError, ConfigError, NonFiniteError
-    from bnlab.train.rundir import DiskFullError, RunDirError
-
-    try:
-        run()
-    except ConfigError as e:
-        return _fail(2, command, f"config error: {e}")
-    except NonFiniteError as e:
-        return _fail(3, command, str(e))
-    except DiskFullError as e:
-        return _fail(6, command, str(e))
-    except (RunDirError, CheckpointMismatchError) as e:
-        return _fail(4, command, str(e))
-    except DatasetError as e:
-        return _fail(5, command, str(e))
-    except KeyboardInterrupt:
-        return _fail(
-            130,
-            command,
-            "interrupted; run the same command again to resume from the last "
-            "checkpoint.",
-        )
-    return 0
+def _plugin(name: str):
+    """The ``bnlab.commands`` entry point ``name`` (the experiments package
+    registers ``reproduce``), or None."""
+    for ep in importlib.metadata.entry_points(group="bnlab.commands"):
+        if ep.name == name:
+            return ep
+    return None
 
 
 def _reproduce(args: argparse.Namespace) -> int:
+    ep = _plugin("reproduce")
+    hint = (
+        "bnlab reproduce runs the experiments of a source checkout: git clone the "
+        "repository, then in it run: pip install -e '.[experiments]' and "
+        "python -m bnlab reproduce."
+    )
+    if ep is None:
+        return _fail(2, "reproduce", f"no experiments are installed. {hint}")
     try:
-        from experiments import reproduce
-    except ImportError:
-        # An editable install maps only `bnlab`: find experiments/ beside it.
-        from pathlib import Path
-
-        root = Path(__file__).resolve().parent.parent
-        if not (root / "experiments" / "reproduce.py").is_file():
-            return _fail(
-                2,
-                "reproduce",
-                "the experiments/ directory was not found: reproduce runs from a "
-                "source checkout (git clone ... && pip install -e .).",
-            )
-        sys.path.insert(0, str(root))
-        from experiments import reproduce
-
-    return _guarded(
-        "reproduce",
-        lambda: reproduce.run(
+        plugin = ep.load()
+    except ModuleNotFoundError as e:
+        return _fail(
+            2, "reproduce", f"the experiments cannot be imported ({e}). {hint}"
+        )
+    missing = plugin.missing_requirements()
+    if missing:
+        return _fail(
+            2,
+            "reproduce",
+            f"{', '.join(missing)} not installed; install it with: pip install "
+            f"{' '.join(missing)} (or pip install -e '.[experiments]').",
+        )
+    try:
+        options = plugin.options(
             out=args.out,
             quick=args.quick,
             only=args.only,
             seeds=args.seeds,
-            progress=None if args.quiet else _TERMINAL,
+            first_seed=args.first_seed,
             smoke=args.smoke,
-        ),
-        args.verbose,
+        )
+    except ValueError as e:
+        return _fail(2, "reproduce", str(e))
+    progress = (
+        None
+        if args.quiet
+        else Progress(_TERMINAL, label="", total_experiments=len(options.names))
     )
+
+    def show(line: str) -> None:
+        print(line, file=_RESULTS, flush=True)
+
+    try:
+        return _guarded(
+            "reproduce",
+            lambda: plugin.run(options, progress=progress, show=show),
+            args.verbose,
+        )
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+# ----------------------------------------------------------------- parser
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -362,18 +506,26 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "reproduce",
         help="run the experiments that test the BN lecture's claims",
-        description="Run every experiment, judge each claim with its numeric "
-        "criterion, write REPORT.md / REPORT.html. Re-running resumes.",
+        description="Run every experiment, judge each claim with its "
+        "pre-registered criteria, write REPORT.md / REPORT.html. Re-running "
+        "resumes. Verdicts go to stdout, progress to stderr.",
         epilog=_EPILOG_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     r.add_argument(
         "--quick",
         action="store_true",
-        help="small scale on embedded data (minutes on a laptop CPU)",
+        help="small scale on data shipped with bnlab (minutes on a laptop CPU)",
     )
     r.add_argument("--only", default=None, help="comma-separated experiment names")
     r.add_argument("--seeds", type=int, default=None, help="seeds per arm")
+    r.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        dest="first_seed",
+        help="first seed (replicate with fresh seeds, e.g. --first-seed 100)",
+    )
     r.add_argument(
         "--out",
         default=None,

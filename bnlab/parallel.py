@@ -402,6 +402,13 @@ class ArmsLayout:
             return self._pmap_copies(tree)
         return self._put(tree, P())
 
+    def put_eval(self, tree: Any) -> Any:
+        """Evaluation data: whole on every device (pmap: on the first, where
+        :meth:`eval_view` leaves the state)."""
+        if self.style == "pmap":
+            return jax.device_put(tree, self.mesh.devices.reshape(-1)[0])
+        return self._put(tree, P())
+
     def put_chunk(self, tree: Any) -> Any:
         """Per-step, per-arm batch leaves ``(steps, arms, batch, ...)``."""
         if self.style == "pmap":
@@ -488,7 +495,7 @@ class ArmsLayout:
         """The arm-stacked state as the evaluation functions take it (pmap:
         device 0's copy, checked equal to the others only when saved)."""
         if self.style == "pmap":
-            return jax.tree.map(lambda a: a[0], tree)
+            return jax.tree.map(lambda a: a.addressable_shards[0].data[0], tree)
         return tree
 
     def host(self, tree: Any) -> Any:

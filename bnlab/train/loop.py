@@ -772,12 +772,11 @@ class _Run:
         for stop in self._boundaries(start):
             state = run_chunk(state, prev, stop)
             prev = stop
+            self._check_stopped(state, stop)  # waits for the chunk
             if t_ready is None:
-                jax.block_until_ready(state.step)
                 t_ready, done_at_ready = time.perf_counter(), stop
             elif stop > done_at_ready:
                 rate = (stop - done_at_ready) / max(time.perf_counter() - t_ready, 1e-9)
-            self._check_stopped(state, stop)
             if stop % self.eval_every == 0 or stop == self.steps:
                 self._record(stop, state, evaluator, rate, hp)
                 state = reset(state)
@@ -916,7 +915,7 @@ class _Evaluator:
                 isinstance(split, tuple) and plan.splits.in_memory
             ) or name == "trainset":
                 placed = [
-                    layout.put_replicated(
+                    layout.put_eval(
                         (np.asarray(split[0][i:j]), np.asarray(split[1][i:j]))
                     )
                     for i, j in chunks
@@ -948,9 +947,7 @@ class _Evaluator:
                 for batch in batches:
                     if len(batch) == 3:  # streamed: read now
                         split, i, j = batch
-                        batch = self.layout.put_replicated(
-                            _read(split, np.arange(i, j))
-                        )
+                        batch = self.layout.put_eval(_read(split, np.arange(i, j)))
                     loss, metrics = fn(variables, *batch)
                     if total_loss is None:
                         total_loss, totals = loss, metrics
