@@ -555,14 +555,18 @@ def read_state(
         problem = _meta_problem(meta, step)
         if problem:
             raise ValueError(f"checkpoint {step} in {directory}: {problem}.")
-        layout = manager.item_metadata(step)["state"]
-        layout = getattr(layout, "tree", layout)
-        target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), layout)
+        layout = ocp.StandardCheckpointer().metadata(directory / str(step) / "state")
+        layout = getattr(layout.item_metadata, "tree", layout.item_metadata)
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), layout
+        )
         tree = manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         )["state"]
     finally:
         manager.close()
+    tree = jax.tree.map(np.asarray, tree)
     n_arms = len(meta["config"].get("arms", [None]))
     problem = _verify(tree, meta, n_arms)
     if problem:

@@ -863,7 +863,7 @@ class _Run:
             for key, values in evals.items():
                 if key == "probe":
                     r["probe"] = (
-                        jax.tree.map(lambda a: np.asarray(a[i]).tolist(), values)
+                        jax.tree.map(lambda a, i=i: np.asarray(a[i]).tolist(), values)
                         if alive
                         else None
                     )
