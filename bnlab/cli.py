@@ -50,8 +50,21 @@ _EPILOG_CODES = "exit codes:\n" + "\n".join(
     f"  {code:>3}  {what}" for code, what in EXIT_CODES.items()
 )
 
-_TERMINAL = sys.stderr  # where bnlab's own messages go (libraries' noise does not)
-_RESULTS = sys.stdout  # where results go (`> log` keeps them)
+
+class _Streams:
+    """Where bnlab's own messages and progress go (the terminal's stderr,
+    kept apart from the libraries' output while a command runs); results go
+    to stdout, so that ``> log`` keeps them."""
+
+    terminal = sys.stderr
+
+
+def _terminal():
+    return _Streams.terminal
+
+
+def _results():
+    return sys.stdout
 
 
 class Terminated(KeyboardInterrupt):
@@ -69,7 +82,7 @@ class Progress:
     """
 
     def __init__(self, stream=None, label: str = "train", total_experiments: int = 0):
-        self.stream = stream if stream is not None else _TERMINAL
+        self.stream = stream if stream is not None else _terminal()
         self.tty = self.stream.isatty()
         self.label = label
         self.last_decile = -1
@@ -174,50 +187,78 @@ def _config_help() -> str:
 
 
 def _fail(code: int, command: str, message: str) -> int:
-    print(f"bnlab {command}: {message}", file=_TERMINAL, flush=True)
+    print(f"bnlab {command}: {message}", file=_terminal(), flush=True)
     return code
 
 
+class _Outcome:
+    failed = False
+
+
 @contextlib.contextmanager
-def _quiet_libraries(command: str, verbose: bool):
-    """Keeps orbax/absl background-thread logs and tracebacks (e.g. dozens of
-    lines after a full disk or an interrupted save) off the terminal: they
-    go to a temporary log, deleted on success and named if the command
-    fails. Python warnings (a checkpoint set aside, an arm that stopped)
-    stay visible, one line each."""
+def _library_output_to_log(command: str, verbose: bool):
+    """Sends everything the libraries write to stderr (orbax/absl logs, their
+    background threads' tracebacks after a full disk or an interrupted save,
+    C++ logs) to a temporary log, at the file-descriptor level, while bnlab's
+    own lines and progress go to the terminal. Python warnings (a checkpoint
+    set aside, an arm that stopped) stay visible, one line each. On success
+    the log is deleted; on failure its path is printed and stderr stays
+    redirected until the process exits, so that late library output cannot
+    reach the terminal."""
+    outcome = _Outcome()
     if verbose:
-        yield None
+        yield outcome
         return
-    log = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in finally)
+    log = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below)
         "w", prefix=f"bnlab-{command}-", suffix=".log", delete=False
     )
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    terminal = os.fdopen(os.dup(2), "w", buffering=1)
     absl = logging.getLogger("absl")
-    saved = (sys.stderr, absl.level, absl.propagate, warnings.showwarning)
     handler = logging.StreamHandler(log)
-    hook = threading.excepthook
+    saved = (
+        _Streams.terminal,
+        sys.stderr,
+        absl.propagate,
+        warnings.showwarning,
+        threading.excepthook,
+    )
 
     def show(message, category, filename, lineno, file=None, line=None):
-        print(f"bnlab {command}: warning: {message}", file=_TERMINAL, flush=True)
+        print(f"bnlab {command}: warning: {message}", file=terminal, flush=True)
         print(f"{category.__name__}: {message}", file=log, flush=True)
 
     def thread_exception(args):  # orbax's writer threads after an interrupt
-        print(
-            f"thread {args.thread}: {args.exc_type.__name__}: {args.exc_value}",
-            file=log,
-        )
+        name = args.exc_type.__name__
+        print(f"thread {args.thread}: {name}: {args.exc_value}", file=log, flush=True)
 
+    os.dup2(log.fileno(), 2)
+    _Streams.terminal = terminal
+    sys.stderr = log
     absl.addHandler(handler)
     absl.propagate = False
     warnings.showwarning = show
     threading.excepthook = thread_exception
-    sys.stderr = log
     try:
-        yield log
+        yield outcome
+    except BaseException:
+        outcome.failed = True
+        raise
     finally:
-        sys.stderr, absl.level, absl.propagate, warnings.showwarning = saved
-        threading.excepthook = hook
-        absl.removeHandler(handler)
-        log.close()
+        log.flush()
+        if outcome.failed:
+            print(f"  (library log: {log.name})", file=terminal, flush=True)
+        else:
+            os.dup2(saved_fd, 2)
+            (_Streams.terminal, sys.stderr, absl.propagate) = saved[:3]
+            warnings.showwarning, threading.excepthook = saved[3:]
+            absl.removeHandler(handler)
+            log.close()
+            terminal.close()
+            with contextlib.suppress(OSError):
+                os.unlink(log.name)
+        os.close(saved_fd)
 
 
 @contextlib.contextmanager
@@ -238,18 +279,10 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _guarded(command: str, run, verbose: bool = False) -> int:
-    """Runs ``run()``; maps every expected failure to one line and its code.
-    The library log is deleted on success, named on failure."""
-    with _quiet_libraries(command, verbose) as log, _sigterm_as_interrupt():
-        code = _mapped(command, run)
-    if log is not None:
-        if code:
-            print(f"  (library log: {log.name})", file=_TERMINAL)
-        else:
-            with contextlib.suppress(OSError):
-                os.unlink(log.name)
-    return code
+def _guarded(command: str, run) -> int:
+    """Runs ``run()``; maps every expected failure to one line and its code."""
+    with _sigterm_as_interrupt():
+        return _mapped(command, run)
 
 
 def _mapped(command: str, run) -> int:
@@ -335,14 +368,12 @@ def _train(args: argparse.Namespace) -> int:
         f"{'resuming' if resuming else 'starting'} run in {workdir} "
         f"({config.model} on {config.dataset}, {config.steps} steps, "
         f"parallel={config.parallel})",
-        file=_TERMINAL,
+        file=_terminal(),
     )
-    progress = None if args.quiet else Progress(_TERMINAL)
+    progress = None if args.quiet else Progress(_terminal())
     try:
         code = _guarded(
-            "train",
-            lambda: fit_config(config, workdir, on_progress=progress),
-            args.verbose,
+            "train", lambda: fit_config(config, workdir, on_progress=progress)
         )
     finally:
         if progress is not None:
@@ -359,10 +390,10 @@ def _train(args: argparse.Namespace) -> int:
             for k, v in last.items()
             if k.startswith(("val_", "test")) and isinstance(v, float)
         )
-        print(f"final (step {last['step']}): {summary}", file=_RESULTS)
+        print(f"final (step {last['step']}): {summary}", file=_results())
     print(
         f"results: {workdir / METRICS_FILE}, checkpoints: {workdir / 'checkpoints'}",
-        file=_RESULTS,
+        file=_results(),
     )
     return 0
 
@@ -416,17 +447,15 @@ def _reproduce(args: argparse.Namespace) -> int:
     progress = (
         None
         if args.quiet
-        else Progress(_TERMINAL, label="", total_experiments=len(options.names))
+        else Progress(_terminal(), label="", total_experiments=len(options.names))
     )
 
     def show(line: str) -> None:
-        print(line, file=_RESULTS, flush=True)
+        print(line, file=_results(), flush=True)
 
     try:
         return _guarded(
-            "reproduce",
-            lambda: plugin.run(options, progress=progress, show=show),
-            args.verbose,
+            "reproduce", lambda: plugin.run(options, progress=progress, show=show)
         )
     finally:
         if progress is not None:
@@ -558,9 +587,17 @@ def main(argv: list[str] | None = None) -> int:
         if jax.config.jax_platforms in (None, "", "cpu"):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(addr, num_processes=num, process_id=pid)
-    if args.command == "train":
-        return _train(args)
-    return _reproduce(args)
+    command = _train if args.command == "train" else _reproduce
+    with _library_output_to_log(args.command, args.verbose) as outcome:
+        try:
+            code = command(args)
+        except Exception:  # a bug: the traceback goes to the terminal
+            import traceback
+
+            traceback.print_exc(file=_terminal())
+            code = 1
+        outcome.failed = code != 0
+    return code
 
 
 if __name__ == "__main__":

@@ -203,6 +203,17 @@ def _permission_problem(e: BaseException) -> bool:
     return False
 
 
+def _missing(e: BaseException) -> bool:
+    while e is not None:
+        if (
+            isinstance(e, FileNotFoundError)
+            or getattr(e, "errno", None) == errno.ENOENT
+        ):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _unreadable(path: Path) -> Path | None:
     """The first file or directory under ``path`` this process cannot read."""
     if not os.access(path, os.R_OK | os.X_OK):
@@ -233,6 +244,11 @@ def io_errors(what: str, directory: Path):
             raise DiskFullError(
                 f"permission denied while {what} in {directory}; earlier "
                 "checkpoints are kept. Fix the permissions and run again to resume."
+            ) from None
+        if _missing(e):
+            raise RunDirError(
+                f"{directory} disappeared while {what} (deleted or moved while this "
+                "run was using it); stopping so that nothing is written elsewhere."
             ) from None
         raise
 

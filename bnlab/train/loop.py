@@ -10,6 +10,7 @@ checkpoint points -> evaluation and records -> an orbax checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -670,6 +671,7 @@ class _Run:
                     UserWarning,
                     stacklevel=3,
                 )
+                ckpt.close()
                 return self._result(
                     state, read_records(self.metrics_path, keep_bad=False)
                 )
@@ -681,8 +683,13 @@ class _Run:
                     rewrite_records(self.metrics_path, kept)
                 write_json(self.workdir / "config.json", plan.config)
             state = self._loop(ckpt, state, start)
-        finally:
-            ckpt.close()
+        except BaseException:
+            # finish (or abandon) the save in flight; the error that stopped
+            # the run is the one to report
+            with contextlib.suppress(Exception):
+                ckpt.close()
+            raise
+        ckpt.close()
         return self._result(state, read_records(self.metrics_path))
 
     def _host_scalar(self, arr) -> int:

@@ -9,6 +9,7 @@ config's seed), the config's parallel style, everything else as in
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -149,22 +150,27 @@ def fit_config(
     described = {
         k: v for k, v in config.to_dict().items() if k not in RUN_LENGTH_FIELDS
     }
-    return fit(
-        model,
-        ds,
-        workdir,
-        optimizer=build_optimizer(config),
-        steps=config.steps,
-        batch_size=config.batch_size,
-        seeds=(config.seed,),
-        eval_every=config.eval_every,
-        checkpoint_every=config.checkpoint_every,
-        keep_checkpoints=config.keep_checkpoints,
-        validation=config.validation or None,
-        parallel=style,
-        devices=jax.devices()[:1] if config.parallel == "single" else None,
-        bn_group_size=config.bn_group_size,
-        eval_batch_stats=config.eval_batch_stats,
-        config=described,
-        on_progress=on_progress,
-    )
+    with warnings.catch_warnings():
+        if config.schedule == "constant" and not config.warmup_steps:
+            # fit warns that a schedule may follow a new run length; this
+            # one does not depend on it
+            warnings.filterwarnings("ignore", message=r"resuming a \d+-step run")
+        return fit(
+            model,
+            ds,
+            workdir,
+            optimizer=build_optimizer(config),
+            steps=config.steps,
+            batch_size=config.batch_size,
+            seeds=(config.seed,),
+            eval_every=config.eval_every,
+            checkpoint_every=config.checkpoint_every,
+            keep_checkpoints=config.keep_checkpoints,
+            validation=config.validation or None,
+            parallel=style,
+            devices=jax.devices()[:1] if config.parallel == "single" else None,
+            bn_group_size=config.bn_group_size,
+            eval_batch_stats=config.eval_batch_stats,
+            config=described,
+            on_progress=on_progress,
+        )

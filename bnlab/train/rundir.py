@@ -50,6 +50,16 @@ class DiskFullError(RunDirError):
 
 def check_run_dir(workdir: Path) -> None:
     """Creates ``workdir`` if needed; fails early if any part is unusable."""
+    try:
+        _check_run_dir(workdir)
+    except PermissionError as e:
+        raise RunDirError(
+            f"cannot use run directory {workdir}: permission denied on "
+            f"{e.filename or workdir}."
+        ) from None
+
+
+def _check_run_dir(workdir: Path) -> None:
     if workdir.exists() and not workdir.is_dir():
         raise RunDirError(f"--workdir {workdir} is a file, not a directory.")
     try:
@@ -190,11 +200,16 @@ def _line(record: dict[str, Any]) -> str:
     return json.dumps(_finite_json(record), allow_nan=False) + "\n"
 
 
-def _write_error(path: Path, e: OSError) -> DiskFullError | None:
+def _write_error(path: Path, e: OSError) -> RunDirError | None:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFullError(
             f"disk full while writing {path}; earlier records and checkpoints "
             "are kept. Free space and run the same command again to resume."
+        )
+    if e.errno == errno.ENOENT:
+        return RunDirError(
+            f"cannot write {path}: its directory is gone (deleted or moved while "
+            "this run was using it); stopping so that nothing is written elsewhere."
         )
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return DiskFullError(
