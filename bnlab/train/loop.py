@@ -580,7 +580,12 @@ class _Run:
 
     def _fresh(self) -> TrainState:
         seeds = np.asarray([a.seed for a in self.plan.arms], np.uint32)
-        state = jax.jit(self._init_fn())(seeds, self.plan.hp)
+        # Runs once: XLA's cheapest optimization level compiles it ~3x faster
+        # (random initializers are slow to optimize) and it is still exact.
+        init = jax.jit(self._init_fn()).lower(seeds, self.plan.hp)
+        state = init.compile(compiler_options={"xla_backend_optimization_level": 0})(
+            seeds, self.plan.hp
+        )
         return self.plan.layout.put_arms(jax.device_get(state))
 
     def _abstract(self) -> Any:
@@ -896,74 +901,99 @@ def _summary(records: list[dict]) -> dict[str, Any]:
 
 class _Evaluator:
     """Validation, test (and training-subset) metrics of every arm with
-    running statistics, summed on the device, read back once."""
+    running statistics, summed on the device, read back once. Every set is
+    cut into padded batches of one size, so one compiled function serves
+    them all."""
 
     def __init__(self, plan: _Plan, kw: dict, layout: bn_parallel.ArmsLayout):
         self.plan, self.layout = plan, layout
-        b = kw["eval_batch_size"]
         splits = {}
         if plan.splits.val is not None:
             splits["val"] = plan.splits.val
         if plan.splits.test is not None:
             splits["test"] = plan.splits.test
         if kw["eval_train"]:
-            n = min(int(kw["eval_train"]), _length(plan.splits.train))
-            rows = np.sort(
-                np.random.default_rng([0, 4242]).permutation(
-                    _length(plan.splits.train)
-                )[:n]
-            )
-            splits["trainset"] = _read(plan.splits.train, rows)
+            n_train = _length(plan.splits.train)
+            n = min(int(kw["eval_train"]), n_train)
+            perm = np.random.default_rng([0, 4242]).permutation(n_train)
+            splits["trainset"] = _read(plan.splits.train, np.sort(perm[:n]))
+        self.size = min(
+            kw["eval_batch_size"], max(map(_length, splits.values()), default=1)
+        )
         self.sets = {}
         for name, split in splits.items():
             n = _length(split)
-            chunks = [(i, min(i + b, n)) for i in range(0, n, b)]
-            if (
-                isinstance(split, tuple) and plan.splits.in_memory
-            ) or name == "trainset":
-                placed = [
-                    layout.put_eval(
-                        (np.asarray(split[0][i:j]), np.asarray(split[1][i:j]))
-                    )
-                    for i, j in chunks
-                ]
-                self.sets[name] = (n, placed)
+            chunks = [(i, min(i + self.size, n)) for i in range(0, n, self.size)]
+            if isinstance(split, tuple):  # in memory: on the device once
+                self.sets[name] = (n, [self._padded(split, i, j) for i, j in chunks])
             else:
                 self.sets[name] = (n, [(split, i, j) for i, j in chunks])
         arm_eval = make_arm_eval(plan.fns, plan.loss_fn)
-        self.fns = {
-            "": layout.compile_eval(jax.vmap(arm_eval, in_axes=(0, None, None)), 1)
-        }
-        if kw["eval_batch_stats"]:
+        self.fn = layout.compile_eval(
+            jax.vmap(arm_eval, in_axes=(0, None, None, None)), 1
+        )
+        self.batch_stats = None
+        if kw["eval_batch_stats"] and "test" in splits:
+            split = splits["test"]
+            n = _length(split)
             bs_eval = make_arm_eval(plan.fns, plan.loss_fn, batch_stats=True)
-            self.fns["_batch_stats"] = layout.compile_eval(
-                jax.vmap(bs_eval, in_axes=(0, None, None)), 1
+            self.batch_stats = (
+                n,
+                layout.compile_eval(
+                    jax.vmap(bs_eval, in_axes=(0, None, None, None)), 1
+                ),
+                [
+                    layout.put_eval(
+                        (*_read(split, np.arange(i, j)), np.ones(j - i, bool))
+                    )
+                    for i, j in (
+                        (i, min(i + self.size, n)) for i in range(0, n, self.size)
+                    )
+                ],
             )
         self.probe = None
         if kw["probe"] is not None:
             self.probe = layout.compile_eval(jax.vmap(kw["probe"]), 2)
 
+    def _padded(self, split, i: int, j: int):
+        x, y = _read(split, np.arange(i, j))
+        pad = self.size - (j - i)
+        valid = np.arange(self.size) < (j - i)
+        if pad:
+            x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)])
+            y = np.concatenate([y, np.repeat(y[:1], pad, axis=0)])
+        return self.layout.put_eval((np.asarray(x), np.asarray(y), valid))
+
+    @staticmethod
+    def _sum(fn, variables, batches):
+        total_loss = totals = None
+        for batch in batches:
+            loss, metrics = fn(variables, *batch)
+            if total_loss is None:
+                total_loss, totals = loss, metrics
+            else:
+                total_loss = total_loss + loss
+                totals = jax.tree.map(jnp.add, totals, metrics)
+        return total_loss, totals
+
     def __call__(self, state: TrainState, hp) -> dict[str, Any]:
         variables = state.variables
         out = {}
-        for suffix, fn in self.fns.items():
-            for name, (n, batches) in self.sets.items():
-                if suffix and name != "test":
-                    continue
-                total_loss, totals = None, None
-                for batch in batches:
-                    if len(batch) == 3:  # streamed: read now
-                        split, i, j = batch
-                        batch = self.layout.put_eval(_read(split, np.arange(i, j)))
-                    loss, metrics = fn(variables, *batch)
-                    if total_loss is None:
-                        total_loss, totals = loss, metrics
-                    else:
-                        total_loss = total_loss + loss
-                        totals = jax.tree.map(jnp.add, totals, metrics)
-                out[f"{name}{suffix}_loss"] = np.asarray(total_loss) / n
-                for m, v in totals.items():
-                    out[f"{name}{suffix}_{m}"] = np.asarray(v) / n
+        for name, (n, batches) in self.sets.items():
+            batches = [  # streamed sets are read now
+                self._padded(*b) if len(b) == 3 and not hasattr(b[0], "shape") else b
+                for b in batches
+            ]
+            loss, totals = self._sum(self.fn, variables, batches)
+            out[f"{name}_loss"] = np.asarray(loss) / n
+            for m, v in totals.items():
+                out[f"{name}_{m}"] = np.asarray(v) / n
+        if self.batch_stats is not None:
+            n, fn, batches = self.batch_stats
+            loss, totals = self._sum(fn, variables, batches)
+            out["test_batch_stats_loss"] = np.asarray(loss) / n
+            for m, v in totals.items():
+                out[f"test_batch_stats_{m}"] = np.asarray(v) / n
         if self.probe is not None:
             out["probe"] = jax.tree.map(np.asarray, self.probe(variables, hp))
         return out

@@ -228,16 +228,30 @@ def make_arm_step(
 
 def make_arm_eval(
     fns: ModelFns, loss_fn: LossFn, batch_stats: bool = False
-) -> Callable[[dict, Any, Any], tuple[jax.Array, dict]]:
-    """``evaluate(variables, x, y) -> (sum of losses, {metric: sum})`` of one
-    arm on one batch: running statistics (inference mode) by default, each
-    batch's own statistics with ``batch_stats``. Sums are the batch mean
-    times its size, so batches of any size add up to the dataset's mean."""
+) -> Callable[[dict, Any, Any, Any], tuple[jax.Array, dict]]:
+    """``evaluate(variables, x, y, valid) -> (sum of losses, {metric: sum})``
+    of one arm on one batch, over the examples where ``valid`` is True.
 
-    def evaluate(variables, x, y):
+    With running statistics (inference mode, the default) each example's
+    loss is the loss of a batch of that one example, so padded batches of one
+    fixed size serve every evaluation set (one compilation); the loss must be
+    a mean over examples, as losses are. With ``batch_stats`` the batch is
+    normalized with its own statistics and must not be padded (``valid`` all
+    True): the sums are the batch mean times its size.
+    """
+
+    def per_example(out, y):
+        return loss_and_metrics(loss_fn, out[None], y[None])
+
+    def evaluate(variables, x, y, valid):
         out, _ = fns.apply(variables, x, batch_stats, None, None)
-        loss, metrics = loss_and_metrics(loss_fn, out, y)
-        n = jnp.asarray(x.shape[0], jnp.float32)
-        return loss * n, {k: v * n for k, v in metrics.items()}
+        if batch_stats:
+            loss, metrics = loss_and_metrics(loss_fn, out, y)
+            n = jnp.sum(valid.astype(jnp.float32))
+            return loss * n, {k: v * n for k, v in metrics.items()}
+        losses, metrics = jax.vmap(per_example)(out, y)
+        zero = jnp.zeros((), jnp.float32)
+        total = lambda v: jnp.sum(jnp.where(valid, v, zero))  # noqa: E731
+        return total(losses), {k: total(v) for k, v in metrics.items()}
 
     return evaluate
