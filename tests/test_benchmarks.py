@@ -1,5 +1,6 @@
 """The benchmark scripts run (smoke mode, tiny shapes); no timing assertions."""
 
+import doctest
 import json
 import os
 import subprocess
@@ -52,3 +53,11 @@ def test_benchmark_scripts_run(args, stem, tmp_path):
     assert result["rows"]
     assert result["meta"].get("smoke") is not False
     assert (tmp_path / f"{stem}.md").read_text().count("|") > 4
+
+
+def test_jaxpr_tools_examples_run():
+    # benchmarks/ is outside the doctest paths: run its analysis examples here.
+    from benchmarks import jaxpr_tools
+
+    result = doctest.testmod(jaxpr_tools)
+    assert result.attempted >= 2 and result.failed == 0

@@ -18,8 +18,8 @@ from jax.sharding import PartitionSpec as P
 
 import bnlab
 import bnlab.linen
+from benchmarks.jaxpr_tools import count_collectives, primitive_names
 from bnlab import parallel
-from bnlab.collectives import count_collectives
 from tests import reference as ref
 
 D = 8
@@ -241,26 +241,6 @@ def test_collective_counts(style):
     assert count_collectives(two_pass) == {"always": 2, "conditional": 0}
 
 
-def _primitives(jaxpr) -> set[str]:
-    """Names of every primitive in a jaxpr, sub-jaxprs (pmap, shard_map,
-    custom_jvp, pjit, ...) included."""
-    names = set()
-
-    def walk(jx):
-        for eqn in jx.eqns:
-            names.add(eqn.primitive.name)
-            for value in eqn.params.values():
-                for v in value if isinstance(value, (tuple, list)) else (value,):
-                    sub = getattr(v, "jaxpr", v)
-                    if hasattr(sub, "eqns"):
-                        walk(sub)
-                    elif hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                        walk(sub.jaxpr)
-
-    walk(getattr(jaxpr, "jaxpr", jaxpr))
-    return names
-
-
 @pytest.mark.parametrize("style", ["single", "pmap", "shard_map", "jit", "vmap"])
 def test_no_branch_or_loop_in_a_train_step(style):
     # A conditional costs a device-to-host round trip per BN layer on GPU and
@@ -286,7 +266,7 @@ def test_no_branch_or_loop_in_a_train_step(style):
             ),
             axis_name="batch",
         )
-        names = _primitives(jax.make_jaxpr(f)(x))
+        names = primitive_names(jax.make_jaxpr(f)(x))
     else:
         config = Config(parallel=style, batch_size=16, depth=2, width=8)
         dp = parallel.DataParallel(style)
@@ -298,7 +278,7 @@ def test_no_branch_or_loop_in_a_train_step(style):
             state = dp.put_state(init_state(config, model, tx, xb))
             step = dp.compile(make_train_step(model, tx, 10, style, dp.axis_name))
             jaxpr = jax.make_jaxpr(step)(state, *dp.put_batch((xb, yb)))
-        names = _primitives(jaxpr)
+        names = primitive_names(jaxpr)
     assert "rsqrt" in names  # sanity: the walk reached BN inside the step
     assert not names & {"cond", "while", "switch"}, sorted(names & {"cond", "while"})
 
