@@ -28,3 +28,37 @@ def batch_norm(x, mean, var, reduction_axes, scale=None, bias=None, eps=1e-5):
     if bias is not None:
         y = y + np.expand_dims(np.asarray(bias, np.float64), reduction_axes)
     return y
+
+
+def ulp_of_max(expected) -> float:
+    """The float32 spacing at ``max |expected|``: the rounding unit of a
+    float32 computation whose results have that magnitude."""
+    magnitude = np.max(np.abs(np.asarray(expected, np.float64)), initial=0.0)
+    return float(np.spacing(np.float32(magnitude)))
+
+
+def assert_close_ulps(actual, expected, ulps, *, where=None, err_msg=""):
+    """``max |actual - expected| <= ulps * spacing(float32(max |expected|))``.
+
+    A float32 result is rounded relative to its magnitude, and a different
+    summation order (vector width, GPU reduction trees) moves it by a few
+    units of the last place: tolerances scaled to the output stay valid on
+    any CPU or GPU, where an absolute tolerance is either loose for small
+    outputs or tighter than float32 can represent for large ones. Compare
+    with a float64 reference; NaN in either array fails.
+    """
+    actual = np.asarray(
+        actual, np.complex128 if np.iscomplexobj(actual) else np.float64
+    )
+    expected = np.asarray(
+        expected, np.complex128 if np.iscomplexobj(expected) else np.float64
+    )
+    if where is not None:
+        actual = actual[np.broadcast_to(where, actual.shape)]
+        expected = expected[np.broadcast_to(where, expected.shape)]
+    unit = ulp_of_max(expected)
+    err = np.max(np.abs(actual - expected), initial=0.0)
+    assert np.isfinite(err) and err <= ulps * unit, (
+        f"max error {err:.3g} = {err / unit:.1f} ulps of max|expected| "
+        f"(unit {unit:.3g}) > {ulps} ulps. {err_msg}"
+    )

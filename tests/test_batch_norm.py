@@ -461,3 +461,142 @@ def test_bad_inputs_get_errors_that_name_the_problem():
     _raises(TypeError, "dtype=.*int32.* is not a floating", dtype=jnp.int32)
     with pytest.raises(TypeError, match=r"stats must be bnlab\.BatchStats"):
         bnlab.batch_norm(jnp.ones((4, 3)), [jnp.zeros(3), jnp.ones(3)], train=True)
+
+
+# ------------------------------------------- invalid values that are traced
+
+
+def _train_jit(convention="flax"):
+    return jax.jit(
+        lambda x, s, m, e: bnlab.batch_norm(
+            x, s, train=True, momentum=m, epsilon=e, convention=convention
+        )
+    )
+
+
+@pytest.mark.parametrize("convention", ["flax", "torch"])
+@pytest.mark.parametrize("momentum", [1.5, -0.5, np.nan, np.inf, -np.inf])
+def test_traced_momentum_outside_0_1_keeps_the_running_stats(convention, momentum):
+    # Flax's rule with momentum 1.5 gives var = 1.5 * 1 - 0.5 * batch_var:
+    # negative for a batch variance above 3 (NaN for a NaN momentum).
+    x = jax.random.normal(jax.random.key(30), (16, 3)) * 4 + 2
+    stats = bnlab.BatchStats(jnp.array([0.5, -1.0, 2.0]), jnp.array([1.0, 2.0, 0.5]))
+    f = _train_jit(convention)
+    y, new = f(x, stats, momentum, 1e-5)
+    np.testing.assert_array_equal(new.mean, stats.mean)
+    np.testing.assert_array_equal(new.var, stats.var)
+    y_ok, updated = f(x, stats, 0.5, 1e-5)  # the outputs do not use momentum
+    np.testing.assert_array_equal(y, y_ok)
+    assert not np.array_equal(updated.var, stats.var)
+
+
+def test_an_update_that_would_leave_valid_values_keeps_that_feature():
+    # Valid momentum, but running statistics the caller made invalid: the
+    # update of those features is skipped, the others are updated.
+    x = jax.random.normal(jax.random.key(31), (16, 4)) * 2
+    stats = bnlab.BatchStats(
+        jnp.zeros(4), jnp.array([1.0, -5.0, jnp.inf, jnp.nan], jnp.float32)
+    )
+    _, new = _train_jit()(x, stats, 0.9, 1e-5)
+    _, var, _ = ref.moments(x, (0,))
+    np.testing.assert_allclose(new.var[0], 0.9 + 0.1 * var[0], rtol=1e-6)
+    np.testing.assert_array_equal(new.var[1:], stats.var[1:])
+    np.testing.assert_array_equal(new.mean[1:], stats.mean[1:])
+
+
+@pytest.mark.parametrize("epsilon", [0.0, -1.0, -1e-30, np.nan])
+def test_traced_epsilon_not_above_0_gives_nan_outputs_and_valid_stats(epsilon):
+    # Documented: every output NaN (the loss shows it); the running-statistics
+    # update does not use epsilon, so it is the valid one.
+    x = jax.random.normal(jax.random.key(32), (16, 3)) + 3
+    stats = bnlab.init_batch_stats(3)
+    f = _train_jit()
+    y, new = f(x, stats, 0.9, epsilon)
+    assert np.all(np.isnan(np.asarray(y)))
+    _, new_ok = f(x, stats, 0.9, 1e-5)
+    np.testing.assert_array_equal(new.mean, new_ok.mean)
+    np.testing.assert_array_equal(new.var, new_ok.var)
+    y_eval, _ = jax.jit(lambda x, s, e: bnlab.batch_norm(x, s, train=False, epsilon=e))(
+        x, stats, epsilon
+    )
+    assert np.all(np.isnan(np.asarray(y_eval)))
+
+
+def test_eval_with_an_invalid_running_variance_is_documented_not_silent():
+    # var < 0 counts as 0 (divisor sqrt(eps)); var = inf outputs bias;
+    # a NaN variance or mean gives NaN for that feature only, by design.
+    x = jax.random.normal(jax.random.key(33), (6, 5)) + 1
+    mean = jnp.array([0.5, 0.5, 0.5, 0.5, jnp.nan], jnp.float32)
+    var = jnp.array([-3.0, jnp.nan, jnp.inf, 4.0, 1.0], jnp.float32)
+    g, b = jnp.full(5, 2.0), jnp.full(5, 0.25)
+    y = np.asarray(
+        jax.jit(lambda x, s: bnlab.batch_norm(x, s, g, b, train=False)[0])(
+            x, bnlab.BatchStats(mean, var)
+        )
+    )
+    xd = np.asarray(x, np.float64)
+    ref.assert_close_ulps(y[:, 0], (xd[:, 0] - 0.5) / np.sqrt(1e-5) * 2 + 0.25, 8)
+    assert np.all(np.isnan(y[:, 1])) and np.all(np.isnan(y[:, 4]))
+    np.testing.assert_array_equal(y[:, 2], 0.25)
+    ref.assert_close_ulps(y[:, 3], (xd[:, 3] - 0.5) / np.sqrt(4 + 1e-5) * 2 + 0.25, 8)
+    # The same rule for a feature that falls back on its running statistics
+    # in training (no valid value).
+    mask = jnp.ones((6, 5), bool).at[:, 0].set(False)
+    y_train, _ = jax.jit(
+        lambda x, s: bnlab.batch_norm(x, s, g, b, train=True, mask=mask)
+    )(x, bnlab.BatchStats(mean, var))
+    np.testing.assert_array_equal(np.asarray(y_train)[:, 0], y[:, 0])
+
+
+def test_fold_with_an_invalid_running_variance_matches_eval():
+    k = jax.random.normal(jax.random.key(34), (4, 3))
+    s = bnlab.BatchStats(jnp.array([0.5, 1.0, 0.0]), jnp.array([-2.0, 4.0, jnp.nan]))
+    k2, b2 = jax.jit(bnlab.fold_batch_norm)(k, None, s)
+    x = jax.random.normal(jax.random.key(35), (5, 4))
+    y, _ = bnlab.batch_norm(x @ k, s, train=False)
+    folded = np.asarray(x @ k2 + b2[None])
+    ref.assert_close_ulps(folded[:, :2], np.asarray(y)[:, :2], 64)
+    assert np.all(np.isnan(folded[:, 2])) and np.all(np.isnan(np.asarray(y)[:, 2]))
+    _, b_bad = jax.jit(lambda e: bnlab.fold_batch_norm(k, None, s, epsilon=e))(-1.0)
+    assert np.all(np.isnan(b_bad))
+    with pytest.raises(ValueError, match="fold_batch_norm: epsilon=0"):
+        bnlab.fold_batch_norm(k, None, s, epsilon=0)
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("momentum", "0.9"),
+        ("momentum", np.array([0.9, 0.9], np.float32)),
+        ("momentum", np.array([0.9], np.float32)),
+        ("momentum", True),
+        ("momentum", 0.9 + 0j),
+        ("epsilon", "1e-5"),
+        ("epsilon", np.full(3, 1e-5)),
+        ("epsilon", None),
+    ],
+)
+def test_hyper_parameters_that_are_not_one_number_are_refused_by_name(name, value):
+    with pytest.raises(TypeError, match=rf"batch_norm: {name}.*e\.g\. {name}="):
+        bnlab.batch_norm(
+            jnp.ones((4, 3)), bnlab.init_batch_stats(3), train=True, **{name: value}
+        )
+
+
+@pytest.mark.parametrize("name", ["r_max", "d_max"])
+def test_renorm_bounds_that_are_not_one_number_are_refused_by_name(name):
+    for value in ("3", np.ones(2)):
+        with pytest.raises(TypeError, match=rf"batch_renorm: {name}.*e\.g\. {name}="):
+            bnlab.batch_renorm(
+                jnp.ones((4, 3)), bnlab.init_batch_stats(3), train=True, **{name: value}
+            )
+
+
+def test_a_traced_hyper_parameter_must_be_a_scalar():
+    f = jax.jit(
+        lambda m: bnlab.batch_norm(
+            jnp.ones((4, 3)), bnlab.init_batch_stats(3), train=True, momentum=m
+        )
+    )
+    with pytest.raises(TypeError, match=r"momentum is a traced array of shape \(3,\)"):
+        f(jnp.full(3, 0.9))

@@ -170,3 +170,19 @@ def test_batch_moments_match_float64_and_merge_exactly():
     np.testing.assert_allclose(
         np.asarray(merged.var[0], np.float64), whole.var(0), rtol=1e-5
     )
+
+
+def test_batch_moments_checks_x_mask_and_axis_in_its_own_name():
+    # Its checks are those of x / mask / axis alone (no statistics to check):
+    # every message names batch_moments.
+    x = jnp.ones((4, 3))
+    with pytest.raises(TypeError, match="batch_moments: mask has dtype float32"):
+        bnlab.batch_moments(x, mask=jnp.ones((4, 3)))
+    with pytest.raises(ValueError, match="batch_moments: mask of shape"):
+        bnlab.batch_moments(x, mask=jnp.ones((4, 2), bool))
+    with pytest.raises(ValueError, match="batch_moments: axis=2 is out of range"):
+        bnlab.batch_moments(x, axis=2)
+    with pytest.raises(TypeError, match="batch_moments: complex inputs"):
+        bnlab.batch_moments(x.astype(jnp.complex64))
+    with pytest.raises(ValueError, match="batch_moments got x of shape \\(1, 3\\)"):
+        bnlab.batch_moments(x[:1])

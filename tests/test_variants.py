@@ -139,6 +139,25 @@ def test_renorm_matches_the_papers_formula(r_max, d_max):
     np.testing.assert_allclose(new.var, bn_stats.var)
 
 
+@pytest.mark.parametrize(
+    "r_max,d_max", [(0.5, 5.0), (np.nan, 5.0), (3.0, -1.0), (3.0, np.nan)]
+)
+def test_traced_invalid_renorm_bounds_act_as_the_tightest_valid_ones(r_max, d_max):
+    # r_max < 1 would invert jnp.clip's bounds and NaN would poison r / d;
+    # documented: such a traced bound acts as r_max = 1 (resp. d_max = 0).
+    x = jax.random.normal(jax.random.key(6), (32, 4)) * 2 + 1
+    stats = bnlab.BatchStats(
+        jnp.array([0.0, 3.0, 1.0, -2.0]), jnp.array([1.0, 0.3, 4.0, 9.0])
+    )
+    y, _ = jax.jit(
+        lambda x, r, d: bnlab.batch_renorm(x, stats, train=True, r_max=r, d_max=d)
+    )(x, r_max, d_max)
+    r_ok = r_max if r_max >= 1 else 1.0
+    d_ok = d_max if d_max >= 0 else 0.0
+    expected = _renorm_ref(x, stats.mean, stats.var, 1.0, 0.0, r_ok, d_ok)
+    ref.assert_close_ulps(y, expected, 16)
+
+
 def test_renorm_with_r_max_1_d_max_0_is_batch_norm_gradients_included():
     x = jax.random.normal(jax.random.key(7), (16, 3)) + 4
     stats = bnlab.BatchStats(jnp.array([1.0, 2.0, 3.0]), jnp.array([2.0, 3.0, 0.5]))
@@ -268,6 +287,84 @@ def test_frozen_bn_is_inference_bn_without_gradients_to_stats():
     )(stats, g, b)
     for leaf in jax.tree.leaves(grads):
         np.testing.assert_array_equal(leaf, 0.0)
+
+
+class _Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = bnlab.linen.BatchNorm(use_running_average=not train)(x)
+        return bnlab.linen.BatchNorm(use_running_average=not train)(nn.relu(x) * 3)
+
+
+def _net_and_data():
+    net = _Net()
+    x = jax.random.normal(jax.random.key(40), (8, 3)) * 2 + 5
+    v = net.init(jax.random.key(0), x, train=False)
+    return net, x, v
+
+
+def _is_frozen(net, v, x, out) -> bool:
+    """Whether ``out = (y, updates)`` is the frozen result (eval outputs,
+    statistics unchanged), else asserts that it is the training result."""
+    y, upd = out
+    same = jax.tree.map(np.array_equal, upd["batch_stats"], v["batch_stats"])
+    if all(jax.tree.leaves(same)):  # a training step moves them (mean 5)
+        ref.assert_close_ulps(y, net.apply(v, x, train=False), 8)
+        return True
+    y_train, upd_train = net.apply(v, x, train=True, mutable=["batch_stats"])
+    ref.assert_close_ulps(y, y_train, 8)  # jit and eager: rounding apart
+    jax.tree.map(lambda a, b: ref.assert_close_ulps(a, b, 8), upd, upd_train)
+    return False
+
+
+def test_frozen_bn_context_applies_to_a_function_jitted_before_it():
+    net, x, v = _net_and_data()
+    f = jax.jit(lambda v, x: net.apply(v, x, train=True, mutable=["batch_stats"]))
+    assert not _is_frozen(net, v, x, f(v, x))
+    with bnlab.linen.frozen_bn():
+        assert _is_frozen(net, v, x, f(v, x))  # not the cached unfrozen trace
+    assert not _is_frozen(net, v, x, f(v, x))
+
+
+def test_a_function_first_traced_inside_frozen_bn_is_unfrozen_after_it():
+    net, x, v = _net_and_data()
+    f = jax.jit(lambda v, x: net.apply(v, x, train=True, mutable=["batch_stats"]))
+    with bnlab.linen.frozen_bn():
+        assert _is_frozen(net, v, x, f(v, x))
+    assert not _is_frozen(net, v, x, f(v, x))  # not the cached frozen trace
+
+
+def test_frozen_bn_freeze_affine_is_part_of_what_jit_sees():
+    net, x, v = _net_and_data()
+    grad = jax.jit(
+        jax.grad(
+            lambda p: jnp.sum(
+                net.apply({**v, "params": p}, x, train=True, mutable=["batch_stats"])[0]
+                * jnp.arange(3.0)[None]
+            )
+        )
+    )
+    scale = lambda g: float(jnp.abs(g["BatchNorm_1"]["scale"]).sum())  # noqa: E731
+    with bnlab.linen.frozen_bn(freeze_affine=True):
+        assert scale(grad(v["params"])) == 0.0
+    with bnlab.linen.frozen_bn():
+        assert scale(grad(v["params"])) > 0.0
+
+
+def test_nnx_freeze_after_a_jitted_call_retraces():
+    m = bnlab.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(41), (8, 3)) + 4
+    f = nnx.jit(lambda m, x: m(x))
+    f(m, x)
+    before = m.mean[...]
+    assert float(jnp.abs(before).sum()) > 0
+    bnlab.nnx.freeze(m)
+    y = f(m, x)
+    np.testing.assert_array_equal(m.mean[...], before)
+    np.testing.assert_array_equal(
+        y,
+        bnlab.batch_norm(x, bnlab.BatchStats(m.mean[...], m.var[...]), train=False)[0],
+    )
 
 
 def test_freezing_every_bn_of_a_linen_and_an_nnx_model():
