@@ -45,8 +45,10 @@ def frozen_bn(freeze_affine: bool = False) -> Iterator[None]:
     ``nnx.jit``, ...): a jitted function first traced outside the context is
     traced again when called inside it, and one traced inside is traced
     again when called after it, so a cached trace never applies the wrong
-    setting. (An ahead-of-time ``jax.jit(f).lower(...).compile()`` object is
-    fixed when it is compiled, as always.)
+    setting. The price: any jitted function called inside the context is
+    traced and compiled once more (the cache key of every jit includes the
+    setting), once per setting. An ahead-of-time
+    ``jax.jit(f).lower(...).compile()`` object stays what it was compiled as.
 
     Args:
       freeze_affine: also stop the gradients of ``scale`` / ``bias``.

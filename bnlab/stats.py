@@ -387,19 +387,23 @@ def ema_update(
         valid = count > 0
     m = jnp.asarray(momentum)
     valid = valid & (m >= 0) & (m <= 1)  # False for NaN too
+    # Both weights are formed before rounding to the statistics' dtype: for a
+    # Python float, 1 - float32(0.99) would weigh the batch by 0.0099999905,
+    # 1e-6 off (8 ulps of a running mean after one step).
     if convention == "torch":
-        keep = 1.0 - momentum
+        keep, take = 1.0 - momentum, momentum
         one = jnp.ones((), count.dtype)
         var = var * (count / jnp.maximum(count - one, one))
     else:
-        keep = momentum
+        keep, take = momentum, 1.0 - momentum
 
     def step(old: jax.Array, batch: jax.Array) -> tuple[jax.Array, jax.Array]:
         with jax.numpy_dtype_promotion("standard"):  # Flax's rule, even if strict
             dtype = jnp.promote_types(old.dtype, batch.dtype)
         old, batch = old.astype(dtype), batch.astype(dtype)
         k = jnp.asarray(keep).astype(dtype)  # complex for a complex mean
-        return old, k * old + (1 - k) * batch
+        t = jnp.asarray(take).astype(dtype)
+        return old, k * old + t * batch
 
     old_mean, new_mean = step(stats.mean, mean)
     old_var, new_var = step(stats.var, var)
