@@ -395,10 +395,15 @@ def check_count(
         f"{layout.feature_axes}: {count} value per feature"
         + (f" per ghost batch of {ghost_size}" if ghost_size is not None else "")
         + (f" across axis {axis_name!r}" if axis_name is not None else "")
-        + ". Its batch variance is 0, so every output would equal `bias` and the "
-        "running variance would decay to 0. Train on batches of at least 2 "
-        "examples, synchronise statistics across devices with axis_name, or use "
-        "train=False (running statistics)."
+        + (
+            ". One value has no spread: pass at least 2 values per feature, or "
+            "merge over devices with axis_name."
+            if fn == "batch_moments"
+            else ". Its batch variance is 0, so every output would equal `bias` and "
+            "the running variance would decay to 0. Train on batches of at least "
+            "2 examples, synchronise statistics across devices with axis_name, or "
+            "use train=False (running statistics)."
+        )
     )
 
 
