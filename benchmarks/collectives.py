@@ -1,8 +1,8 @@
 """Collectives per BN layer and time per BN layer on several devices.
 
 Counts cross-device collectives in the jaxpr of one train-mode BN forward and
-of its gradient w.r.t. x (``bnlab.collectives.count_collectives``: "always"
-vs "conditional", i.e. inside bnlab's re-centring branch), and times one BN
+of its gradient w.r.t. x (``benchmarks.jaxpr_tools.count_collectives``:
+"always" vs "conditional", i.e. inside a ``cond`` branch; bnlab has none), and times one BN
 layer forward and forward+backward under shard_map over all devices, for
 bnlab vs Flax fast vs Flax two-pass. Run with simulated devices on CPU:
 
@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 import bnlab
 from benchmarks import common
-from bnlab.collectives import count_collectives
+from benchmarks.jaxpr_tools import count_collectives
 
 
 def bn_fns(c: int):

@@ -1,27 +1,33 @@
 """``batch_norm``: check -> local moments -> merge across devices -> normalize.
 
 Batch Normalization (Ioffe & Szegedy 2015, arXiv:1502.03167) as one pure
-function with explicit running statistics.
+function with explicit running statistics. The argument checks are
+:mod:`bnlab.checks`; the per-feature arithmetic is :mod:`bnlab.stats`; what
+crosses devices is :mod:`bnlab.collectives`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from bnlab.collectives import (
-    AxisName,
-    gather_across,
-    match_varying,
-    sum_across,
-    sync_size,
+from bnlab.checks import (
+    Layout,
+    check_count,
+    check_epsilon,
+    check_ghost,
+    check_input,
+    check_momentum,
+    check_options,
+    check_params,
+    check_renorm_bounds,
+    output_dtype,
 )
+from bnlab.collectives import AxisName, gather_across, match_varying, sum_across
 from bnlab.stats import (
     BatchStats,
     Moments,
@@ -35,221 +41,10 @@ __all__ = [
     "batch_moments",
     "batch_norm",
     "batch_renorm",
-    "canonical_axes",
     "variant_batch_norm",
 ]
 
 Axes = int | Sequence[int]
-
-_CONVENTIONS = ("flax", "torch")
-
-
-# ------------------------------------------------------------------ checks
-
-
-def canonical_axes(ndim: int, axis: Any, what: str = "axis") -> tuple[int, ...]:
-    """Sorted non-negative axes; TypeError/ValueError naming the bad value."""
-    items = axis if isinstance(axis, (tuple, list)) else (axis,)
-    for a in items:
-        if isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer)):
-            raise TypeError(
-                f"batch_norm: {what}={axis!r} must be an int or a tuple of ints "
-                f"(feature axes), got {type(a).__name__} {a!r}; e.g. axis=-1 for "
-                "NHWC / (batch, features), axis=1 for NCHW."
-            )
-        if not -ndim <= a < ndim:
-            raise ValueError(
-                f"batch_norm: {what}={axis!r} is out of range for an input with "
-                f"{ndim} dimensions; pass feature axes in [-{ndim}, {ndim - 1}] "
-                "(e.g. axis=-1 for NHWC / (batch, features), axis=1 for NCHW)."
-            )
-    out = [int(a) % ndim for a in items]
-    if len(set(out)) != len(out):
-        raise ValueError(
-            f"batch_norm: {what}={axis!r} names the same axis twice; list each "
-            "feature axis once."
-        )
-    return tuple(sorted(out))
-
-
-class _Layout(NamedTuple):
-    feature_axes: tuple[int, ...]
-    reduction_axes: tuple[int, ...]
-    feature_shape: tuple[int, ...]
-    keep_shape: tuple[int, ...]  # x.shape with 1 on the reduction axes
-
-
-def _layout(shape: tuple[int, ...], axis: Any) -> _Layout:
-    feature_axes = canonical_axes(len(shape), axis)
-    reduction = tuple(i for i in range(len(shape)) if i not in feature_axes)
-    return _Layout(
-        feature_axes,
-        reduction,
-        tuple(shape[a] for a in feature_axes),
-        tuple(shape[a] if a in feature_axes else 1 for a in range(len(shape))),
-    )
-
-
-def _as_array(name: str, a: Any, shape: tuple[int, ...], *, complex_ok: bool):
-    if not hasattr(a, "shape") or not hasattr(a, "dtype"):
-        raise TypeError(
-            f"batch_norm: {name} must be an array of shape {shape}, got "
-            f"{type(a).__name__}; build statistics with bnlab.init_batch_stats"
-            f"({shape}) and pass scale/bias as arrays or None."
-        )
-    if tuple(a.shape) != shape:
-        raise ValueError(
-            f"batch_norm: {name} has shape {tuple(a.shape)} but the feature axes "
-            f"of x have shape {shape}. Create it with that shape (e.g. "
-            f"bnlab.init_batch_stats({shape})) or fix `axis`."
-        )
-    kinds = (jnp.floating, jnp.complexfloating) if complex_ok else (jnp.floating,)
-    if not any(jnp.issubdtype(a.dtype, k) for k in kinds):
-        what = "floating" + (" or complex" if complex_ok else "")
-        raise TypeError(
-            f"batch_norm: {name} has dtype {a.dtype}; it must be {what}"
-            + (
-                " (complex only with a complex x)"
-                if not complex_ok and jnp.issubdtype(a.dtype, jnp.complexfloating)
-                else ""
-            )
-            + f", e.g. {name}.astype(jnp.float32)."
-        )
-    return a
-
-
-def _concrete(v: Any) -> float | None:
-    """``float(v)``, or None for a traced value (checked only when concrete)."""
-    if isinstance(v, jax.core.Tracer):
-        return None
-    try:
-        return float(v)
-    except TypeError:
-        raise TypeError(f"expected a number, got {type(v).__name__} {v!r}") from None
-
-
-def _check_hyper(momentum: Any, epsilon: Any, compute_dtype: Any) -> None:
-    m = _concrete(momentum)
-    if m is not None and not 0.0 <= m <= 1.0:
-        raise ValueError(
-            f"batch_norm: momentum={momentum} must lie in [0, 1]. Flax accepts any "
-            "value, but outside [0, 1] the running statistics are extrapolated "
-            "rather than averaged and can diverge, so bnlab refuses it."
-        )
-    e = _concrete(epsilon)
-    if e is not None and not (
-        math.isfinite(e) and e > 0 and np.asarray(e, compute_dtype) > 0
-    ):
-        raise ValueError(
-            f"batch_norm: epsilon={epsilon} must be > 0, finite, and > 0 in "
-            f"{np.dtype(compute_dtype).name} (Flax uses 1e-5). Flax accepts "
-            "epsilon <= 0, but then a constant feature divides by zero (NaN/Inf "
-            "outputs), so bnlab refuses it."
-        )
-
-
-def _check_args(
-    x, stats, scale, bias, train, axis, mask, dtype, convention, ghost_size
-) -> tuple[jax.Array, BatchStats, Any, Any, Any, _Layout]:
-    """Validates and normalises the arguments of :func:`batch_norm`."""
-    if not hasattr(x, "dtype"):
-        x = jnp.asarray(x)
-    x = jnp.asarray(x)
-    complex_x = jnp.issubdtype(x.dtype, jnp.complexfloating)
-    if not (jnp.issubdtype(x.dtype, jnp.floating) or complex_x):
-        raise TypeError(
-            f"batch_norm: x must be a floating (or complex) array, got dtype "
-            f"{x.dtype}; cast it first, e.g. x.astype(jnp.float32) (the Flax "
-            "drop-in modules do this for integer inputs)."
-        )
-    if not isinstance(train, (bool, np.bool_)):
-        raise TypeError(
-            f"batch_norm: train={train!r} must be a Python bool: it selects the "
-            "computation at trace time (mark it static under jit)."
-        )
-    if convention not in _CONVENTIONS:
-        raise ValueError(
-            f"batch_norm: convention={convention!r}; use one of {_CONVENTIONS}."
-        )
-    layout = _layout(x.shape, axis)
-    if isinstance(stats, dict) and set(stats) == {"mean", "var"}:
-        stats = BatchStats(stats["mean"], stats["var"])
-    if not isinstance(stats, BatchStats):
-        raise TypeError(
-            f"batch_norm: stats must be bnlab.BatchStats(mean, var), got "
-            f"{type(stats).__name__}; create it with bnlab.init_batch_stats."
-        )
-    fs = layout.feature_shape
-    stats = BatchStats(
-        _as_array("stats.mean", stats.mean, fs, complex_ok=complex_x),
-        _as_array("stats.var", stats.var, fs, complex_ok=False),
-    )
-    if scale is not None:
-        scale = _as_array("scale", scale, fs, complex_ok=complex_x)
-    if bias is not None:
-        bias = _as_array("bias", bias, fs, complex_ok=complex_x)
-    if mask is not None:
-        if not hasattr(mask, "dtype"):
-            mask = np.asarray(mask)
-        if mask.dtype != bool:
-            raise TypeError(
-                f"batch_norm: mask has dtype {mask.dtype}; it must be boolean (a "
-                "float mask would count 0.3 or NaN as True). Pass e.g. mask > 0.5 "
-                "or mask.astype(bool) once its values are 0/1."
-            )
-        try:
-            ok = np.broadcast_shapes(mask.shape, x.shape) == x.shape
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError(
-                f"batch_norm: mask of shape {mask.shape} does not broadcast to x of "
-                f"shape {x.shape}; give it x's shape or size-1 axes where it is "
-                "constant, e.g. mask[..., None] for a per-example mask."
-            )
-    if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
-        raise TypeError(
-            f"batch_norm: dtype={dtype!r} is not a floating or complex dtype; the "
-            "output of a normalization is fractional (e.g. dtype=jnp.bfloat16)."
-        )
-    if ghost_size is not None and train:  # ghost batches exist only in training
-        _check_ghost(ghost_size, x.shape, layout)
-    return x, stats, scale, bias, mask, layout
-
-
-def _check_ghost(ghost_size: Any, shape: tuple[int, ...], layout: _Layout) -> None:
-    if isinstance(ghost_size, (bool, np.bool_)) or not isinstance(
-        ghost_size, (int, np.integer)
-    ):
-        raise TypeError(
-            f"batch_norm: ghost_size={ghost_size!r} must be an int (examples per "
-            "ghost batch) or None."
-        )
-    if 0 in layout.feature_axes:
-        raise ValueError(
-            "batch_norm: ghost_size splits axis 0 (the example axis) into ghost "
-            f"batches, but axis 0 is a feature axis here (axis={layout.feature_axes})."
-        )
-    if ghost_size < 1 or shape[0] % ghost_size:
-        raise ValueError(
-            f"batch_norm: ghost_size={ghost_size} does not divide the {shape[0]} "
-            "examples on axis 0 of x (per device under sync); use a divisor, e.g. "
-            f"{_largest_divisor(shape[0], max(int(ghost_size), 1))}."
-        )
-
-
-def _largest_divisor(n: int, at_most: int) -> int:
-    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
-
-
-def _output_dtype(x, scale, bias, dtype) -> jnp.dtype:
-    if dtype is not None:
-        return jnp.dtype(dtype)
-    args = [a for a in (x, scale, bias) if a is not None]
-    # Flax Linen's rule (jnp.result_type of input and parameters); computed with
-    # standard promotion so it also holds under jax_numpy_dtype_promotion=strict.
-    with jax.numpy_dtype_promotion("standard"):
-        return jnp.result_type(*args)
 
 
 # --------------------------------------------------------------- algorithm
@@ -268,6 +63,7 @@ def _separate_reductions(x: jax.Array) -> bool:
 def _train_moments(
     parts: tuple[jax.Array, ...],
     mask: jax.Array | None,
+    *,
     reduction_axes: tuple[int, ...],
     axis_name: AxisName | None,
     axis_index_groups,
@@ -275,8 +71,8 @@ def _train_moments(
 ) -> tuple[tuple[jax.Array, ...], ...]:
     """Exact ``(center, offset, var, count)`` of each real part, keepdims.
 
-    Each device shifts its values by a few of its own samples
-    (:func:`bnlab.stats.sample_shift`), takes one pass of shifted sums
+    Each device shifts its values by the median of a few of its own values
+    per feature (:func:`bnlab.stats.sample_shift`), takes one pass of shifted sums
     (:func:`bnlab.stats.local_moments`) and, under ``axis_name``, sends its
     ``(count, center, offset, m2)`` in one ``all_gather`` to be merged with
     Chan's formula. No branch, no loop, one read of ``x``, one collective.
@@ -370,7 +166,7 @@ def _join(parts: Sequence[jax.Array]) -> jax.Array:
     return parts[0] if len(parts) == 1 else lax.complex(parts[0], parts[1])
 
 
-def _ghost_view(x, mask, layout: _Layout, ghost_size: int):
+def _ghost_view(x, mask, layout: Layout, ghost_size: int):
     """``x`` as (ghosts, ghost_size, ...): a free reshape; reduction axes move."""
     shape = (x.shape[0] // ghost_size, ghost_size, *x.shape[1:])
     if mask is not None:
@@ -385,6 +181,15 @@ def _usable(count, means, var) -> jax.Array:
     for m in means:
         ok = ok & jnp.isfinite(m)
     return ok
+
+
+def _first(m: Moments) -> Moments:
+    return Moments(*(a[0] for a in m))
+
+
+def _real_dtype(x: jax.Array) -> Any:
+    """Reductions run in float32, or float64 for float64 (complex128) input."""
+    return jnp.float64 if x.real.dtype == jnp.float64 else jnp.float32
 
 
 def batch_norm(
@@ -410,24 +215,41 @@ def batch_norm(
     ``(mean, var)`` are the batch moments over every axis except ``axis``
     (``train=True``) or the running ``stats`` (``train=False``).
 
-    Algorithm (train mode). Each device shifts its values by the mean of a
-    few of its own values per feature, takes one pass of shifted sums and,
-    under ``axis_name``, merges per-device ``(count, center, offset, m2)`` with
-    Chan's exact formula after one ``all_gather``. No branch, no loop, one
-    read of ``x``, one collective forward and one backward; the result does
-    not depend on the running statistics. The mean is kept as a float32 pair
-    (a data value plus a small offset), so ``x - mean`` is exact to float32
-    precision of the deviation, even at ``|mean| = 1e4 * std``.
+    Algorithm (train mode). Each device shifts its values by the median of 8
+    of its own values per feature (32 with a mask; sampled at strided
+    positions, :func:`bnlab.stats.sample_shift`), takes one pass of shifted
+    sums and, under ``axis_name``, merges per-device ``(count, center, offset,
+    m2)`` with Chan's exact formula after one ``all_gather``. No branch, no
+    loop, one read of ``x``, one collective forward and one backward; the
+    result does not depend on the running statistics. The mean is kept as a
+    float32 pair (a data value plus a small offset), so ``x - mean`` is exact
+    to float32 precision of the deviation, even at ``|mean| = 1e4 * std``.
 
     Error bound (float32): the relative variance error is about ``c * 2**-24
     * (1 + (mean - shift)**2 / var)`` per device, ``c`` the slowly growing
-    summation factor, plus one rounding per merge. For the mean of 8 sampled
-    values ``(mean - shift)**2 / var`` is ~1/8 on i.i.d. data (two-pass
-    accuracy: 4e-7 max output error at mean 1e4); in the worst case (the
-    sampled values are extreme outliers) it is at most the per-device count.
-    The output's absolute error is about ``2**-24 * (1 + |mean - shift| /
-    std)`` in units of ``scale``. Reductions run in float32 (float64 stays
-    float64) from the unrounded input; bf16 inputs are read once in bf16.
+    summation factor, plus one rounding per merge. For the median of 8
+    sampled values ``(mean - shift)**2 / var`` is about ``pi / 16 = 0.2`` on
+    i.i.d. normal data (two-pass accuracy: 4e-7 max output error at mean
+    1e4); the median ignores a minority of outliers among the samples, and in
+    the worst case (most sampled values are extreme outliers) the term is at
+    most the per-device count. The output's absolute error is about ``2**-24
+    * (1 + |mean - shift| / std)`` in units of ``scale``. Reductions run in
+    float32 (float64 stays float64) from the unrounded input; bf16 inputs are
+    read once in bf16.
+
+    Invalid values. Traced hyper-parameters (e.g. schedules inside ``jit``)
+    cannot be checked at trace time, so the running statistics stay valid
+    for any value instead: an update is skipped (the old statistics are
+    kept) when ``momentum`` is outside [0, 1] or NaN, and per feature when
+    the new mean or variance would not be finite or the variance would be
+    negative. A traced ``epsilon`` that is NaN or <= 0 makes every output
+    NaN, so the loss shows it (the running-statistics update does not use
+    ``epsilon``). Invalid running statistics (in eval, or for a feature
+    without usable batch moments) never become a silent NaN: a negative
+    running variance is taken as 0 (the divisor is ``sqrt(epsilon)``) and
+    an infinite one outputs ``bias``; a NaN running variance or mean has no
+    value to fall back on, so that feature's outputs are NaN, by design (no
+    update ever writes one).
 
     Args:
       x: input array, any float or complex dtype.
@@ -439,9 +261,10 @@ def batch_norm(
         and return them unchanged. A Python bool.
       axis: feature axis or axes (int or tuple), as in Flax.
       momentum: Flax convention ``new = momentum * old + (1 - momentum) *
-        batch`` (biased variance); see ``convention``. May be traced (e.g. a
-        schedule); a concrete value must lie in [0, 1].
-      epsilon: added to the variance; > 0 (may be traced).
+        batch`` (biased variance); see ``convention``. One real number; may be
+        traced (e.g. a schedule: see above); a concrete value must lie in
+        [0, 1].
+      epsilon: added to the variance; one real number > 0 (may be traced).
       axis_name: pmap / shard_map / vmap axis name (or tuple of names) over
         which statistics are synchronised; None under plain or sharded ``jit``.
       axis_index_groups: groups of indices of ``axis_name`` that share
@@ -471,7 +294,8 @@ def batch_norm(
 
     Raises:
       TypeError: non-float ``x`` / statistics, non-bool ``mask`` or ``train``,
-        badly typed ``axis``.
+        badly typed ``axis``, a ``momentum`` / ``epsilon`` that is not one
+        real number (a string, an array of several values).
       ValueError: bad axis, shapes, mask, hyper-parameters, an unbound
         ``axis_name``, a ``ghost_size`` that does not divide the batch, or
         training on a single value per feature.
@@ -483,6 +307,11 @@ def batch_norm(
       >>> bool(jnp.allclose(y.mean(0), 0, atol=1e-5))
       True
       >>> y_eval, _ = bnlab.batch_norm(x, stats, train=False)
+      >>> # A traced momentum outside [0, 1] keeps the running statistics:
+      >>> f = jax.jit(lambda x, s, m: bnlab.batch_norm(x, s, train=True, momentum=m))
+      >>> _, same = f(x, stats, 1.5)
+      >>> bool(jnp.array_equal(same.var, stats.var))
+      True
     """
     return _batch_norm(
         x,
@@ -520,26 +349,46 @@ def _batch_norm(
     convention,
     ghost_size,
     renorm,
+    fn="batch_norm",
 ):
     """The one implementation of :func:`batch_norm` and :func:`batch_renorm`
     (``renorm = (r_max, d_max)`` or None)."""
-    x, stats, scale, bias, mask, layout = _check_args(
-        x, stats, scale, bias, train, axis, mask, dtype, convention, ghost_size
+    check_options(train=train, convention=convention, dtype=dtype, fn=fn)
+    x, mask, layout = check_input(x, axis=axis, mask=mask, fn=fn)
+    complex_x = jnp.issubdtype(x.dtype, jnp.complexfloating)
+    stats, scale, bias = check_params(
+        stats, scale, bias, layout, complex_x=complex_x, fn=fn
     )
-    real_dtype = jnp.float64 if x.real.dtype == jnp.float64 else jnp.float32
-    _check_hyper(momentum, epsilon, real_dtype)
-    out_dtype = _output_dtype(x, scale, bias, dtype)
-    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    if ghost_size is not None and train:  # ghost batches exist only in training
+        check_ghost(ghost_size, x.shape, layout)
+    real_dtype = _real_dtype(x)
+    check_momentum(momentum, fn=fn)  # a traced one: guarded in ema_update
+    epsilon_traced = check_epsilon(epsilon, real_dtype, fn=fn)
+    out_dtype = output_dtype(x, scale, bias, dtype)
+    if complex_x:
         xc = x.astype(jnp.complex128 if real_dtype == jnp.float64 else jnp.complex64)
     else:
         xc = x.astype(real_dtype)  # fused into the consumers: no copy of x
     keep = layout.keep_shape
     run_mean = stats.mean.astype(xc.dtype).reshape(keep)
     run_var = stats.var.astype(real_dtype).reshape(keep)
+    norm = {
+        "scale": scale,
+        "bias": bias,
+        "epsilon": epsilon,
+        "check_epsilon": epsilon_traced,
+        "axis_name": axis_name,
+    }
 
     if not train:
         y = _normalize(
-            xc, None, run_mean, None, run_var, scale, bias, epsilon, keep, axis_name
+            xc,
+            mask=None,
+            center=run_mean,
+            offset=None,
+            var=run_var,
+            param_shape=keep,
+            **norm,
         )
         return y.astype(out_dtype), stats
 
@@ -548,38 +397,52 @@ def _batch_norm(
         view, view_mask, reduction = _ghost_view(xc, mask, layout, ghost_size)
         param_shape = (1, *keep)
         run_mean, run_var = run_mean[None], run_var[None]
-    _check_count(
-        x.shape, layout, view.shape, reduction, axis_name, axis_index_groups, ghost_size
+    check_count(
+        shape=x.shape,
+        layout=layout,
+        view_shape=view.shape,
+        reduction=reduction,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        ghost_size=ghost_size,
+        fn=f"{fn}(train=True)",
     )
     if view_mask is not None:
         view_mask = jnp.broadcast_to(view_mask, view.shape)
     per_part = _train_moments(
         _real_parts(view),
         view_mask,
-        reduction,
-        axis_name if ghost_size is None else None,  # ghost batches stay local
-        axis_index_groups,
-        _separate_reductions(x),
+        reduction_axes=reduction,
+        axis_name=axis_name if ghost_size is None else None,  # ghost: stay local
+        axis_index_groups=axis_index_groups,
+        separate=_separate_reductions(x),
     )
     centers, offsets, variances, counts = zip(*per_part, strict=True)
     count, var = counts[0], sum(variances[1:], variances[0])
     center, offset = _join(centers), _join(offsets)
     usable = _usable(count, centers + offsets, var)
     if renorm is not None:
-        scale, bias = _renorm_affine(
-            center, offset, var, run_mean, run_var, usable, scale, bias, epsilon, renorm
+        norm["scale"], norm["bias"] = _renorm_affine(
+            batch_center=center,
+            batch_offset=offset,
+            batch_var=var,
+            run_mean=run_mean,
+            run_var=run_var,
+            usable=usable,
+            scale=scale,
+            bias=bias,
+            epsilon=epsilon,
+            r_max=renorm[0],
+            d_max=renorm[1],
         )
     y = _normalize(
         view,
-        view_mask,
-        jnp.where(usable, center, run_mean),
-        jnp.where(usable, offset, jnp.zeros((), offset.dtype)),
-        jnp.where(usable, var, run_var),
-        scale,
-        bias,
-        epsilon,
-        param_shape,
-        axis_name,
+        mask=view_mask,
+        center=jnp.where(usable, center, run_mean),
+        offset=jnp.where(usable, offset, jnp.zeros((), offset.dtype)),
+        var=jnp.where(usable, var, run_var),
+        param_shape=param_shape,
+        **norm,
     )
     if ghost_size is not None:
         count, mean, var, usable = _whole_batch(per_part, axis_name, axis_index_groups)
@@ -614,57 +477,45 @@ def batch_moments(
     several with :func:`bnlab.stats.merge_moments` (e.g. over the batches of
     a dataset: :func:`bnlab.precise_stats`). Real inputs only.
 
+    Args:
+      x: real input.
+      axis: feature axis or axes.
+      axis_name: merge the moments over this axis (as :func:`batch_norm`).
+      axis_index_groups: device groups (pmap).
+      mask: boolean, broadcastable to ``x``: positions that count.
+
+    Returns:
+      :class:`bnlab.stats.Moments` with the feature shape.
+
+    Raises:
+      TypeError / ValueError: as :func:`batch_norm` for ``x``, ``axis``,
+        ``mask`` and ``axis_name``, naming ``batch_moments``.
+
     Example:
       >>> import jax.numpy as jnp, bnlab
       >>> m = bnlab.batch_moments(jnp.array([[1.0, 10.0], [3.0, 30.0]]))
       >>> m.mean.tolist(), m.var.tolist()
       ([2.0, 20.0], [1.0, 100.0])
     """
-    x = jnp.asarray(x)
-    if jnp.issubdtype(x.dtype, jnp.complexfloating):
-        raise TypeError("batch_moments: complex inputs are not supported.")
-    layout = _layout(x.shape, axis)
-    fs = layout.feature_shape
-    stats = BatchStats(jnp.zeros(fs), jnp.ones(fs))
-    x, stats, _, _, mask, layout = _check_args(
-        x, stats, None, None, True, axis, mask, None, "flax", None
+    fn = "batch_moments"
+    x, mask, layout = check_input(x, axis=axis, mask=mask, fn=fn, complex_ok=False)
+    check_count(
+        shape=x.shape,
+        layout=layout,
+        view_shape=x.shape,
+        reduction=layout.reduction_axes,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        fn=fn,
     )
-    real_dtype = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
-    xc = lax.stop_gradient(x.astype(real_dtype))
-    _check_count(
-        x.shape,
-        layout,
-        x.shape,
-        layout.reduction_axes,
-        axis_name,
-        axis_index_groups,
-        None,
-    )
+    xc = lax.stop_gradient(x.astype(_real_dtype(x)))
     if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape)
     shift = sample_shift(xc, layout.reduction_axes, mask)
     m = local_moments(xc, shift, layout.reduction_axes, mask, _separate_reductions(x))
     if axis_name is not None:
         (m,) = _merge_across([m], axis_name, axis_index_groups, mask is None)
-    return Moments(*(a.reshape(fs) for a in m))
-
-
-def _check_count(shape, layout, view_shape, reduction, axis_name, groups, ghost_size):
-    """A batch needs >= 2 values per feature (per ghost batch) to train on."""
-    local = math.prod(view_shape[a] for a in reduction)
-    count = local if ghost_size is not None else local * sync_size(axis_name, groups)
-    if count >= 2:
-        return
-    raise ValueError(
-        f"batch_norm(train=True) got x of shape {shape} with feature axes "
-        f"{layout.feature_axes}: {count} value per feature"
-        + (f" per ghost batch of {ghost_size}" if ghost_size is not None else "")
-        + (f" across axis {axis_name!r}" if axis_name is not None else "")
-        + ". Its batch variance is 0, so every output would equal `bias` and the "
-        "running variance would decay to 0. Train on batches of at least 2 "
-        "examples, synchronise statistics across devices with axis_name, or use "
-        "train=False (running statistics)."
-    )
+    return Moments(*(a.reshape(layout.feature_shape) for a in m))
 
 
 def _whole_batch(per_part, axis_name, axis_index_groups):
@@ -696,7 +547,18 @@ def variant_batch_norm(
 ) -> tuple[jax.Array, BatchStats]:
     """:func:`batch_renorm` when ``renorm`` (in training), else
     :func:`batch_norm`: the one call of the Flax modules, whose options pick
-    the variant. ``common`` holds the keywords both share."""
+    the variant. ``common`` holds the keywords both share.
+
+    Example:
+      >>> import jax.numpy as jnp, bnlab
+      >>> from bnlab.batch_norm import variant_batch_norm
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> y, _ = variant_batch_norm(x, bnlab.init_batch_stats(2), None, None,
+      ...                           renorm=True, r_max=1.0, d_max=0.0, train=True)
+      >>> bool(jnp.allclose(y, bnlab.batch_norm(x, bnlab.init_batch_stats(2),
+      ...                                       train=True)[0]))
+      True
+    """
     if renorm and ghost_size is not None:
         raise ValueError("batch_norm: renorm and ghost_size cannot be combined.")
     if renorm and common.get("train"):
@@ -707,19 +569,33 @@ def variant_batch_norm(
 
 
 def _renorm_affine(
-    center, offset, var, run_mean, run_var, usable, scale, bias, epsilon, renorm
+    *,
+    batch_center,
+    batch_offset,
+    batch_var,
+    run_mean,
+    run_var,
+    usable,
+    scale,
+    bias,
+    epsilon,
+    r_max,
+    d_max,
 ):
     """Batch Renormalization's r and d folded into the affine parameters:
     ``((x - mu_B) / sigma_B * r + d) * gamma + beta`` is BN with
     ``gamma' = gamma * r`` and ``beta' = beta + gamma * d``."""
-    r_max, d_max = renorm
-    real = var.dtype
+    real = batch_var.dtype
     eps = jnp.asarray(epsilon, real)
-    sigma = jnp.sqrt(run_var + eps)
-    r = jnp.sqrt(var + eps) / sigma
-    d = ((center - run_mean) + offset) / sigma  # batch mean - running mean
+    sigma = jnp.sqrt(jnp.maximum(run_var, jnp.zeros((), real)) + eps)
+    r = jnp.sqrt(batch_var + eps) / sigma
+    d = ((batch_center - run_mean) + batch_offset) / sigma  # batch - running mean
+    # A traced bound that is invalid (r_max < 1, d_max < 0, NaN) acts as the
+    # tightest valid one (plain BN) instead of an inverted or NaN clip.
     r_max = jnp.asarray(r_max, real)
     d_max = jnp.asarray(d_max, real)
+    r_max = jnp.where(r_max >= 1, r_max, jnp.ones((), real))
+    d_max = jnp.where(d_max >= 0, d_max, jnp.zeros((), real))
     r = lax.stop_gradient(jnp.where(usable, jnp.clip(r, 1 / r_max, r_max), 1))
     d = lax.stop_gradient(jnp.where(usable, jnp.clip(d, -d_max, d_max), 0))
     gamma = jnp.ones_like(r) if scale is None else scale.astype(real).reshape(r.shape)
@@ -756,7 +632,17 @@ def batch_renorm(
     batch's statistics equal the running ones, training and inference
     outputs are equal. Evaluation and the running-statistics update are those
     of :func:`batch_norm` (same exact, synced moments). ``r_max`` / ``d_max``
-    may be traced, e.g. from :func:`bnlab.renorm_schedules`.
+    may be traced, e.g. from :func:`bnlab.renorm_schedules`; a traced bound
+    that is invalid (``r_max < 1``, ``d_max < 0`` or NaN) acts as the
+    tightest valid one (1, resp. 0).
+
+    Invalid values are handled as in :func:`batch_norm`: a traced
+    ``momentum`` outside [0, 1] or NaN, or an update that would make a
+    feature's statistics non-finite or its variance negative, keeps the old
+    running statistics; a traced ``epsilon`` that is NaN or <= 0 makes every
+    output NaN; a negative running variance counts as 0. Training outputs
+    depend on the running statistics here, so a NaN running mean or variance
+    gives NaN outputs for that feature in training too, by design.
 
     Args:
       x: input (real).
@@ -778,6 +664,10 @@ def batch_renorm(
     Returns:
       ``(y, new_stats)`` as :func:`batch_norm`.
 
+    Raises:
+      TypeError / ValueError: as :func:`batch_norm`; also for ``r_max`` /
+        ``d_max`` that are not one real number, or concrete and out of range.
+
     Example:
       >>> import jax, jax.numpy as jnp, bnlab
       >>> x = jax.random.normal(jax.random.key(0), (8, 3)) + 2.0
@@ -786,14 +676,10 @@ def batch_renorm(
       >>> bool(jnp.allclose(y, y0))  # fresh stats: r, d clipped away from BN
       False
     """
-    if not isinstance(train, (bool, np.bool_)):
-        raise TypeError(f"batch_renorm: train={train!r} must be a Python bool.")
-    for name, value, low in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
-        v = _concrete(value)
-        if v is not None and not v >= low:
-            raise ValueError(f"batch_renorm: {name}={value} must be >= {low:g}.")
-    if jnp.issubdtype(jnp.asarray(x).dtype, jnp.complexfloating):
-        raise TypeError("batch_renorm: complex inputs are not supported.")
+    fn = "batch_renorm"
+    check_options(train=train, fn=fn)
+    check_renorm_bounds(r_max, d_max, fn=fn)
+    check_input(x, axis=axis, mask=mask, fn=fn, complex_ok=False)
     return _batch_norm(
         x,
         stats,
@@ -810,21 +696,38 @@ def batch_renorm(
         convention="flax",
         ghost_size=None,
         renorm=(r_max, d_max) if train else None,
+        fn=fn,
     )
 
 
-def _first(m: Moments) -> Moments:
-    return Moments(*(a[0] for a in m))
-
-
 def _normalize(
-    x, mask, center, offset, var, scale, bias, epsilon, param_shape, axis_name
+    x,
+    *,
+    mask,
+    center,
+    offset,
+    var,
+    scale,
+    bias,
+    epsilon,
+    check_epsilon,
+    param_shape,
+    axis_name,
 ) -> jax.Array:
     """``(x - center) * inv + (bias - offset * inv)``: one subtract and one FMA
     per element, like Flax's fast path; the small offset folds into the
-    per-feature constant, so it costs no accuracy."""
+    per-feature constant, so it costs no accuracy.
+
+    A negative ``var`` (only ever from the caller's running statistics)
+    counts as 0; with ``check_epsilon`` (a traced epsilon) an epsilon that is
+    NaN or <= 0 gives NaN everywhere, on purpose."""
     dt = x.dtype
-    inv = lax.rsqrt(var + jnp.asarray(epsilon, var.dtype)).astype(dt)
+    real = var.dtype
+    eps = jnp.asarray(epsilon, real)
+    inv = lax.rsqrt(jnp.maximum(var, jnp.zeros((), real)) + eps)
+    if check_epsilon:
+        inv = jnp.where(eps > 0, inv, jnp.full((), jnp.nan, real))
+    inv = inv.astype(dt)
     if scale is not None:
         inv = inv * scale.astype(dt).reshape(param_shape)
     bias_term = jnp.zeros_like(inv) if offset is None else -offset.astype(dt) * inv

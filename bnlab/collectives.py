@@ -26,7 +26,13 @@ from jax import lax
 
 AxisName = str | tuple[str, ...]
 
-__all__ = ["AxisName", "count_collectives", "gather_across", "sum_across", "sync_size"]
+__all__ = [
+    "AxisName",
+    "gather_across",
+    "match_varying",
+    "sum_across",
+    "sync_size",
+]
 
 
 def _names(axis_name: AxisName) -> tuple[Any, ...]:
@@ -160,53 +166,3 @@ def match_varying(tree: Any, like: jax.Array, axis_name: AxisName | None) -> Any
         for i, leaf in zip(idx, cast, strict=True):
             leaves[i] = leaf
     return jax.tree.unflatten(treedef, leaves)
-
-
-COLLECTIVE_PRIMITIVES = frozenset(
-    {
-        "psum",
-        "psum_invariant",
-        "pmax",
-        "pmin",
-        "all_gather",
-        "all_gather_invariant",
-        "all_to_all",
-        "ppermute",
-        "psum_scatter",
-        "reduce_scatter",
-    }
-)
-
-
-def count_collectives(jaxpr: Any) -> dict[str, int]:
-    """Counts cross-device collectives in a (closed) jaxpr, by where they run.
-
-    Returns ``{"always": a, "conditional": c}``: collectives executed on every
-    call, and those inside a ``cond`` branch (executed only when it is taken;
-    bnlab's own train step has none).
-    ``pvary`` / ``pbroadcast`` move no data and are not counted; under
-    ``vmap`` JAX turns collectives into local array ops before the jaxpr.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, bnlab
-      >>> f = jax.pmap(lambda x: bnlab.batch_norm(
-      ...     x, bnlab.init_batch_stats(3), train=True, axis_name="d")[0],
-      ...     axis_name="d")
-      >>> count_collectives(jax.make_jaxpr(f)(jnp.ones((1, 4, 3))))
-      {'always': 1, 'conditional': 0}
-    """
-    counts = {"always": 0, "conditional": 0}
-
-    def walk(jx, in_cond: bool) -> None:
-        for eqn in jx.eqns:
-            if eqn.primitive.name in COLLECTIVE_PRIMITIVES:
-                counts["conditional" if in_cond else "always"] += 1
-            inner = in_cond or eqn.primitive.name == "cond"
-            for value in eqn.params.values():
-                for v in value if isinstance(value, (tuple, list)) else (value,):
-                    sub = getattr(v, "jaxpr", v)
-                    if hasattr(sub, "eqns"):
-                        walk(sub, inner)
-
-    walk(getattr(jaxpr, "jaxpr", jaxpr), False)
-    return counts

@@ -10,92 +10,68 @@ module owns variables only; the math is :func:`bnlab.batch_norm`.
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import math
-import warnings
-from typing import Any
+from collections.abc import Iterator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnlab.batch_norm import batch_moments, canonical_axes, variant_batch_norm
+from bnlab.batch_norm import batch_moments
+from bnlab.checks import feature_layout
+from bnlab.modules import as_float_input, layer_batch_norm
 from bnlab.stats import BatchStats
 
 __all__ = ["MOMENTS_COLLECTION", "BatchNorm", "frozen_bn"]
 
-# Set by `frozen_bn()`: None, or whether gamma/beta are frozen too.
-_FROZEN: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
-    "bnlab_frozen_bn", default=None
-)
+# Set by `frozen_bn()`: None, or whether gamma/beta are frozen too. A JAX user
+# context, not a contextvar: its value is part of the key of jit's (and
+# pmap's, scan's, ...) caches, so a function traced outside the context is
+# traced again inside it and vice versa, instead of silently reusing a trace
+# made with the other setting.
+_FROZEN = jax.make_user_context(default_value=None)
 
 
 @contextlib.contextmanager
-def frozen_bn(freeze_affine: bool = False):
-    """Freezes every ``bnlab.linen.BatchNorm`` of any model traced inside.
+def frozen_bn(freeze_affine: bool = False) -> Iterator[None]:
+    """Freezes every ``bnlab.linen.BatchNorm`` of any model run inside.
 
     Within the context, each bnlab BN normalizes with its running statistics
     and updates nothing, in training mode too (FrozenBN, as used to fine-tune
     detectors; Wu & Johnson 2021, arXiv:2105.07576); ``freeze_affine`` also
-    stops the gradients of ``scale`` / ``bias``. The switch acts when the
-    model is *traced*: wrap the function you jit (``jax.jit`` caches traces
-    made outside the context). Flax's own ``nn.BatchNorm`` is not affected.
+    stops the gradients of ``scale`` / ``bias``. Flax's own ``nn.BatchNorm``
+    is not affected.
+
+    The setting is part of the cache key of ``jax.jit`` (and ``pmap``,
+    ``nnx.jit``, ...): a jitted function first traced outside the context is
+    traced again when called inside it, and one traced inside is traced
+    again when called after it, so a cached trace never applies the wrong
+    setting. The price: any jitted function called inside the context is
+    traced and compiled once more (the cache key of every jit includes the
+    setting), once per setting. An ahead-of-time
+    ``jax.jit(f).lower(...).compile()`` object stays what it was compiled as.
+
+    Args:
+      freeze_affine: also stop the gradients of ``scale`` / ``bias``.
 
     Example:
       >>> import jax, jax.numpy as jnp, bnlab.linen
       >>> bn = bnlab.linen.BatchNorm(use_running_average=False)
       >>> x = jnp.arange(6.0).reshape(3, 2)
       >>> v = bn.init(jax.random.key(0), x)
+      >>> f = jax.jit(lambda v, x: bn.apply(v, x, mutable=["batch_stats"]))
+      >>> y_train, _ = f(v, x)
       >>> with bnlab.linen.frozen_bn():
-      ...     y, upd = bn.apply(v, x, mutable=["batch_stats"])
+      ...     y, upd = f(v, x)  # traced again: frozen
       >>> bool(jnp.allclose(y, x / jnp.sqrt(1 + 1e-5)))  # running stats 0 / 1
       True
     """
-    token = _FROZEN.set(bool(freeze_affine))
-    try:
+    with _FROZEN(bool(freeze_affine)):
         yield
-    finally:
-        _FROZEN.reset(token)
 
 
 # Train-mode calls store their exact batch moments in this collection when it
 # is mutable (see bnlab.precise_stats).
 MOMENTS_COLLECTION = "bn_moments"
-
-
-def as_float_input(x: Any) -> jax.Array:
-    """Integer / bool inputs as float32, as Flax does; floats unchanged."""
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.inexact):
-        x = x.astype(jnp.float32)
-    return x
-
-
-def warn_single_value(module: str, shape: tuple[int, ...]) -> None:
-    warnings.warn(
-        f"{module}: a training batch of shape {shape} has one value per feature, "
-        "so it has no batch statistics: the output is `bias` (as in Flax) and "
-        "the running statistics are left unchanged.",
-        UserWarning,
-        stacklevel=3,
-    )
-
-
-def single_value_output(x, scale, bias, epsilon, axes, dtype) -> jax.Array:
-    """What Flax returns for one value per feature: ``(x - x) * scale /
-    sqrt(eps) + bias``, i.e. ``bias``, with Flax's (zero) gradients."""
-    from bnlab.batch_norm import _layout, _output_dtype
-
-    layout = _layout(x.shape, axes)
-    dt = jnp.promote_types(x.dtype, jnp.float32)
-    xc = x.astype(dt)
-    inv = jax.lax.rsqrt(jnp.asarray(epsilon, dt))
-    if scale is not None:
-        inv = inv * scale.astype(dt).reshape(layout.keep_shape)
-    y = (xc - xc) * inv
-    if bias is not None:
-        y = y + bias.astype(dt).reshape(layout.keep_shape)
-    return y.astype(_output_dtype(x, scale, bias, dtype))
 
 
 class BatchNorm(nn.BatchNorm):
@@ -195,8 +171,7 @@ class BatchNorm(nn.BatchNorm):
             "use_running_average", self.use_running_average, use_running_average
         )
         x = as_float_input(x)
-        feature_axes = canonical_axes(x.ndim, self.axis)
-        feature_shape = tuple(x.shape[a] for a in feature_axes)
+        feature_shape = feature_layout(x.shape, self.axis).feature_shape
         stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
         ra_mean = self.variable(
             "batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), feature_shape
@@ -213,46 +188,23 @@ class BatchNorm(nn.BatchNorm):
             bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype)
 
         initializing = self.is_initializing()
-        train = not use_running_average
-        frozen_ctx = _FROZEN.get()
-        if self.frozen or frozen_ctx is not None:
-            train = False  # running statistics, no update
-            if self.freeze_affine or frozen_ctx:
-                scale, bias = jax.lax.stop_gradient((scale, bias))
-        per_feature = math.prod(x.shape) // max(math.prod(feature_shape), 1)
-        axis_name = None if initializing else self.axis_name
-        groups = None if initializing else self.axis_index_groups
-        if train and per_feature < 2 and (axis_name is None or initializing):
-            # No batch statistics: Flax's output, running statistics kept. (At
-            # init, a single dummy example is common: no warning then.)
-            if not initializing:
-                warn_single_value("bnlab.linen.BatchNorm", x.shape)
-            return single_value_output(
-                x, scale, bias, self.epsilon, feature_axes, self.dtype
-            )
-        common = {
-            "train": train,
-            "axis": feature_axes,
-            "momentum": self.momentum,
-            "epsilon": self.epsilon,
-            "axis_name": axis_name,
-            "axis_index_groups": groups,
-            "mask": mask,
-            "dtype": self.dtype,
-        }
-        y, new_stats = variant_batch_norm(
+        frozen_ctx = _FROZEN.value
+        frozen = self.frozen or frozen_ctx is not None
+        y, new_stats = layer_batch_norm(
+            self,
             x,
             BatchStats(ra_mean.value, ra_var.value),
             scale,
             bias,
-            renorm=self.renorm and not initializing,
-            r_max=self.r_max if r_max is None else r_max,
-            d_max=self.d_max if d_max is None else d_max,
-            convention=self.convention,
-            ghost_size=None if initializing else self.ghost_size,
-            **common,
+            train=not use_running_average and not frozen,
+            freeze_affine=frozen and bool(self.freeze_affine or frozen_ctx),
+            initializing=initializing,
+            mask=mask,
+            r_max=r_max,
+            d_max=d_max,
+            module="bnlab.linen.BatchNorm",
         )
-        if train and not initializing:
+        if new_stats is not None:
             ra_mean.value = new_stats.mean
             ra_var.value = new_stats.var
             if self.is_mutable_collection(MOMENTS_COLLECTION):
@@ -261,9 +213,9 @@ class BatchNorm(nn.BatchNorm):
                     "moments",
                     batch_moments(
                         x,
-                        axis=feature_axes,
-                        axis_name=axis_name,
-                        axis_index_groups=groups,
+                        axis=self.axis,
+                        axis_name=self.axis_name,
+                        axis_index_groups=self.axis_index_groups,
                         mask=mask,
                     ),
                 )

@@ -7,14 +7,12 @@ statistics are computed from the unrounded input.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
 from flax import nnx
 
-from bnlab.batch_norm import canonical_axes, variant_batch_norm
-from bnlab.linen import as_float_input, single_value_output, warn_single_value
+from bnlab.modules import layer_batch_norm
 from bnlab.stats import BatchStats
 
 __all__ = ["BatchNorm", "freeze"]
@@ -128,44 +126,20 @@ class BatchNorm(nnx.BatchNorm):
                 "bnlab.nnx.BatchNorm: no use_running_average given. Pass it to the "
                 "constructor or the call, or use model.train() / model.eval()."
             )
-        x = as_float_input(x)
-        train = not use_running_average and not self.frozen
-        scale = None if self.scale is None else self.scale[...]
-        bias = None if self.bias is None else self.bias[...]
-        if self.frozen and self.freeze_affine:
-            scale, bias = jax.lax.stop_gradient((scale, bias))
-        feature_axes = canonical_axes(x.ndim, self.axis)
-        per_feature = math.prod(x.shape) // max(
-            math.prod(x.shape[a] for a in feature_axes), 1
-        )
-        if train and per_feature < 2 and self.axis_name is None:
-            warn_single_value("bnlab.nnx.BatchNorm", x.shape)
-            return single_value_output(
-                x, scale, bias, self.epsilon, feature_axes, self.dtype
-            )
-        common = {
-            "train": train,
-            "axis": self.axis,
-            "momentum": self.momentum,
-            "epsilon": self.epsilon,
-            "axis_name": self.axis_name,
-            "axis_index_groups": self.axis_index_groups,
-            "mask": mask,
-            "dtype": self.dtype,
-        }
-        y, new_stats = variant_batch_norm(
+        y, new_stats = layer_batch_norm(
+            self,
             x,
             BatchStats(self.mean[...], self.var[...]),
-            scale,
-            bias,
-            renorm=self.renorm,
-            r_max=self.r_max if r_max is None else r_max,
-            d_max=self.d_max if d_max is None else d_max,
-            convention=self.convention,
-            ghost_size=self.ghost_size,
-            **common,
+            None if self.scale is None else self.scale[...],
+            None if self.bias is None else self.bias[...],
+            train=not use_running_average and not self.frozen,
+            freeze_affine=self.frozen and self.freeze_affine,
+            mask=mask,
+            r_max=r_max,
+            d_max=d_max,
+            module="bnlab.nnx.BatchNorm",
         )
-        if train:
+        if new_stats is not None:
             self.mean[...] = new_stats.mean
             self.var[...] = new_stats.var
         return y

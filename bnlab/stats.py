@@ -18,8 +18,9 @@ Local moments are one pass of *shifted sums* about the center ``k``::
 
 In float32 the relative error of ``m2`` is about ``c * 2**-24 * (1 + (mean -
 k)**2 / var)`` (``c`` grows slowly with the reduction length; Chan, Golub &
-LeVeque 1983). With ``k`` the mean of a few sampled values the second term is
-~1/8 for i.i.d. data, so this is as accurate as a two-pass variance; with
+LeVeque 1983). With ``k`` the median of 8 sampled values (32 with a mask;
+:func:`sample_shift`) the second term is about ``pi / 16 = 0.2`` for i.i.d.
+normal data, so this is as accurate as a two-pass variance; with
 ``k = 0`` it is the textbook ``E[x^2] - E[x]^2`` that fails when ``|mean| >>
 std``. Parts (devices, ghost batches, batches of a dataset) are combined with
 Chan's pairwise formula, which is exact: no cancellation however far apart the
@@ -47,7 +48,7 @@ __all__ = [
     "sample_shift",
 ]
 
-# How many values per feature the shift is averaged from (masked inputs sample
+# How many values per feature the shift is the median of (masked inputs sample
 # more, so that a feature rarely has no valid sample).
 SHIFT_SAMPLES = 8
 SHIFT_SAMPLES_MASKED = 32
@@ -351,6 +352,12 @@ def ema_update(
     Features where ``valid`` is False (fewer than 2 values, or non-finite
     moments) keep their old statistics.
 
+    The result is valid for any ``momentum``, traced ones included (they
+    cannot be checked before the computation): a ``momentum`` outside [0, 1]
+    or NaN skips the update (every feature keeps its old statistics), and a
+    feature whose new mean or variance would not be finite, or whose new
+    variance would be negative, keeps its old ones.
+
     The new statistics have dtype ``promote(old, batch)`` as in Flax: float32
     or bf16 statistics stay float32, a complex input makes the mean complex.
 
@@ -365,22 +372,47 @@ def ema_update(
 
     Returns:
       The new :class:`BatchStats`; no gradient flows.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from bnlab.stats import BatchStats, ema_update
+      >>> old = BatchStats(jnp.zeros(2), jnp.ones(2))
+      >>> ema_update(old, jnp.ones(2), jnp.full(2, 3.0), jnp.full(2, 8.0), 0.5).var
+      Array([2., 2.], dtype=float32)
+      >>> ema_update(old, jnp.ones(2), jnp.full(2, 3.0), jnp.full(2, 8.0), 1.5).var
+      Array([1., 1.], dtype=float32)
     """
     mean, var, count = lax.stop_gradient((mean, var, count))
     if valid is None:
         valid = count > 0
+    m = jnp.asarray(momentum)
+    valid = valid & (m >= 0) & (m <= 1)  # False for NaN too
+    # Both weights are formed before rounding to the statistics' dtype: for a
+    # Python float, 1 - float32(0.99) would weigh the batch by 0.0099999905,
+    # 1e-6 off (8 ulps of a running mean after one step).
     if convention == "torch":
-        keep = 1.0 - momentum
+        keep, take = 1.0 - momentum, momentum
         one = jnp.ones((), count.dtype)
         var = var * (count / jnp.maximum(count - one, one))
     else:
-        keep = momentum
+        keep, take = momentum, 1.0 - momentum
 
-    def step(old: jax.Array, batch: jax.Array) -> jax.Array:
+    def step(old: jax.Array, batch: jax.Array) -> tuple[jax.Array, jax.Array]:
         with jax.numpy_dtype_promotion("standard"):  # Flax's rule, even if strict
             dtype = jnp.promote_types(old.dtype, batch.dtype)
         old, batch = old.astype(dtype), batch.astype(dtype)
         k = jnp.asarray(keep).astype(dtype)  # complex for a complex mean
-        return jnp.where(valid, k * old + (1 - k) * batch, old)
+        t = jnp.asarray(take).astype(dtype)
+        return old, k * old + t * batch
 
-    return BatchStats(step(stats.mean, mean), step(stats.var, var))
+    old_mean, new_mean = step(stats.mean, mean)
+    old_var, new_var = step(stats.var, var)
+    ok = (
+        valid
+        & jnp.isfinite(new_mean)
+        & jnp.isfinite(new_var)
+        & (new_var >= jnp.zeros((), new_var.dtype))
+    )
+    return BatchStats(
+        jnp.where(ok, new_mean, old_mean), jnp.where(ok, new_var, old_var)
+    )

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bnlab.batch_norm import batch_norm
+from bnlab.checks import check_epsilon
 from bnlab.stats import BatchStats
 
 __all__ = ["fold_batch_norm", "frozen_batch_norm", "renorm_schedules"]
@@ -26,7 +27,7 @@ def fold_batch_norm(
     scale: jax.Array | None = None,
     bn_bias: jax.Array | None = None,
     *,
-    epsilon: float = 1e-5,
+    epsilon: float | jax.Array = 1e-5,
 ) -> tuple[jax.Array, jax.Array]:
     """Folds an inference-mode BN into the preceding Dense or Conv layer.
 
@@ -45,13 +46,20 @@ def fold_batch_norm(
       bn_bias: the BN's ``beta`` (None: 0).
       epsilon: the BN's epsilon.
 
+    Invalid running statistics fold as :func:`bnlab.batch_norm` evaluates
+    them: a negative variance counts as 0 (``s = scale / sqrt(epsilon)``), an
+    infinite one gives ``s = 0``, and a NaN variance or mean gives NaN in that
+    feature's column of ``kernel'`` / entry of ``bias'``, by design. A traced
+    ``epsilon`` that is NaN or <= 0 gives NaN everywhere.
+
     Returns:
       ``(kernel', bias')`` in the kernel's dtype (computed in float32 or
       wider).
 
     Raises:
       ValueError: the statistics or BN parameters do not have the kernel's
-        output-feature shape.
+        output-feature shape, or a concrete ``epsilon`` is not > 0.
+      TypeError: ``epsilon`` is not one real number.
 
     Example:
       >>> import jax, jax.numpy as jnp, bnlab
@@ -78,7 +86,11 @@ def fold_batch_norm(
                 f"kernel's last (output-feature) axis has {f} features."
             )
     dt = jnp.promote_types(kernel.dtype, jnp.float32)
-    s = lax.rsqrt(jnp.asarray(stats.var, dt) + jnp.asarray(epsilon, dt))
+    epsilon_traced = check_epsilon(epsilon, dt, fn="fold_batch_norm")
+    eps = jnp.asarray(epsilon, dt)
+    s = lax.rsqrt(jnp.maximum(jnp.asarray(stats.var, dt), jnp.zeros((), dt)) + eps)
+    if epsilon_traced:
+        s = jnp.where(eps > 0, s, jnp.full((), jnp.nan, dt))
     if scale is not None:
         s = s * jnp.asarray(scale, dt)
     b = jnp.zeros((f,), dt) if bias is None else jnp.asarray(bias, dt)

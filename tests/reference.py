@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import ml_dtypes
 import numpy as np
 
 
@@ -28,3 +31,50 @@ def batch_norm(x, mean, var, reduction_axes, scale=None, bias=None, eps=1e-5):
     if bias is not None:
         y = y + np.expand_dims(np.asarray(bias, np.float64), reduction_axes)
     return y
+
+
+def ulp_of_max(expected, dtype=np.float32) -> float:
+    """The spacing of ``dtype`` at ``max |expected|``: the rounding unit of a
+    computation in ``dtype`` whose results have that magnitude."""
+    magnitude = float(np.max(np.abs(np.asarray(expected)), initial=0.0))
+    info = ml_dtypes.finfo(dtype)
+    if magnitude < float(info.smallest_normal):
+        return float(info.smallest_subnormal)
+    return 2.0 ** (math.floor(math.log2(magnitude)) - info.nmant)
+
+
+def assert_close_ulps(
+    actual, expected, ulps, *, where=None, scale=None, dtype=np.float32, err_msg=""
+):
+    """``max |actual - expected| <= ulps * spacing(float32(max |expected|))``.
+
+    A float32 result is rounded relative to its magnitude, and a different
+    summation order (vector width, GPU reduction trees) moves it by a few
+    units of the last place: tolerances scaled to the output stay valid on
+    any CPU or GPU, where an absolute tolerance is either loose for small
+    outputs or tighter than float32 can represent for large ones. Compare
+    with a float64 reference; NaN in either array fails.
+
+    ``scale``: the magnitude the rounding is relative to when it is not the
+    result's own, i.e. when the expected values are a cancellation (a
+    gradient that is zero analytically is rounding noise of the size of the
+    terms it cancels): the unit is then the spacing at ``max(max|expected|,
+    scale)``. ``dtype``: count ulps of another dtype (``jnp.bfloat16`` for
+    bf16 results).
+    """
+    as_dtype = (
+        np.complex128
+        if np.iscomplexobj(actual) or np.iscomplexobj(expected)
+        else np.float64
+    )
+    actual, expected = np.asarray(actual, as_dtype), np.asarray(expected, as_dtype)
+    if where is not None:
+        actual = actual[np.broadcast_to(where, actual.shape)]
+        expected = expected[np.broadcast_to(where, expected.shape)]
+    magnitude = expected if scale is None else [np.abs(expected).max(), scale]
+    unit = ulp_of_max(magnitude, dtype)
+    err = np.max(np.abs(actual - expected), initial=0.0)
+    assert np.isfinite(err) and err <= ulps * unit, (
+        f"max error {err:.3g} = {err / unit:.1f} ulps of max|expected| "
+        f"(unit {unit:.3g}) > {ulps} ulps. {err_msg}"
+    )

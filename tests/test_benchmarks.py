@@ -1,6 +1,16 @@
-"""The benchmark scripts run (smoke mode, tiny shapes); no timing assertions."""
+"""The benchmark scripts run (smoke mode, tiny shapes) and write sane rows.
 
+No wall-clock assertions: smoke timings on a shared CPU say nothing about
+speed. What is checked is that every row holds the columns the READMEs
+quote, that every measured quantity is a positive finite number (a zero or
+NaN time is a broken timer), that every ratio is the quotient of the rows it
+names, and the measurements that are not timings (collective counts,
+accuracy at mean 1e4).
+"""
+
+import doctest
 import json
+import math
 import os
 import subprocess
 import sys
@@ -52,3 +62,99 @@ def test_benchmark_scripts_run(args, stem, tmp_path):
     assert result["rows"]
     assert result["meta"].get("smoke") is not False
     assert (tmp_path / f"{stem}.md").read_text().count("|") > 4
+    check_rows(args[0].split(".")[1], result)
+
+
+# Per script: the columns docs/readme_numbers.py and benchmarks/README.md quote.
+QUOTED = {
+    "bn_op": ("impl", "mode", "shape", "dtype", "median_ms", "ratio_to_bnlab"),
+    "collectives": ("impl", "mode", "always", "conditional", "median_ms"),
+    "throughput": ("impl", "step_ms", "images_per_s", "step_time_vs_flax"),
+    "deep_small": ("impl", "ms_per_step", "ratio_to_flax_fast"),
+    "train_loop": ("fit_steps_per_sec", "minimal_steps_per_sec", "ratio"),
+    "reductions": ("op", "ms", "vs_raw_moments"),
+    "scan_steps": ("how", "s_per_step", "vs_python_loop"),
+}
+# Measured quantities: positive and finite where present.
+MEASURED = {
+    "median_ms",
+    "compile_s",
+    "achieved_GBps",
+    "copy_GBps",
+    "step_ms",
+    "images_per_s",
+    "ms_per_step",
+    "fit_steps_per_sec",
+    "minimal_steps_per_sec",
+    "ms",
+    "s_per_step",
+}
+# Memory statistics are not available on every backend: None or positive.
+OPTIONAL = {"peak_bytes", "temp_bytes", "peak_vs_flax"}
+# ratio column: (measured column, baseline row, columns that group rows)
+RATIOS = {
+    "ratio_to_bnlab": ("median_ms", {"impl": "bnlab"}, ("shape", "dtype", "mode")),
+    "step_time_vs_flax": ("step_ms", {"impl": "flax"}, ()),
+    "ratio_to_flax_fast": ("ms_per_step", {"impl": "flax_fast"}, ()),
+    "vs_raw_moments": ("ms", {"op": "sum(x), sum(x*x) (Flax fast)"}, ()),
+    "vs_python_loop": ("s_per_step", {"how": "python loop of jitted steps"}, ()),
+}
+
+
+def _positive(name, value):
+    assert isinstance(value, (int, float)) and not isinstance(value, bool), name
+    assert math.isfinite(value) and value > 0, (name, value)
+
+
+def check_rows(script, result):
+    rows = result["rows"]
+    for row in rows:
+        missing = [c for c in QUOTED[script] if c not in row]
+        assert not missing, (script, missing, row)
+        checked = MEASURED | set(RATIOS) | {"ratio"}
+        for name, value in row.items():
+            if name in checked or (name in OPTIONAL and value is not None):
+                _positive(name, value)
+    for ratio, (column, base, group) in RATIOS.items():
+        for row in (r for r in rows if ratio in r):
+            (baseline,) = [
+                r
+                for r in rows
+                if all(r[k] == v for k, v in base.items())
+                and all(r.get(k) == row.get(k) for k in group)
+            ]
+            assert math.isclose(
+                row[ratio], row[column] / baseline[column], rel_tol=1e-9
+            ), (ratio, row, baseline)
+    if script == "train_loop":
+        (row,) = rows
+        expected = row["fit_steps_per_sec"] / row["minimal_steps_per_sec"]
+        assert math.isclose(row["ratio"], expected, rel_tol=1e-9)
+    if script == "collectives":
+        # one all_gather forward, one psum backward, no branch (jaxpr counts)
+        counts = {r["mode"]: r["always"] for r in rows if r["impl"] == "bnlab"}
+        assert counts == {"fwd": 1, "fwd_bwd": 2}
+        assert all(r["conditional"] == 0 for r in rows)
+    if script == "bn_op":
+        # the README's exactness line: bnlab exact, Flax's fast variance not
+        accuracy = result["meta"]["accuracy_at_1e4"]
+        assert accuracy["bnlab"] < 1e-5 < 1e-2 < accuracy["flax_fast"]
+
+
+def test_jaxpr_tools_examples_run():
+    # benchmarks/ is outside the doctest paths: run its analysis examples here.
+    from benchmarks import jaxpr_tools
+
+    result = doctest.testmod(jaxpr_tools)
+    assert result.attempted >= 2 and result.failed == 0
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((ROOT / "benchmarks" / "results").glob("*.json")),
+    ids=lambda p: p.name,
+)
+def test_committed_results_hold_sane_rows(path):
+    # The numbers the READMEs quote come from these files.
+    script = next(s for s in QUOTED if path.name.startswith(s))
+    check_rows(script, json.loads(path.read_text()))

@@ -1,4 +1,12 @@
-"""bnlab.diagnostics and population statistics, on problems with known answers."""
+"""bnlab.diagnostics and population statistics, on problems with known answers.
+
+Tolerances are relative to the quantity compared (or to the largest
+eigenvalue, 9): the diagnostics are float32 linear algebra (power iteration,
+eigendecomposition, finite gradient differences), whose error scales with
+the magnitudes involved, not float32 ulps of a BN output. Statistics use
+rtol 1e-5 (~170 eps; a variance from E[x^2] - E[x]^2 at these means is off
+by far more).
+"""
 
 import functools
 
@@ -30,7 +38,7 @@ def test_hvp_and_top_eigenvalue_of_a_known_hessian():
     top = jax.jit(lambda w, k: dg.top_hessian_eigenvalue(f, w, k, iters=200))(
         jnp.ones(6), jax.random.key(0)
     )
-    assert abs(float(top) - eig.max()) < 1e-3
+    assert abs(float(top) - eig.max()) < 1e-4 * eig.max()  # power iteration
     np.testing.assert_allclose(
         dg.hessian_eigenvalues(f, jnp.zeros(6)), np.sort(eig), atol=1e-4
     )
@@ -105,7 +113,7 @@ def test_population_stats_equal_the_whole_datasets_statistics():
     z = np.concatenate([np.asarray(x, np.float64) for x in xs]) @ w
     mean, var, _ = ref.moments(z, (0,))
     np.testing.assert_allclose(stats["BatchNorm_0"]["mean"], mean, rtol=1e-5)
-    np.testing.assert_allclose(stats["BatchNorm_0"]["var"], var, rtol=1e-4)
+    np.testing.assert_allclose(stats["BatchNorm_0"]["var"], var, rtol=1e-5)
     assert stats["BatchNorm_0"]["mean"].dtype == jnp.float32
 
 
@@ -136,7 +144,7 @@ def test_population_stats_under_pmap_are_global():
     z = z @ np.asarray(v["params"]["Dense_0"]["kernel"], np.float64)
     mean, var, _ = ref.moments(z, (0,))
     np.testing.assert_allclose(stats["BatchNorm_0"]["mean"], mean, rtol=1e-5)
-    np.testing.assert_allclose(stats["BatchNorm_0"]["var"], var, rtol=1e-4)
+    np.testing.assert_allclose(stats["BatchNorm_0"]["var"], var, rtol=1e-5)
     del model
 
 
@@ -170,3 +178,19 @@ def test_batch_moments_match_float64_and_merge_exactly():
     np.testing.assert_allclose(
         np.asarray(merged.var[0], np.float64), whole.var(0), rtol=1e-5
     )
+
+
+def test_batch_moments_checks_x_mask_and_axis_in_its_own_name():
+    # Its checks are those of x / mask / axis alone (no statistics to check):
+    # every message names batch_moments.
+    x = jnp.ones((4, 3))
+    with pytest.raises(TypeError, match="batch_moments: mask has dtype float32"):
+        bnlab.batch_moments(x, mask=jnp.ones((4, 3)))
+    with pytest.raises(ValueError, match="batch_moments: mask of shape"):
+        bnlab.batch_moments(x, mask=jnp.ones((4, 2), bool))
+    with pytest.raises(ValueError, match="batch_moments: axis=2 is out of range"):
+        bnlab.batch_moments(x, axis=2)
+    with pytest.raises(TypeError, match="batch_moments: complex inputs"):
+        bnlab.batch_moments(x.astype(jnp.complex64))
+    with pytest.raises(ValueError, match="batch_moments got x of shape \\(1, 3\\)"):
+        bnlab.batch_moments(x[:1])

@@ -1,5 +1,11 @@
 """Research variants: ghost BN, batch renormalization, folding, frozen BN,
-against float64 references and plain BN, also under sync."""
+against float64 references and plain BN, also under sync.
+
+Outputs are compared in float32 ulps of the largest expected value
+(``ref.assert_close_ulps``; see tests/test_batch_norm.py for the budget of
+16 ulps: the variance's relative error c * 2**-24 plus a few roundings), so
+the tolerances hold for any summation order (CPU vector width, GPU).
+"""
 
 import functools
 
@@ -20,13 +26,18 @@ from tests import reference as ref
 
 
 def _ghost_ref(x, g, mask=None):
-    """Plain bnlab BN on each contiguous group of g examples."""
-    stats = bnlab.init_batch_stats(x.shape[-1])
+    """Float64 BN of each contiguous group of g examples with that group's own
+    moments (valid positions only); a feature with fewer than 2 valid values
+    in a group uses the (fresh) running statistics, 0 and 1."""
+    x = np.asarray(x, np.float64)
+    red = tuple(range(x.ndim - 1))
     outs = []
     for i in range(0, x.shape[0], g):
-        m = None if mask is None else mask[i : i + g]
-        outs.append(bnlab.batch_norm(x[i : i + g], stats, train=True, mask=m)[0])
-    return jnp.concatenate(outs)
+        m = None if mask is None else np.asarray(mask)[i : i + g]
+        mean, var, n = ref.moments(x[i : i + g], red, m)
+        mean, var = np.where(n >= 2, mean, 0.0), np.where(n >= 2, var, 1.0)
+        outs.append(ref.batch_norm(x[i : i + g], mean, var, red))
+    return np.concatenate(outs)
 
 
 @pytest.mark.parametrize("shape,g", [((24, 5), 4), ((12, 3, 3, 4), 3), ((8, 6), 8)])
@@ -39,7 +50,7 @@ def test_ghost_equals_bn_on_each_sub_batch_and_stats_are_the_whole_batch(shape, 
     y, new = jax.jit(
         lambda x: bnlab.batch_norm(x, stats, train=True, ghost_size=g, momentum=0.0)
     )(x)
-    np.testing.assert_allclose(y, _ghost_ref(x, g), atol=2e-5)
+    ref.assert_close_ulps(y, _ghost_ref(x, g), 16)
     red = tuple(range(len(shape) - 1))
     mean, var, _ = ref.moments(x, red)  # the exact statistics of the whole batch
     np.testing.assert_allclose(np.asarray(new.mean, np.float64), mean, rtol=1e-6)
@@ -66,7 +77,7 @@ def test_ghost_gradients_equal_per_sub_batch_gradients():
     for a, b in zip(
         jax.grad(ghost, (0, 1))(x, g), jax.grad(split, (0, 1))(x, g), strict=True
     ):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+        ref.assert_close_ulps(a, b, 16)  # the same sums, another order
 
 
 def test_ghost_with_a_mask():
@@ -76,9 +87,7 @@ def test_ghost_with_a_mask():
         x, bnlab.init_batch_stats(3), train=True, ghost_size=4, mask=mask
     )
     m = np.asarray(mask)
-    np.testing.assert_allclose(
-        np.asarray(y)[m], np.asarray(_ghost_ref(x, 4, mask))[m], atol=2e-5
-    )
+    ref.assert_close_ulps(y, _ghost_ref(x, 4, mask), 16, where=m)
 
 
 def test_ghost_under_pmap_stays_on_the_device_and_stats_are_global():
@@ -90,7 +99,7 @@ def test_ghost_under_pmap_stays_on_the_device_and_stats_are_global():
         ),
         axis_name="d",
     )(parallel.split_for_pmap(x))
-    np.testing.assert_allclose(y.reshape(32, 3), _ghost_ref(x, 2), atol=2e-5)
+    ref.assert_close_ulps(y.reshape(32, 3), _ghost_ref(x, 2), 16)
     mean, var, _ = ref.moments(x, (0,))
     new = parallel.unreplicate(new)
     np.testing.assert_allclose(np.asarray(new.var, np.float64), var, rtol=1e-5)
@@ -131,12 +140,31 @@ def test_renorm_matches_the_papers_formula(r_max, d_max):
             x, stats, g, b, train=True, r_max=r_max, d_max=d_max
         )
     )(x)
-    np.testing.assert_allclose(
-        y, _renorm_ref(x, stats.mean, stats.var, g, b, r_max, d_max), atol=2e-5
+    ref.assert_close_ulps(
+        y, _renorm_ref(x, stats.mean, stats.var, g, b, r_max, d_max), 16
     )
     _, bn_stats = bnlab.batch_norm(x, stats, g, b, train=True)
     np.testing.assert_allclose(new.mean, bn_stats.mean)  # updated as batch_norm
     np.testing.assert_allclose(new.var, bn_stats.var)
+
+
+@pytest.mark.parametrize(
+    "r_max,d_max", [(0.5, 5.0), (np.nan, 5.0), (3.0, -1.0), (3.0, np.nan)]
+)
+def test_traced_invalid_renorm_bounds_act_as_the_tightest_valid_ones(r_max, d_max):
+    # r_max < 1 would invert jnp.clip's bounds and NaN would poison r / d;
+    # documented: such a traced bound acts as r_max = 1 (resp. d_max = 0).
+    x = jax.random.normal(jax.random.key(6), (32, 4)) * 2 + 1
+    stats = bnlab.BatchStats(
+        jnp.array([0.0, 3.0, 1.0, -2.0]), jnp.array([1.0, 0.3, 4.0, 9.0])
+    )
+    y, _ = jax.jit(
+        lambda x, r, d: bnlab.batch_renorm(x, stats, train=True, r_max=r, d_max=d)
+    )(x, r_max, d_max)
+    r_ok = r_max if r_max >= 1 else 1.0
+    d_ok = d_max if d_max >= 0 else 0.0
+    expected = _renorm_ref(x, stats.mean, stats.var, 1.0, 0.0, r_ok, d_ok)
+    ref.assert_close_ulps(y, expected, 16)
 
 
 def test_renorm_with_r_max_1_d_max_0_is_batch_norm_gradients_included():
@@ -153,7 +181,7 @@ def test_renorm_with_r_max_1_d_max_0_is_batch_norm_gradients_included():
         jax.grad(functools.partial(loss, bnlab.batch_norm), (0, 1))(x, g),
         strict=True,
     ):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+        ref.assert_close_ulps(a, b, 16)  # the same sums, another order
 
 
 def test_renorm_train_output_equals_inference_when_batch_equals_running_stats():
@@ -165,7 +193,8 @@ def test_renorm_train_output_equals_inference_when_batch_equals_running_stats():
     g, b = jnp.full(5, 1.3), jnp.full(5, 0.2)
     y_train, _ = bnlab.batch_renorm(x, stats, g, b, train=True)
     y_eval, _ = bnlab.batch_renorm(x, stats, g, b, train=False)
-    np.testing.assert_allclose(y_train, y_eval, atol=2e-5)
+    # the float32-rounded statistics make r = 1 and d = 0 up to an ulp
+    ref.assert_close_ulps(y_train, y_eval, 16)
 
 
 def test_renorm_r_and_d_carry_no_gradient():
@@ -179,7 +208,7 @@ def test_renorm_r_and_d_carry_no_gradient():
     )
     var = np.asarray(x, np.float64).var(0)
     r = np.clip(np.sqrt(var + 1e-5) / np.sqrt(np.array([16.0, 0.01]) + 1e-5), 1 / 3, 3)
-    np.testing.assert_allclose(dx, np.asarray(dx_bn) * r, rtol=1e-4, atol=1e-6)
+    ref.assert_close_ulps(dx, np.asarray(dx_bn, np.float64) * r, 16)
 
 
 def test_renorm_synced_equals_single_device_full_batch():
@@ -189,8 +218,8 @@ def test_renorm_synced_equals_single_device_full_batch():
     y8, s8 = jax.pmap(
         lambda x: bnlab.batch_renorm(x, stats, train=True, axis_name="d"), axis_name="d"
     )(parallel.split_for_pmap(x))
-    np.testing.assert_allclose(y8.reshape(32, 3), y1, atol=2e-6)
-    np.testing.assert_allclose(parallel.unreplicate(s8).var, s1.var, rtol=1e-6)
+    ref.assert_close_ulps(y8.reshape(32, 3), y1, 16)  # Chan merge vs one pass
+    np.testing.assert_allclose(parallel.unreplicate(s8).var, s1.var, rtol=1e-5)
 
 
 def test_renorm_schedules_and_traced_bounds():
@@ -203,10 +232,8 @@ def test_renorm_schedules_and_traced_bounds():
             x, bnlab.init_batch_stats(2), train=True, r_max=r(step), d_max=d(step)
         )[0]
     )
-    np.testing.assert_allclose(
-        f(x, 0),
-        bnlab.batch_norm(x, bnlab.init_batch_stats(2), train=True)[0],
-        atol=1e-6,
+    ref.assert_close_ulps(
+        f(x, 0), bnlab.batch_norm(x, bnlab.init_batch_stats(2), train=True)[0], 16
     )
     with pytest.raises(ValueError, match=r"r_max=0.5 must be >= 1"):
         bnlab.batch_renorm(x, bnlab.init_batch_stats(2), train=True, r_max=0.5)
@@ -222,14 +249,14 @@ def test_renorm_as_a_module_option():
     y_bn, _ = bnlab.linen.BatchNorm(use_running_average=False).apply(
         v, x, mutable=["batch_stats"]
     )
-    np.testing.assert_allclose(y, y_bn, atol=1e-6)
+    ref.assert_close_ulps(y, y_bn, 16)
     y2, _ = bn.apply(v, x, mutable=["batch_stats"], r_max=3.0, d_max=5.0)
     ref_y = _renorm_ref(
         x, v["batch_stats"]["mean"], v["batch_stats"]["var"], 1.0, 0.0, 3.0, 5.0
     )
-    np.testing.assert_allclose(y2, ref_y, atol=2e-5)
+    ref.assert_close_ulps(y2, ref_y, 16)
     m = bnlab.nnx.BatchNorm(3, renorm=True, rngs=nnx.Rngs(0))
-    np.testing.assert_allclose(m(x), ref_y, atol=2e-5)
+    ref.assert_close_ulps(m(x), ref_y, 16)
 
 
 # ------------------------------------------------------- folding and frozen
@@ -248,7 +275,10 @@ def test_fold_into_dense_and_conv():
         y, _ = bnlab.batch_norm(layer.apply(v, inp), stats, g, b, train=False)
         k2, b2 = bnlab.fold_batch_norm(p["kernel"], p["bias"], stats, g, b)
         y2 = layer.apply({"params": {"kernel": k2, "bias": b2}}, inp)
-        np.testing.assert_allclose(y2, y, atol=1e-5, rtol=1e-5)
+        # folding reorders the arithmetic: (x @ k - mean) * s vs x @ (k * s)
+        # + (b - mean) * s, and the matmul rounds relative to sum |x k|, a
+        # few times max |y| here (a forgotten epsilon would cost ~40 ulps)
+        ref.assert_close_ulps(y2, y, 32)
     with pytest.raises(ValueError, match=r"stats\.mean has shape"):
         bnlab.fold_batch_norm(jnp.ones((3, 4)), None, bnlab.init_batch_stats(5))
 
@@ -259,7 +289,11 @@ def test_frozen_bn_is_inference_bn_without_gradients_to_stats():
     g, b = jnp.ones(3) * 2, jnp.ones(3)
     y, out = bnlab.frozen_batch_norm(x, stats, g, b)
     np.testing.assert_array_equal(y, bnlab.batch_norm(x, stats, g, b, train=False)[0])
-    assert out is not None
+    ref.assert_close_ulps(y, ref.batch_norm(x, stats.mean, stats.var, (0,), g, b), 8)
+    jax.tree.map(np.testing.assert_array_equal, out, stats)  # returned unchanged
+    # in a jitted "training" step too: the statistics never move
+    _, out = jax.jit(bnlab.frozen_batch_norm)(x * 5 + 3, stats, g, b)
+    jax.tree.map(np.testing.assert_array_equal, out, stats)
     grads = jax.grad(
         lambda s, g, b: jnp.sum(
             bnlab.frozen_batch_norm(x, s, g, b, freeze_affine=True)[0]
@@ -268,6 +302,84 @@ def test_frozen_bn_is_inference_bn_without_gradients_to_stats():
     )(stats, g, b)
     for leaf in jax.tree.leaves(grads):
         np.testing.assert_array_equal(leaf, 0.0)
+
+
+class _Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = bnlab.linen.BatchNorm(use_running_average=not train)(x)
+        return bnlab.linen.BatchNorm(use_running_average=not train)(nn.relu(x) * 3)
+
+
+def _net_and_data():
+    net = _Net()
+    x = jax.random.normal(jax.random.key(40), (8, 3)) * 2 + 5
+    v = net.init(jax.random.key(0), x, train=False)
+    return net, x, v
+
+
+def _is_frozen(net, v, x, out) -> bool:
+    """Whether ``out = (y, updates)`` is the frozen result (eval outputs,
+    statistics unchanged), else asserts that it is the training result."""
+    y, upd = out
+    same = jax.tree.map(np.array_equal, upd["batch_stats"], v["batch_stats"])
+    if all(jax.tree.leaves(same)):  # a training step moves them (mean 5)
+        ref.assert_close_ulps(y, net.apply(v, x, train=False), 8)
+        return True
+    y_train, upd_train = net.apply(v, x, train=True, mutable=["batch_stats"])
+    ref.assert_close_ulps(y, y_train, 8)  # jit and eager: rounding apart
+    jax.tree.map(lambda a, b: ref.assert_close_ulps(a, b, 8), upd, upd_train)
+    return False
+
+
+def test_frozen_bn_context_applies_to_a_function_jitted_before_it():
+    net, x, v = _net_and_data()
+    f = jax.jit(lambda v, x: net.apply(v, x, train=True, mutable=["batch_stats"]))
+    assert not _is_frozen(net, v, x, f(v, x))
+    with bnlab.linen.frozen_bn():
+        assert _is_frozen(net, v, x, f(v, x))  # not the cached unfrozen trace
+    assert not _is_frozen(net, v, x, f(v, x))
+
+
+def test_a_function_first_traced_inside_frozen_bn_is_unfrozen_after_it():
+    net, x, v = _net_and_data()
+    f = jax.jit(lambda v, x: net.apply(v, x, train=True, mutable=["batch_stats"]))
+    with bnlab.linen.frozen_bn():
+        assert _is_frozen(net, v, x, f(v, x))
+    assert not _is_frozen(net, v, x, f(v, x))  # not the cached frozen trace
+
+
+def test_frozen_bn_freeze_affine_is_part_of_what_jit_sees():
+    net, x, v = _net_and_data()
+    grad = jax.jit(
+        jax.grad(
+            lambda p: jnp.sum(
+                net.apply({**v, "params": p}, x, train=True, mutable=["batch_stats"])[0]
+                * jnp.arange(3.0)[None]
+            )
+        )
+    )
+    scale = lambda g: float(jnp.abs(g["BatchNorm_1"]["scale"]).sum())  # noqa: E731
+    with bnlab.linen.frozen_bn(freeze_affine=True):
+        assert scale(grad(v["params"])) == 0.0
+    with bnlab.linen.frozen_bn():
+        assert scale(grad(v["params"])) > 0.0
+
+
+def test_nnx_freeze_after_a_jitted_call_retraces():
+    m = bnlab.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(41), (8, 3)) + 4
+    f = nnx.jit(lambda m, x: m(x))
+    f(m, x)
+    before = m.mean[...]
+    assert float(jnp.abs(before).sum()) > 0
+    bnlab.nnx.freeze(m)
+    y = f(m, x)
+    np.testing.assert_array_equal(m.mean[...], before)
+    np.testing.assert_array_equal(
+        y,
+        bnlab.batch_norm(x, bnlab.BatchStats(m.mean[...], m.var[...]), train=False)[0],
+    )
 
 
 def test_freezing_every_bn_of_a_linen_and_an_nnx_model():
@@ -344,7 +456,7 @@ def test_bn_groups_shard_map_2d_mesh_equals_pmap_groups():
     pm = _one_step("pmap", 2)
     full = _one_step("shard_map", 0)
     for a, b in zip(jax.tree.leaves(sm), jax.tree.leaves(pm), strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+        ref.assert_close_ulps(a, b, 16)  # one SGD step: rounding apart
     diff = max(
         float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
         for a, b in zip(
@@ -354,10 +466,83 @@ def test_bn_groups_shard_map_2d_mesh_equals_pmap_groups():
     assert diff > 1e-4  # groups of 2 devices really normalize differently
 
 
+def _variant_reference(norm, x, stats, scale, bias, momentum, epsilon):
+    """Float64 ``(y, new_stats)`` of one BN layer in training, per variant:
+    frozen = eval with the running statistics and no update; ghost:2 = each
+    pair of examples normalized with its own moments, the update with the
+    whole batch's; renorm = the paper's r / d formula (r_max 3, d_max 5)."""
+    mean_r, var_r = np.asarray(stats["mean"]), np.asarray(stats["var"])
+    if norm == "frozen":
+        y = ref.batch_norm(x, mean_r, var_r, (0,), scale, bias, epsilon)
+        return y, (mean_r, var_r)
+    mean, var, _ = ref.moments(x, (0,))
+    new = (
+        momentum * mean_r + (1 - momentum) * mean,
+        momentum * var_r + (1 - momentum) * var,
+    )
+    if norm == "renorm":
+        return _renorm_ref(x, mean_r, var_r, scale, bias, 3.0, 5.0, epsilon), new
+    parts = []
+    for i in range(0, x.shape[0], 2):
+        m, v, _ = ref.moments(x[i : i + 2], (0,))
+        parts.append(ref.batch_norm(x[i : i + 2], m, v, (0,), scale, bias, epsilon))
+    return np.concatenate(parts), new
+
+
 @pytest.mark.parametrize("norm", ["ghost:2@after", "renorm", "frozen"])
 def test_variants_as_config_values(norm):
+    # Each BN layer of the model the config builds computes its variant:
+    # its input, variables and output are recorded in one training forward
+    # and checked against that variant's own float64 reference.
+    from bnlab.train import Config, build_model
+
+    config = Config(batch_size=32, depth=2, width=8, norm=norm)
+    model = build_model(config, 10, None)
+    x = np.random.default_rng(0).standard_normal((32, 8, 8, 1)).astype(np.float32)
+    v = model.init(jax.random.key(0), x[:2], train=False)
+    v = {**v, "batch_stats": jax.tree.map(lambda a: a + 0.5, v["batch_stats"])}
+    calls = []
+
+    def record(next_fun, args, kwargs, context):
+        if not (
+            isinstance(context.module, bnlab.linen.BatchNorm)
+            and context.method_name == "__call__"
+        ):
+            return next_fun(*args, **kwargs)
+        before = jax.tree.map(np.asarray, dict(context.module.variables))
+        y = next_fun(*args, **kwargs)
+        after = jax.tree.map(np.asarray, dict(context.module.variables["batch_stats"]))
+        calls.append((np.asarray(args[0], np.float64), before, np.asarray(y), after))
+        return y
+
+    with nn.intercept_methods(record):
+        model.apply(v, x, train=True, mutable=["batch_stats"])
+    assert len(calls) == config.depth
+    variant = norm.split("@")[0]
+    for x_in, before, y, after in calls:
+        p = before["params"]
+        y_ref, (mean_ref, var_ref) = _variant_reference(
+            variant,
+            x_in,
+            before["batch_stats"],
+            p["scale"],
+            p["bias"],
+            config.bn_momentum,
+            config.bn_epsilon,
+        )
+        ref.assert_close_ulps(y, y_ref, 16, err_msg=norm)
+        if variant == "frozen":
+            jax.tree.map(np.testing.assert_array_equal, after, before["batch_stats"])
+        else:
+            np.testing.assert_allclose(after["mean"], mean_ref, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(after["var"], var_ref, rtol=1e-5)
+    # and through a sharded train step: frozen statistics stay at their
+    # initial 0 / 1, the others move; everything finite
     state = _one_step("shard_map", 0, norm)
     assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(state))
+    means = [np.asarray(a) for a in jax.tree.leaves(state.batch_stats)]
+    moved = any(not np.array_equal(a, np.round(a)) for a in means)
+    assert moved == (variant != "frozen")
 
 
 def test_bad_variant_spellings_and_group_sizes():
