@@ -78,3 +78,45 @@ def assert_close_ulps(
         f"max error {err:.3g} = {err / unit:.1f} ulps of max|expected| "
         f"(unit {unit:.3g}) > {ulps} ulps. {err_msg}"
     )
+
+
+def one_train_step(config, x, y, style=None):
+    """One step of ``bnlab train``'s model for ``config`` on the batch
+    ``(x, y)``, in the config's parallel style, as ``fit`` runs it; returns
+    ``(compiled step, its arguments, host state after the step)``."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bnlab.train import DATA_AXIS, build_model, build_optimizer
+    from bnlab.train.loop import make_chunk
+    from bnlab.train.model import model_fns
+    from bnlab.train.presets import _STYLES, layout_of
+    from bnlab.train.step import default_loss, make_arm_init, make_arm_step
+
+    style = style or _STYLES[config.parallel]
+    layout = layout_of(config)
+    model = build_model(
+        config, 10, None if style == "auto" else DATA_AXIS, layout.bn_groups
+    )
+    fns = model_fns(model)
+    tx = build_optimizer(config)
+    loss = default_loss(10)
+    init = jax.vmap(make_arm_init(fns, lambda hp: tx, ["accuracy"], jnp.asarray(x[:2])))
+    state = layout.put_arms(jax.device_get(init(np.zeros(1, np.uint32), {})))
+    step = make_arm_step(
+        fns,
+        lambda hp: tx,
+        loss,
+        style=style,
+        axis_name=layout.grad_axis,
+        average_axis=layout.average_axis,
+    )
+    compiled = layout.compile(make_chunk(step, gather=False), n_arms=2, n_replicated=0)
+    args = (
+        state,
+        layout.put_arms({}),
+        *layout.put_chunk((x[None, None], y[None, None])),
+    )
+    new = compiled(*args)
+    return compiled, args, layout.host(new)

@@ -25,8 +25,8 @@ from bnlab.train import (
     fit_config,
     load,
     load_config,
+    rundir,
 )
-from bnlab.train import rundir
 from bnlab.train.checkpoint import Checkpointer
 from tests.test_multihost import ROOT
 
@@ -502,7 +502,7 @@ def test_a_checkpoint_that_cannot_be_moved_aside_moves_nothing(run_copy, monkeyp
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(os, "rename", refuse)
-    with pytest.raises(RunDirError, match="cannot be moved aside.*nothing was moved"):
+    with pytest.raises(RunDirError, match=r"cannot be moved aside.*nothing was moved"):
         _resume(run_copy)
     assert (run_copy / "checkpoints" / "30").is_dir()
     assert not (run_copy / "corrupt").exists() or not any(
@@ -517,7 +517,7 @@ def test_an_unreadable_checkpoint_is_exit_4_and_nothing_moves(run_copy, monkeypa
     monkeypatch.setattr(
         ck, "_unreadable", lambda p: bad if str(p).endswith("30") else None
     )
-    with pytest.raises(RunDirError, match="permission denied.*nothing was moved"):
+    with pytest.raises(RunDirError, match=r"permission denied.*nothing was moved"):
         _resume(run_copy)
     assert not (run_copy / "corrupt").exists()
 

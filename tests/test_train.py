@@ -12,7 +12,6 @@ import time
 import warnings
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -474,7 +473,7 @@ def test_load_refuses_a_changed_byte(tmp_path):
     raw = bytearray(big.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     big.write_bytes(bytes(raw))
-    with pytest.raises(Exception, match="SHA-256|corrupt|decompress|Error"):
+    with pytest.raises(Exception, match=r"SHA-256|corrupt|decompress|Error"):
         load(tmp_path)
 
 

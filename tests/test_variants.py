@@ -428,27 +428,17 @@ def test_freezing_every_bn_of_a_linen_and_an_nnx_model():
 
 
 def _one_step(style, group, norm="before"):
-    from bnlab.train import Config, build_model, build_optimizer, init_state
-    from bnlab.train.step import make_train_step
+    from bnlab.train import Config
 
     config = Config(
         parallel=style, batch_size=32, depth=2, width=8, bn_group_size=group, norm=norm
     )
-    dp = parallel.DataParallel(style, bn_group_size=group)
-    model = build_model(config, 10, dp.bn_axis_name, dp.bn_groups)
-    tx = build_optimizer(config)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((32, 8, 8, 1)) + np.arange(32)[:, None, None, None] / 8
     x, y = x.astype(np.float32), rng.integers(0, 10, 32).astype(np.int32)
     with jax.numpy_dtype_promotion("standard"):
-        state = dp.put_state(init_state(config, model, tx, x))
-        step = dp.compile(
-            make_train_step(
-                model, tx, 10, style, dp.axis_name, average_stats=dp.group_axis
-            )
-        )
-        new, _ = step(state, *dp.put_batch((x, y)))
-    return dp.local_copy(new)
+        _, _, new = ref.one_train_step(config, x, y)
+    return jax.tree.map(lambda a: a[0], new)  # the one arm
 
 
 def test_bn_groups_shard_map_2d_mesh_equals_pmap_groups():
@@ -460,7 +450,9 @@ def test_bn_groups_shard_map_2d_mesh_equals_pmap_groups():
     diff = max(
         float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
         for a, b in zip(
-            jax.tree.leaves(sm.params), jax.tree.leaves(full.params), strict=True
+            jax.tree.leaves(sm.variables["params"]),
+            jax.tree.leaves(full.variables["params"]),
+            strict=True,
         )
     )
     assert diff > 1e-4  # groups of 2 devices really normalize differently
@@ -540,7 +532,7 @@ def test_variants_as_config_values(norm):
     # initial 0 / 1, the others move; everything finite
     state = _one_step("shard_map", 0, norm)
     assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(state))
-    means = [np.asarray(a) for a in jax.tree.leaves(state.batch_stats)]
+    means = [np.asarray(a) for a in jax.tree.leaves(state.variables["batch_stats"])]
     moved = any(not np.array_equal(a, np.round(a)) for a in means)
     assert moved == (variant != "frozen")
 
@@ -553,5 +545,7 @@ def test_bad_variant_spellings_and_group_sizes():
             Config(norm=norm)
     with pytest.raises(ConfigError, match="needs parallel='pmap' or 'shard_map'"):
         Config(bn_group_size=2)
-    with pytest.raises(ValueError, match="does not divide the 8 devices"):
-        parallel.DataParallel("shard_map", bn_group_size=3)
+    with pytest.raises(ConfigError, match="bn_group_size=3 does not divide the 8"):
+        from bnlab.train.presets import layout_of
+
+        layout_of(Config(parallel="shard_map", bn_group_size=3))

@@ -50,11 +50,12 @@ from bnlab.train.step import (
     TrainState,
     default_loss,
     make_arm_eval,
+    make_arm_init,
     make_arm_step,
     metric_names,
 )
 
-__all__ = ["DATA_AXIS", "FitResult", "Loaded", "fit", "load"]
+__all__ = ["DATA_AXIS", "FitResult", "Loaded", "fit", "load", "make_chunk"]
 
 DATA_AXIS = bn_parallel.DATA
 # A training set up to this size (per device) is kept on the device and each
@@ -497,6 +498,35 @@ def _jsonable(x: Any) -> Any:
     return repr(x)
 
 
+def make_chunk(arm_step: Callable, *, gather: bool, unroll: int | bool = 1) -> Callable:
+    """The steps between two evaluation or checkpoint points as one function
+    of the arm-stacked state: ``lax.scan`` over steps of ``vmap`` over arms.
+
+    With ``gather``: ``chunk(state, hparams, x_all, y_all, idx)`` with the
+    whole training set on the device and ``idx`` the example indices
+    ``(steps, arms, batch)``; else ``chunk(state, hparams, xs, ys)`` with the
+    examples themselves ``(steps, arms, batch, ...)``.
+    """
+    vstep = jax.vmap(arm_step)
+    if gather:
+
+        def chunk(state, hp, x_all, y_all, idx):
+            def body(st, idx_t):
+                return vstep(st, x_all[idx_t], y_all[idx_t], hp), None
+
+            return jax.lax.scan(body, state, idx, unroll=unroll)[0]
+
+        return chunk
+
+    def streamed(state, hp, xs, ys):
+        def body(st, batch):
+            return vstep(st, *batch, hp), None
+
+        return jax.lax.scan(body, state, (xs, ys), unroll=unroll)[0]
+
+    return streamed
+
+
 def _state_tree(state: TrainState) -> dict:
     """The state as saved: the model's collections by name, then training."""
     return {
@@ -557,26 +587,15 @@ class _Run:
     def _init_fn(self):
         plan, kw = self.plan, self.kw
         x0, _ = _read(plan.splits.train, np.arange(min(2, _length(plan.splits.train))))
-        x0 = jnp.asarray(x0)
-        names = plan.metrics
-
-        def init_one(seed, hp):
-            key = jax.random.key(seed)
-            init_key, run_key = jax.random.split(key)
-            variables = plan.fns.init(init_key, x0)
-            if kw["post_init"] is not None:
-                variables = kw["post_init"](variables, hp)
-            opt_state = kw["optimizer"](hp).init(variables["params"])
-            return TrainState(
-                variables,
-                opt_state,
-                jnp.zeros((), jnp.int32),
-                jax.random.key_data(run_key),
-                jnp.full((), -1, jnp.int32),
-                Interval.zeros(names),
+        return jax.vmap(
+            make_arm_init(
+                plan.fns,
+                kw["optimizer"],
+                plan.metrics,
+                jnp.asarray(x0),
+                kw["post_init"],
             )
-
-        return jax.vmap(init_one)
+        )
 
     def _fresh(self) -> TrainState:
         seeds = np.asarray([a.seed for a in self.plan.arms], np.uint32)
@@ -734,17 +753,8 @@ class _Run:
             rng_streams=kw["rng_streams"] if plan.fns.kind == "linen" else (),
             train_kwargs=kw["train_kwargs"],
         )
-        unroll = kw["unroll"]
-        vstep = jax.vmap(step_fn)
-
+        chunk = make_chunk(step_fn, gather=plan.on_device, unroll=kw["unroll"])
         if plan.on_device:
-
-            def chunk(state, hp, x_all, y_all, idx):
-                def body(st, idx_t):
-                    return vstep(st, x_all[idx_t], y_all[idx_t], hp), None
-
-                return jax.lax.scan(body, state, idx, unroll=unroll)[0]
-
             compiled = layout.compile(chunk, n_arms=2, n_replicated=2)
             x_all, y_all = layout.put_replicated(
                 tuple(map(np.asarray, plan.splits.train))
@@ -756,13 +766,6 @@ class _Run:
                 )
 
         else:
-
-            def chunk(state, hp, xs, ys):
-                def body(st, batch):
-                    return vstep(st, *batch, hp), None
-
-                return jax.lax.scan(body, state, (xs, ys), unroll=unroll)[0]
-
             compiled = layout.compile(chunk, n_arms=2, n_replicated=0)
 
             def run_chunk(state, a, b):

@@ -27,6 +27,7 @@ __all__ = [
     "default_loss",
     "loss_and_metrics",
     "make_arm_eval",
+    "make_arm_init",
     "make_arm_step",
     "metric_names",
 ]
@@ -133,6 +134,34 @@ def _all_finite(tree: Any) -> jax.Array:
         if jnp.issubdtype(a.dtype, jnp.inexact)
     ]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.ones((), bool)
+
+
+def make_arm_init(
+    fns: ModelFns,
+    optimizer: Callable[[dict], optax.GradientTransformation],
+    metrics: Sequence[str],
+    example_x: jax.Array,
+    post_init: Callable[[dict, dict], dict] | None = None,
+) -> Callable[[jax.Array, dict], TrainState]:
+    """``init(seed, hparams) -> TrainState`` of one arm: the model's variables
+    from ``key(seed)`` (split into an init key and the arm's run key), then
+    ``post_init``, then the optimizer state."""
+
+    def init(seed, hparams):
+        init_key, run_key = jax.random.split(jax.random.key(seed))
+        variables = fns.init(init_key, example_x)
+        if post_init is not None:
+            variables = post_init(variables, hparams)
+        return TrainState(
+            variables,
+            optimizer(hparams).init(variables["params"]),
+            jnp.zeros((), jnp.int32),
+            jax.random.key_data(run_key),
+            jnp.full((), -1, jnp.int32),
+            Interval.zeros(metrics),
+        )
+
+    return init
 
 
 def make_arm_step(
