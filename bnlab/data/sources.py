@@ -28,6 +28,7 @@ __all__ = [
     "DatasetNotFoundError",
     "load",
     "load_digits",
+    "load_fashion_mnist_small",
     "load_idx_dataset",
     "read_idx",
     "synthetic_regression",
@@ -355,15 +356,64 @@ def synthetic_regression(
     return Dataset(x[k:], y[k:], x[:k], y[:k], 0)
 
 
+# The quick runs' data, shipped in the package (tools/make_fashion_mnist_small.py)
+SMALL_FASHION_MNIST = Path(__file__).with_name("fashion_mnist_small.npz")
+SMALL_FASHION_MNIST_SHA256 = (
+    "4f51d08100021ca97c1fbaea8a8a16eb035a0d340a8d59a8321d20fd2de02872"
+)
+
+
+def load_fashion_mnist_small() -> Dataset:
+    """A class-balanced 14x14 subset of Fashion-MNIST shipped with bnlab.
+
+    1000 training and 200 test images per class from the official files,
+    average-pooled 2x2 (Xiao et al. 2017, arXiv:1708.07747, MIT license):
+    ``(10000, 14, 14, 1)`` / ``(2000, 14, 14, 1)`` float32 in [0, 1]. Hard
+    enough that training curves, learning rates and BN's effects show,
+    small enough for a quick run on a laptop CPU.
+
+    Raises:
+      DatasetError: the file is missing or does not match its SHA-256.
+    """
+    try:
+        with np.load(SMALL_FASHION_MNIST) as f:
+            arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except (OSError, KeyError, ValueError) as e:
+        raise DatasetError(
+            f"{SMALL_FASHION_MNIST} cannot be read ({e}); reinstall bnlab."
+        ) from None
+    digest = hashlib.sha256(
+        b"".join(np.ascontiguousarray(arrays[k]).tobytes() for k in sorted(arrays))
+    ).hexdigest()
+    if digest != SMALL_FASHION_MNIST_SHA256:
+        raise DatasetError(
+            f"{SMALL_FASHION_MNIST} does not match its SHA-256; reinstall bnlab."
+        )
+
+    def images(a):
+        return (a[..., None] / 255.0).astype(np.float32)
+
+    return Dataset(
+        images(arrays["x_train"]),
+        arrays["y_train"].astype(np.int32),
+        images(arrays["x_test"]),
+        arrays["y_test"].astype(np.int32),
+        10,
+    )
+
+
 def load(name: str, data_dir: str | None = None, seed: int = 0) -> Dataset:
-    """Loads a dataset by name: digits, fashion_mnist, mnist, synthetic."""
+    """Loads a dataset by name: digits, fashion_mnist, fashion_mnist_small,
+    mnist, synthetic."""
     if name == "digits":
         return load_digits(seed=seed)
+    if name == "fashion_mnist_small":
+        return load_fashion_mnist_small()
     if name in IDX_SOURCES:
         return load_idx_dataset(name, data_dir)
     if name == "synthetic":
         return synthetic_regression(seed=seed)
     raise ValueError(
-        f"unknown dataset {name!r}; one of ['digits', 'fashion_mnist', 'mnist', "
-        "'synthetic']."
+        f"unknown dataset {name!r}; one of ['digits', 'fashion_mnist', "
+        "'fashion_mnist_small', 'mnist', 'synthetic']."
     )

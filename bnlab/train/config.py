@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 
 
 _CHOICES = {
-    "dataset": ("digits", "fashion_mnist", "mnist", "synthetic"),
+    "dataset": ("digits", "fashion_mnist", "fashion_mnist_small", "mnist", "synthetic"),
     "model": ("mlp", "cnn", "resnet20"),
     "activation": ("relu", "sigmoid", "tanh"),
     "init": ("normal", "he", "lecun"),
@@ -69,7 +69,8 @@ class Config:
     """One training run. See ``PRESETS`` for ready-made ones.
 
     Attributes:
-      dataset: digits | fashion_mnist | mnist | synthetic.
+      dataset: digits | fashion_mnist | fashion_mnist_small (shipped 14x14
+        subset) | mnist | synthetic.
       data_dir: where IDX files live (see :func:`bnlab.data.find_idx_files`).
       model: mlp | cnn | resnet20 (the NNX MLP is bnlab.models.nnx_mlp).
       depth: hidden layers of the MLP.
@@ -201,7 +202,11 @@ class Config:
         if self.model == "resnet20" and norm_spec(self.norm)[0] == "none":
             raise ConfigError("model='resnet20' always uses BN: set norm='before'.")
         if self.model == "mlp":
-            inputs = 784 if self.dataset in ("fashion_mnist", "mnist") else 64
+            inputs = {
+                "fashion_mnist": 784,
+                "mnist": 784,
+                "fashion_mnist_small": 196,
+            }.get(self.dataset, 64)
             n = inputs * self.width + (self.depth - 1) * self.width**2 + 10 * self.width
             if n > MAX_PARAMETERS:
                 raise ConfigError(

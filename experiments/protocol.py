@@ -1,0 +1,368 @@
+"""The method every experiment follows, as code: where it trains (through
+:func:`bnlab.train.fit`), how it selects, how it judges.
+
+- **Data.** Full runs use Fashion-MNIST (28x28, 60k/10k); quick runs a
+  shipped subset (14x14, 10k/2k, :func:`bnlab.data.load` of
+  ``"fashion_mnist_small"``). A fixed 10 % of the training set is the
+  validation split: every choice (learning rate, best step, thresholds) is
+  made on it; the test set only reports.
+- **Arms.** Compared arms get the same tuning budget: each its own grid of
+  learning rates, the best chosen on validation. Arms with the same seed
+  share initialization and data order, so comparisons are paired by seed.
+- **Intervals.** Every measured quantity is a mean over seeds (or over
+  per-seed paired differences / ratios) with a 95 % Student-t interval
+  (``ddof=1``); a criterion passes only if the whole interval clears it.
+- **Pre-registration.** Criteria are data (:class:`Criterion`: quantity,
+  operator, threshold per scale, source), committed before the run that
+  judges them; the report prints them from this data, and a changed design
+  keeps the old criterion and its result in the experiment's ``HISTORY``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from bnlab import data as bn_data
+from bnlab.train import fit
+
+__all__ = [
+    "Context",
+    "Criterion",
+    "Measured",
+    "Outcome",
+    "best_by",
+    "judge",
+    "mean_ci",
+    "paired_ci",
+    "ratio_ci",
+    "steps_to",
+]
+
+VALIDATION = 0.1
+# t(0.975, n - 1) for n = 2..30 (the 95 % two-sided Student-t quantiles)
+_T975 = {
+    1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365,
+    8: 2.306, 9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145,
+    15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 21: 2.080,
+    22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+    29: 2.045,
+}  # fmt: skip
+
+
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom."""
+    if df < 1:
+        return math.inf
+    return _T975.get(df, 1.96 + 2.4 / df)  # within 0.2 % beyond the table
+
+
+# ------------------------------------------------------------ statistics
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """A quantity measured over seeds: its mean and 95 % interval.
+
+    Attributes:
+      value: the mean (or the exact value of a deterministic quantity).
+      low: the interval's lower end (``value`` when there is no spread).
+      high: the interval's upper end.
+      per_seed: the per-seed values behind it (None for a single number).
+      text: how to print it (e.g. a ratio as ``"2.1x"``), or None.
+    """
+
+    value: float
+    low: float
+    high: float
+    per_seed: tuple | None = None
+    note: str = ""
+
+    def to_json(self) -> dict:
+        return {
+            "value": _finite(self.value),
+            "ci": [_finite(self.low), _finite(self.high)],
+            "per_seed": None
+            if self.per_seed is None
+            else [_finite(v) for v in self.per_seed],
+            "note": self.note,
+        }
+
+
+def _finite(v: Any) -> Any:
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def mean_ci(values: Sequence[float], note: str = "") -> Measured:
+    """Mean and 95 % t interval of per-seed values (NaN: that seed failed, it
+    makes the interval infinite rather than being dropped)."""
+    v = np.asarray(values, np.float64)
+    n = len(v)
+    if n == 0:
+        return Measured(math.nan, -math.inf, math.inf, (), note)
+    mean = float(np.mean(v))
+    if n == 1 or not np.all(np.isfinite(v)):
+        lo, hi = (mean, mean) if n == 1 and np.isfinite(mean) else (-math.inf, math.inf)
+        return Measured(mean, lo, hi, tuple(v.tolist()), note)
+    half = t975(n - 1) * float(np.std(v, ddof=1)) / math.sqrt(n)
+    return Measured(mean, mean - half, mean + half, tuple(v.tolist()), note)
+
+
+def paired_ci(a: Sequence[float], b: Sequence[float], note: str = "") -> Measured:
+    """Mean and interval of the per-seed differences ``a - b`` (the arms share
+    their seeds: same initialization and data order)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need the same seeds: {a.shape} vs {b.shape}")
+    return mean_ci(a - b, note)
+
+
+def ratio_ci(a: Sequence[float], b: Sequence[float], note: str = "") -> Measured:
+    """Geometric mean and interval of the per-seed ratios ``a / b``
+    (a t interval of the log ratios, exponentiated)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.log(a / b)
+    m = mean_ci(logs)
+    return Measured(
+        float(np.exp(m.value)),
+        float(np.exp(m.low)),
+        float(np.exp(m.high)),
+        tuple((a / b).tolist()),
+        note,
+    )
+
+
+def steps_to(steps: Sequence[int], values: Sequence[float], threshold: float):
+    """First step at which ``values`` reaches ``threshold`` (None if never)."""
+    for s, v in zip(steps, values, strict=True):
+        if v is not None and np.isfinite(v) and v >= threshold:
+            return int(s)
+    return None
+
+
+def best_by(values: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Index of the best (largest, NaN as worst) entry along ``axis``."""
+    v = np.where(np.isfinite(values), values, -np.inf)
+    return np.argmax(v, axis=axis)
+
+
+# ------------------------------------------------------------ criteria
+
+
+OPS = (">=", "<=", ">", "<", "within")
+
+
+@dataclasses.dataclass(frozen=True)
+class Criterion:
+    """One pre-registered check.
+
+    Attributes:
+      id: a short name, unique in the experiment.
+      quantity: what is measured, in words (the report prints it).
+      op: ``>=`` / ``>`` (the interval's lower end must clear the
+        threshold), ``<=`` / ``<`` (its upper end), or ``within`` (the whole
+        interval inside ``[-threshold, threshold]``: an equivalence test).
+      threshold: a number, or ``{"quick": q, "full": f}`` when the scales
+        differ (quick thresholds are frozen from quick-scale pilots).
+      source: where the threshold comes from (paper, figure, pilot).
+    """
+
+    id: str
+    quantity: str
+    op: str
+    threshold: float | dict
+    source: str
+
+    def __post_init__(self):
+        if self.op not in OPS:
+            raise ValueError(f"criterion {self.id}: op {self.op!r} not in {OPS}")
+
+    def at(self, scale: str) -> float:
+        t = self.threshold
+        if isinstance(t, dict):
+            return float(t["quick" if scale == "smoke" else scale])
+        return float(t)
+
+    def text(self, scale: str) -> str:
+        t = self.at(scale)
+        if self.op == "within":
+            return f"95% interval within ±{t:g}"
+        side = "lower" if self.op in (">=", ">") else "upper"
+        return f"95% interval's {side} end {self.op} {t:g}"
+
+
+def judge(c: Criterion, m: Measured, scale: str) -> bool:
+    """Whether the measured interval clears the criterion."""
+    t = c.at(scale)
+    lo, hi = m.low, m.high
+    if not (math.isfinite(lo) or math.isfinite(hi)) and math.isnan(m.value):
+        return False
+    return {
+        ">=": lo >= t,
+        ">": lo > t,
+        "<=": hi <= t,
+        "<": hi < t,
+        "within": lo >= -t and hi <= t,
+    }[c.op]
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What an experiment's ``run`` returns: measurements for its criteria
+    (by criterion id) and what the report shows."""
+
+    measured: dict[str, Measured]
+    table: list[dict] = dataclasses.field(default_factory=list)
+    figures: list[str] = dataclasses.field(default_factory=list)
+    records: list[dict] = dataclasses.field(default_factory=list)
+    notes: str = ""
+    reported: dict[str, Measured] = dataclasses.field(default_factory=dict)
+
+
+# ------------------------------------------------------------- context
+
+
+@dataclasses.dataclass
+class Context:
+    """Where an experiment writes, at which scale, with which seeds.
+
+    Attributes:
+      name: the experiment (its module name).
+      out: its run directory.
+      scale: ``"smoke"`` (a few steps, checks that it runs), ``"quick"``
+        or ``"full"``.
+      seeds: the seeds of every arm (paired across arms).
+      progress: the command's progress display (``progress(dict)`` with
+        fit's progress fields and a ``label``), or None.
+    """
+
+    name: str
+    out: Path
+    scale: str
+    seeds: list[int]
+    progress: Any = None
+    training: list = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def quick(self) -> bool:
+        return self.scale != "full"
+
+    @property
+    def smoke(self) -> bool:
+        return self.scale == "smoke"
+
+    def pick(self, quick: Any, full: Any) -> Any:
+        return quick if self.quick else full
+
+    def steps(self, quick: int, full: int, smoke: int = 8) -> int:
+        """Training steps at this scale."""
+        return smoke if self.smoke else self.pick(quick, full)
+
+    def every(self, quick: int, full: int, smoke: int = 4) -> int:
+        """Steps between evaluations at this scale."""
+        return smoke if self.smoke else self.pick(quick, full)
+
+    @functools.cached_property
+    def images(self) -> bn_data.Dataset:
+        """Images ``(N, H, W, 1)``: the shipped 14x14 subset (quick) or
+        Fashion-MNIST 28x28 (full), with the validation split carved out."""
+        name = "fashion_mnist_small" if self.quick else "fashion_mnist"
+        return bn_data.load(name).with_validation(VALIDATION)
+
+    @functools.cached_property
+    def data(self) -> bn_data.Dataset:
+        """:attr:`images` flattened to vectors (for MLPs)."""
+        ds = self.images
+
+        def flat(a):
+            return a.reshape(len(a), -1)
+
+        return ds._replace(
+            x_train=flat(ds.x_train), x_test=flat(ds.x_test), x_val=flat(ds.x_val)
+        )
+
+    @property
+    def data_name(self) -> str:
+        return "Fashion-MNIST 14x14 subset" if self.quick else "Fashion-MNIST"
+
+    def fit(self, group: str, model: Any, **kw: Any):
+        """:func:`bnlab.train.fit` of one group of arms in ``out/group``
+        (resumes if interrupted; a finished group returns at once)."""
+        kw.setdefault("seeds", self.seeds)
+        kw.setdefault("keep_checkpoints", 1)
+        data = kw.pop("data", None) or self.data
+        label = f"{self.name}/{group}"
+
+        def progress(p):
+            if self.progress is not None:
+                self.progress({**p, "label": label})
+
+        t0 = time.perf_counter()
+        result = fit(model, data, self.out / group, on_progress=progress, **kw)
+        n_arms = len(result.arms)
+        self.training.append(
+            {
+                "group": group,
+                "arms": n_arms,
+                "steps": int(kw["steps"]),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        return result
+
+    def save_figure(self, fig: Any, stem: str) -> str:
+        """Writes ``stem.png`` (and closes the figure); returns its name."""
+        import matplotlib.pyplot as plt
+
+        fig.tight_layout()
+        fig.savefig(self.out / f"{stem}.png", dpi=110)
+        plt.close(fig)
+        return f"{stem}.png"
+
+
+def per_arm(result, key: str, reduce: Callable | None = None) -> np.ndarray:
+    """A record key over evaluations ``(evals, arms)`` (NaN where null)."""
+    _, values = result.curve(key)
+    return values if reduce is None else reduce(values)
+
+
+def fmt(m: Measured | float, digits: int = 3) -> str:
+    """``mean [low, high]`` (or a plain number)."""
+    if isinstance(m, Measured):
+        if m.low == m.high:
+            return f"{m.value:.{digits}g}"
+        return f"{m.value:.{digits}g} [{m.low:.{digits}g}, {m.high:.{digits}g}]"
+    return "n/a" if m is None or not np.isfinite(m) else f"{m:.{digits}g}"
+
+
+def grid_by_hparams(result, key: str, hp: str) -> tuple[list[float], np.ndarray]:
+    """``(values of hp, array (evals, len(values), seeds))`` of a record key
+    for arms laid out as ``hparams={hp: [...]}`` x seeds."""
+    values = sorted({a.hparams[hp] for a in result.arms})
+    seeds = sorted({a.seed for a in result.arms})
+    _, curve = result.curve(key)
+    out = np.full((curve.shape[0], len(values), len(seeds)), np.nan)
+    for a in result.arms:
+        out[:, values.index(a.hparams[hp]), seeds.index(a.seed)] = curve[:, a.index]
+    return values, out
+
+
+def jax_device_note() -> str:
+    dev = jax.devices()[0]
+    return f"{dev.platform}: {dev.device_kind} x{jax.device_count()}"
