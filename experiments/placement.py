@@ -1,97 +1,177 @@
-"""Claim (c): in a deep network normalize every layer; before or after the
-activation makes little difference.
+"""Claim (c): in a deep network normalize every layer; whether BN goes before
+or after the activation matters little.
 
-6 x 128 ReLU MLP on Fashion-MNIST (quick: digits, 6 x 64), SGD with momentum
-0.9, lr 0.02, batch 128, 2000 steps (quick: 600). Arms: no BN; BN before
-every activation (the paper's); BN after every activation; BN after the first
-Dense layer only. Compared: final test accuracy, means over seeds.
-
-    python -m experiments.placement [--quick] [--seeds N] [--out DIR]
+A deep ReLU MLP (He init) with four placements: no BN, BN after the first
+layer only, BN before every activation (the paper's), BN after every
+activation; all placements are arms of one program (a gated
+``bnlab.models.VariantMLP``: arms with one seed share their weights). SGD
+with momentum 0.9, batch 128; every placement gets its own learning-rate
+grid, chosen on validation (mean of the last 3 evaluations over seeds).
+Reported per seed: test accuracy at the chosen rate, averaged over the last
+3 evaluations (a plateau, not one snapshot).
 """
 
 from __future__ import annotations
 
-import numpy as np
+import functools
 
-from experiments import _harness as H
-from experiments._models import MLP
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import bnlab.linen
+from bnlab.models import VariantMLP, set_gates
+from experiments import protocol as P
 
 NAME = "placement"
 CLAIM = (
     "(c) In deep nets normalize at every layer; whether BN goes before or after "
     "the activation matters little."
 )
-ARMS = {
-    "none": "no BN",
-    "before": "BN before act, every layer",
-    "after": "BN after act, every layer",
-    "first": "BN in the first layer only",
+PLACEMENTS = {  # code -> (label, gates)
+    0: ("no BN", {}),
+    1: ("BN after the first layer only", {"bn_before": "first"}),
+    2: ("BN before every activation", {"bn_before": 1.0}),
+    3: ("BN after every activation", {"bn_after": 1.0}),
 }
+LRS = (0.01, 0.03, 0.1, 0.3)
+MARGIN = 0.01
+CRITERIA = [
+    P.Criterion(
+        "every_layer_helps",
+        "BN before every activation - no BN: test accuracy (paired by seed)",
+        ">=",
+        MARGIN,
+        "Ioffe & Szegedy 2015 sec. 3 (BN at every layer); at least the "
+        "equivalence margin below, so that the margin is smaller than BN's effect",
+    ),
+    P.Criterion(
+        "every_layer_beats_first",
+        "BN before every activation - BN after the first layer only: test accuracy",
+        ">",
+        0.0,
+        "the lecture: every layer's output is the next layer's input, so "
+        "normalize each",
+    ),
+    P.Criterion(
+        "before_after_equivalent",
+        "BN before - BN after the activation: test accuracy",
+        "within",
+        MARGIN,
+        "the lecture: before or after matters little; margin 1 point, fixed "
+        "before the run",
+    ),
+]
+HISTORY = [
+    {
+        "date": "2026-11-20",
+        "criterion": "|before - after| <= 2 points and before, after > no BN, on "
+        "mean final test accuracy (3 seeds, lr 0.02 for all, 6 x 128)",
+        "result": "PASS at 2000 steps (0.41 points); on held-out seeds 3-5 it failed "
+        "at every evaluation from 1000 to 1800 steps",
+        "why": "one final snapshot, no tuning per arm and no interval; 'every "
+        "layer' was never tested (issue 16)",
+    }
+]
 
 
-def run(ctx: H.Context) -> dict:
-    width = ctx.pick(64, 128)
-    steps = ctx.steps(600, 2000)
-    seeds = list(range(ctx.seeds))
-    res = {}
-    for norm in ARMS:
-        res[norm] = H.train_group(
-            ctx,
-            H.Group(
-                name=norm,
-                model=MLP(widths=(width,) * 6, activation="relu", norm=norm),
-                seeds=seeds,
-                hparams={"lr": [0.02] * len(seeds)},
-                make_tx=H.momentum_sgd,
-                steps=steps,
-                batch_size=128,
-                eval_every=ctx.every(100, 200),
-            ),
+def post_init(depth: int):
+    """Each arm's gates from its ``placement`` code (traced)."""
+
+    def gates(variables, hp):
+        code = hp["placement"]
+        first = (jnp.arange(depth) == 0).astype(jnp.float32)
+        before = jnp.where(code == 1, first, jnp.where(code == 2, 1.0, 0.0))
+        return set_gates(
+            variables, bn_before=before, bn_after=jnp.where(code == 3, 1.0, 0.0)
         )
-    acc = {k: float(np.mean(r.test_accuracy[-1])) for k, r in res.items()}
-    gap = abs(acc["before"] - acc["after"])
-    checks = [
-        H.check(
-            "|before - after| final test accuracy",
-            gap,
-            "<= 0.02 (2 points)",
-            gap <= 0.02,
-        ),
-        H.check(
-            "before and after both beat no BN",
-            {k: acc[k] for k in ("none", "before", "after")},
-            "before > none and after > none",
-            acc["before"] > acc["none"] and acc["after"] > acc["none"],
-        ),
-    ]
+
+    return gates
+
+
+def run(ctx: P.Context) -> P.Outcome:
+    width = ctx.pick(64, 128)
+    depth = ctx.pick(12, 12)
+    steps = ctx.steps(400, 1500)
+    every = ctx.every(50, 150)
+    model = VariantMLP(
+        (width,) * depth,
+        10,
+        norm=functools.partial(bnlab.linen.BatchNorm, momentum=0.9),
+        init_scheme="he",
+    )
+    settings = [{"placement": float(c), "lr": lr} for c in PLACEMENTS for lr in LRS]
+    result = ctx.fit(
+        "arms",
+        model,
+        hparams=settings,
+        optimizer=lambda hp: optax.sgd(hp["lr"], momentum=0.9),
+        post_init=post_init(depth),
+        steps=steps,
+        batch_size=128,
+        eval_every=every,
+    )
+    tuned = {c: P.tune(result, where={"placement": float(c)}) for c in PLACEMENTS}
+    acc = {c: t.report for c, t in tuned.items()}
+    measured = {
+        "every_layer_helps": P.paired_ci(acc[2], acc[0]),
+        "every_layer_beats_first": P.paired_ci(acc[2], acc[1]),
+        "before_after_equivalent": P.paired_ci(acc[2], acc[3]),
+    }
     table = [
         {
-            "arm": ARMS[k],
-            "final test accuracy": H.fmt(*H.mean_spread(r.test_accuracy[-1])),
-            "max test accuracy": H.fmt(*H.mean_spread(np.nanmax(r.test_accuracy, 0))),
-            "final train loss": H.fmt(*H.mean_spread(r.train_loss[-1])),
+            "placement": label,
+            "chosen lr (validation)": tuned[c].value,
+            "validation accuracy by lr": ", ".join(
+                f"{lr:g}: {v:.3f}" for lr, v in zip(LRS, tuned[c].val, strict=True)
+            ),
+            "test accuracy (95% interval)": P.fmt(P.mean_ci(acc[c])),
         }
-        for k, r in res.items()
+        for c, (label, _) in PLACEMENTS.items()
     ]
-    records = H.curve_records(
-        res, test_accuracy="test_accuracy", train_loss="train_loss"
+    figure = _figure(ctx, result, tuned)
+    records = [
+        {
+            "placement": PLACEMENTS[c][0],
+            "lr": tuned[c].value,
+            "seed": s,
+            "test_accuracy": a,
+        }
+        for c in PLACEMENTS
+        for s, a in zip(ctx.seeds, acc[c], strict=True)
+    ]
+    return P.Outcome(
+        measured,
+        table=table,
+        figures=[figure],
+        records=records,
+        notes=(
+            f"{ctx.data_name}; MLP {depth} x {width}, ReLU, He init; {steps} steps "
+            f"of 128; lr grid {LRS} per placement, chosen on validation."
+        ),
     )
-    fig = H.plot_curves(
-        ctx,
-        "placement",
-        {ARMS[k]: (r.steps, r.test_accuracy) for k, r in res.items()},
-        "Where BN goes",
-    )
-    return H.write_outputs(
-        ctx,
-        CLAIM,
-        checks,
-        records,
-        table,
-        [fig],
-        notes=f"{'digits' if ctx.quick else 'Fashion-MNIST'}, MLP 6 x {width}, ReLU, {steps} steps.",
-    )
+
+
+def _figure(ctx, result, tuned) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    steps, _ = result.curve("val_accuracy")
+    for c, (label, _) in PLACEMENTS.items():
+        _, val = P.grid_by_hparams(
+            result, "val_accuracy", "lr", {"placement": float(c)}
+        )
+        curve = val[:, tuned[c].index, :]
+        ax.plot(steps, np.nanmean(curve, 1), label=f"{label} (lr {tuned[c].value:g})")
+        ax.fill_between(steps, np.nanmin(curve, 1), np.nanmax(curve, 1), alpha=0.15)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation accuracy (band: min-max over seeds)")
+    ax.set_title("Where BN goes (each at its own best lr)")
+    ax.legend(fontsize=7)
+    return ctx.save_figure(fig, "placement")
 
 
 if __name__ == "__main__":
-    raise SystemExit(H.main(run, NAME))
+    from experiments.reproduce import main
+
+    raise SystemExit(main(NAME))

@@ -306,6 +306,10 @@ class Context:
         (resumes if interrupted; a finished group returns at once)."""
         kw.setdefault("seeds", self.seeds)
         kw.setdefault("keep_checkpoints", 1)
+        # quick runs are seconds long: one checkpoint at the end; full runs
+        # checkpoint every few evaluations so that an interruption costs little
+        every = kw.get("eval_every") or max(int(kw["steps"]) // 10, 1)
+        kw.setdefault("checkpoint_every", kw["steps"] if self.quick else 4 * every)
         data = kw.pop("data", None) or self.data
         label = f"{self.name}/{group}"
 
@@ -351,14 +355,22 @@ def fmt(m: Measured | float, digits: int = 3) -> str:
     return "n/a" if m is None or not np.isfinite(m) else f"{m:.{digits}g}"
 
 
-def grid_by_hparams(result, key: str, hp: str) -> tuple[list[float], np.ndarray]:
+def grid_by_hparams(
+    result, key: str, hp: str, where: dict | None = None
+) -> tuple[list[float], np.ndarray]:
     """``(values of hp, array (evals, len(values), seeds))`` of a record key
-    for arms laid out as ``hparams={hp: [...]}`` x seeds."""
-    values = sorted({a.hparams[hp] for a in result.arms})
-    seeds = sorted({a.seed for a in result.arms})
+    for the arms whose other hyper-parameters match ``where`` (all arms by
+    default), laid out as ``hp`` values x seeds."""
+    arms = [
+        a
+        for a in result.arms
+        if all(a.hparams.get(k) == v for k, v in (where or {}).items())
+    ]
+    values = sorted({a.hparams[hp] for a in arms})
+    seeds = sorted({a.seed for a in arms})
     _, curve = result.curve(key)
     out = np.full((curve.shape[0], len(values), len(seeds)), np.nan)
-    for a in result.arms:
+    for a in arms:
         out[:, values.index(a.hparams[hp]), seeds.index(a.seed)] = curve[:, a.index]
     return values, out
 
@@ -366,3 +378,47 @@ def grid_by_hparams(result, key: str, hp: str) -> tuple[list[float], np.ndarray]
 def jax_device_note() -> str:
     dev = jax.devices()[0]
     return f"{dev.platform}: {dev.device_kind} x{jax.device_count()}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuned:
+    """An arm tuned on validation: the chosen hyper-parameter value and, per
+    seed, the reported metric there (test set, never used to choose).
+
+    Attributes:
+      value: the chosen value of the hyper-parameter (e.g. the lr).
+      grid: every value tried.
+      val: per value, the validation score it was chosen on (mean over seeds).
+      report: per seed, the reported metric at the chosen value.
+      index: position of ``value`` in ``grid``.
+    """
+
+    value: float
+    grid: list[float]
+    val: list[float]
+    report: np.ndarray
+    index: int
+
+
+def tune(
+    result,
+    hp: str = "lr",
+    select: str = "val_accuracy",
+    report: str = "test_accuracy",
+    last: int = 3,
+    where: dict | None = None,
+) -> Tuned:
+    """Chooses ``hp`` on validation and reports the test metric there.
+
+    Scores are the mean of the last ``last`` evaluations (a plateau, not one
+    noisy snapshot), averaged over seeds; an arm that stopped (non-finite)
+    scores -inf. Arms are ``hp`` values x seeds (those matching ``where``).
+    """
+    grid, val = grid_by_hparams(result, select, hp, where)
+    _, rep = grid_by_hparams(result, report, hp, where)
+    window = val[-last:]
+    score = np.where(np.all(np.isfinite(window), axis=0), window.mean(axis=0), -np.inf)
+    by_value = score.mean(axis=1)
+    i = int(best_by(by_value))
+    reported = np.mean(rep[-last:, i, :], axis=0)
+    return Tuned(grid[i], grid, by_value.tolist(), reported, i)

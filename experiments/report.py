@@ -1,18 +1,25 @@
-"""REPORT.md and a self-contained REPORT.html from the experiments' verdicts."""
+"""REPORT.md and a self-contained REPORT.html from the experiments' verdicts.
+
+Everything in the report is generated from the verdicts (measured values,
+intervals, the pre-registered criteria as data, the history of changed
+designs, provenance): no number is written by hand.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
-import json
 import math
+import re
 from pathlib import Path
 from typing import Any
+
+from experiments import protocol
 
 __all__ = ["write"]
 
 
-def _num(v: float) -> str:
+def _num(v: Any) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
     if isinstance(v, bool):
@@ -26,7 +33,12 @@ def _num(v: float) -> str:
 
 
 def measured(v: Any) -> str:
-    """Compact text of a measured value (numbers, lists, dicts)."""
+    """Compact text of a measured value (numbers, lists, dicts, intervals)."""
+    if isinstance(v, dict) and "ci" in v and "value" in v:
+        lo, hi = v["ci"]
+        if lo == hi:
+            return _num(v["value"])
+        return f"{_num(v['value'])} [{_num(lo)}, {_num(hi)}]"
     if isinstance(v, dict):
         return "; ".join(f"{k}: {measured(x)}" for k, x in v.items())
     if isinstance(v, list):
@@ -38,20 +50,9 @@ def measured(v: Any) -> str:
     return str(v)
 
 
-def _discussion(name: str, quick: bool) -> str:
-    """The experiment module's ``DISCUSSION`` of its full-run result (full
-    reports only): what we think explains a FAIL."""
-    if quick:
-        return ""
-    import importlib
-
-    text = getattr(importlib.import_module(f"experiments.{name}"), "DISCUSSION", "")
-    return " ".join(text.split())
-
-
-def _cell(text: str) -> str:
+def _cell(text: Any) -> str:
     """Text for a Markdown table cell (a bare ``|`` would end the cell)."""
-    return str(text).replace("|", "\\|")
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def _table_md(rows: list[dict]) -> str:
@@ -80,65 +81,102 @@ def _table_html(rows: list[dict]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _verdicts(out: Path) -> list[dict]:
-    from experiments.reproduce import EXPERIMENTS, OPTIONAL
+def _checks(v: dict) -> list[dict]:
+    return [
+        {
+            "check": c["quantity"],
+            "measured (95% interval)": c["measured"],
+            "criterion": c["criterion"],
+            "source": c["source"],
+            "result": "PASS" if c["pass"] else "FAIL",
+        }
+        for c in v["checks"]
+    ]
 
-    found = []
-    for name in EXPERIMENTS + OPTIONAL:
-        f = out / name / "verdict.json"
-        if f.exists():
-            found.append(json.loads(f.read_text()))
-    return found
+
+def _reported(v: dict) -> list[dict]:
+    return [
+        {"reported": k, "value (95% interval)": m} for k, m in v["reported"].items()
+    ]
 
 
-def _throughput(verdicts: list[dict]) -> dict:
-    arms = sum(t["arms"] for v in verdicts for t in v.get("training", []))
-    arm_steps = sum(
-        t["arms"] * t["steps"] for v in verdicts for t in v.get("training", [])
+def _history(v: dict) -> list[dict]:
+    return [
+        {
+            "date": h.get("date", ""),
+            "earlier design / criterion": h.get("criterion", ""),
+            "its result": h.get("result", ""),
+            "why it changed": h.get("why", ""),
+        }
+        for h in v.get("history", [])
+    ]
+
+
+def method_text() -> str:
+    """The METHOD section: the protocol module's docstring, once."""
+    doc = protocol.__doc__ or ""
+    body = doc.split("\n\n", 1)[1] if "\n\n" in doc else doc
+    return re.sub(
+        r"``([^`]+)``", r"`\1`", re.sub(r":(?:func|class):`~?([^`]+)`", r"`\1`", body)
     )
-    secs = sum(t["seconds"] for v in verdicts for t in v.get("training", []))
-    return {"arms": arms, "arm_steps": arm_steps, "seconds": secs}
 
 
-def write(out: Path, quick: bool, seeds: int, wall_seconds: float) -> tuple[Path, Path]:
+def write(
+    out: Path, verdicts: list[dict], command: str, scale: str, wall_seconds: float
+) -> tuple[Path, Path]:
     """Writes ``out/REPORT.md`` and ``out/REPORT.html``; returns both paths."""
-    verdicts = _verdicts(out)
-    env = verdicts[0]["environment"] if verdicts else {}
-    tp = _throughput(verdicts)
-    command = (
-        f"bnlab reproduce{' --quick' if quick else ''} --seeds {seeds} --out {out}"
-    )
+    first = verdicts[0] if verdicts else {}
+    env = first.get("environment", {})
+    prov = first.get("provenance", {})
+    commits = sorted({str(v.get("provenance", {}).get("commit")) for v in verdicts})
+    dirty = any(v.get("provenance", {}).get("dirty") for v in verdicts)
+    seeds = first.get("seeds", [])
+    judged = [v for v in verdicts if v["checks"]]
+    passed = sum(v["verdict"] == "PASS" for v in judged)
     exp_seconds = sum(v.get("seconds", 0.0) for v in verdicts)
+    train = [t for v in verdicts for t in v.get("training", [])]
+    arm_steps = sum(t["arms"] * t["steps"] for t in train)
+    train_s = sum(t["seconds"] for t in train)
+    data = (
+        "Fashion-MNIST 14x14 subset shipped with bnlab (10k/2k)"
+        if scale != "full"
+        else "Fashion-MNIST (60k/10k)"
+    )
     head = [
         "# bnlab reproduce: Batch Normalization's claims, tested",
         "",
-        f"- Command: `{command}`",
-        f"- Scale: {'quick (embedded data: digits, wine, synthetic)' if quick else 'full (Fashion-MNIST)'}, {seeds} seeds per arm",
-        f"- Date: {env.get('date', '?')}; device: {env.get('device', '?')}; machine: {env.get('machine', '?')}",
-        f"- Versions: Python {env.get('python', '?')}, jax {env.get('jax', '?')}, flax {env.get('flax', '?')}, bnlab {env.get('bnlab', '?')}",
-        f"- Time: this invocation {wall_seconds:.0f} s; the experiments' own runs "
-        f"{exp_seconds:.0f} s in all (an experiment resumed or skipped counts the run that finished it)",
+        f"- Command: `{command} --out {out}`",
+        f"- Scale: {scale}; data: {data}; seeds {seeds}",
+        f"- Result: {passed}/{len(judged)} experiments with criteria PASS; "
+        f"{len(verdicts) - len(judged)} reported without a criterion",
+        f"- Code: commit {', '.join(commits)}"
+        + (" (with uncommitted changes)" if dirty else "")
+        + f"; bnlab {prov.get('bnlab', '?')}",
+        f"- Date: {env.get('date', '?')}; device: {env.get('device', '?')}; "
+        f"machine: {env.get('machine', '?')}; Python {env.get('python', '?')}, "
+        f"jax {env.get('jax', '?')}, flax {env.get('flax', '?')}",
+        f"- Time: {exp_seconds:.0f} s of experiments ({exp_seconds / 60:.1f} min; an "
+        f"experiment reused from an earlier invocation counts the run that made it); "
+        f"this invocation {wall_seconds:.0f} s",
         (
-            f"- Training throughput: {tp['arms']} arms trained as vmapped programs, "
-            f"{tp['arm_steps'] / max(tp['seconds'], 1e-9):,.0f} arm-steps/s "
-            f"({tp['arms'] / max(tp['seconds'], 1e-9) * 60:.1f} arms/min) over "
-            f"{tp['seconds']:.0f} s of training"
-            if tp["seconds"]
-            else "- Training throughput: no training in this invocation (all results reused)"
+            f"- Training: {len(train)} fits, {arm_steps:,} arm-steps in {train_s:.0f} s "
+            f"({arm_steps / max(train_s, 1e-9):,.0f} arm-steps/s, compilation included)"
+            if train
+            else "- Training: none recorded"
         ),
         "",
         "## Summary",
         "",
-        "| experiment | claim | verdict | checks |",
-        "|---|---|---|---|",
+        "| experiment | claim | verdict | checks | time |",
+        "|---|---|---|---|---|",
     ]
     for v in verdicts:
         ok = sum(c["pass"] for c in v["checks"])
         head.append(
             f"| [{v['experiment']}](#{v['experiment']}) | {_cell(v['claim'])} | "
-            f"**{v['verdict']}** | {ok}/{len(v['checks'])} |"
+            f"**{v['verdict']}** | {ok}/{len(v['checks'])} | {v.get('seconds', 0):.0f} s |"
         )
-    md = [*head, ""]
+    md = [*head, "", "## Method", "", method_text(), ""]
     for v in verdicts:
         md += [
             f'<a id="{v["experiment"]}"></a>',
@@ -146,46 +184,45 @@ def write(out: Path, quick: bool, seeds: int, wall_seconds: float) -> tuple[Path
             "",
             f"**Claim.** {v['claim']}",
             "",
-            "| check | measured | criterion | result |",
-            "|---|---|---|---|",
+            _table_md(_checks(v)),
+            "",
+            _table_md(_reported(v)),
+            "",
         ]
-        for c in v["checks"]:
-            md.append(
-                f"| {_cell(c['name'])} | {_cell(measured(c['measured']))} | "
-                f"{_cell(c['criterion'])} | "
-                f"{'PASS' if c['pass'] else 'FAIL'} |"
-            )
-        md.append("")
         for fig in v["figures"]:
             md += [f"![{v['experiment']} {fig}]({v['experiment']}/{fig})", ""]
         md += [_table_md(v["table"]), ""]
         if v.get("notes"):
             md += [f"*Notes.* {v['notes']}", ""]
-        discussion = _discussion(v["experiment"], quick)
-        if discussion:
-            md += [f"*Discussion (written after the full run).* {discussion}", ""]
+        if v.get("history"):
+            md += ["*History (earlier designs and criteria, kept as measured).*", ""]
+            md += [_table_md(_history(v)), ""]
         md += [
-            f"*Command.* `{v['command']} --out {out / v['experiment']}` "
-            f"({v.get('seconds', 0):.0f} s)",
+            f"*Command.* `{v.get('command', '')} --out {out}` "
+            f"({v.get('seconds', 0):.0f} s; commit "
+            f"{str(v.get('provenance', {}).get('commit'))[:10]})",
             "",
         ]
     md_path = out / "REPORT.md"
     md_path.write_text("\n".join(md))
     html_path = out / "REPORT.html"
-    html_path.write_text(_html(out, verdicts, head, quick))
+    html_path.write_text(_html(out, verdicts, head))
     return md_path, html_path
 
 
-def _html(out: Path, verdicts: list[dict], head_md: list[str], quick: bool) -> str:
+def _html(out: Path, verdicts: list[dict], head_md: list[str]) -> str:
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         "<title>bnlab reproduce report</title><style>",
-        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}",
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;"
+        "padding:0 1em;color:#222}",
         "table{border-collapse:collapse;margin:0.8em 0;font-size:0.9em}",
-        "td,th{border:1px solid #ccc;padding:0.25em 0.5em;text-align:left;vertical-align:top}",
+        "td,th{border:1px solid #ccc;padding:0.25em 0.5em;text-align:left;"
+        "vertical-align:top}",
         ".PASS{color:#0a7a2f;font-weight:bold}.FAIL{color:#b00020;font-weight:bold}"
         ".REPORT{color:#555;font-weight:bold}",
-        "img{max-width:100%;border:1px solid #eee}code{background:#f4f4f4;padding:0 0.2em}",
+        "img{max-width:100%;border:1px solid #eee}code{background:#f4f4f4;"
+        "padding:0 0.2em}",
         "</style></head><body>",
         "<h1>bnlab reproduce: Batch Normalization's claims, tested</h1><ul>",
     ]
@@ -193,48 +230,43 @@ def _html(out: Path, verdicts: list[dict], head_md: list[str], quick: bool) -> s
         if line.startswith("- "):
             parts.append(f"<li>{html.escape(line[2:]).replace('`', '')}</li>")
     parts.append(
-        "</ul><h2>Summary</h2><table><tr><th>experiment</th><th>claim</th><th>verdict</th></tr>"
+        "</ul><h2>Summary</h2><table><tr><th>experiment</th><th>claim</th>"
+        "<th>verdict</th></tr>"
     )
     for v in verdicts:
         parts.append(
             f"<tr><td><a href='#{v['experiment']}'>{v['experiment']}</a></td>"
-            f"<td>{html.escape(v['claim'])}</td><td class='{v['verdict']}'>{v['verdict']}</td></tr>"
+            f"<td>{html.escape(v['claim'])}</td>"
+            f"<td class='{v['verdict']}'>{v['verdict']}</td></tr>"
         )
-    parts.append("</table>")
+    parts.append("</table><h2>Method</h2>")
+    for para in method_text().split("\n\n"):
+        parts.append(f"<p>{html.escape(para)}</p>")
     for v in verdicts:
         parts.append(
             f"<h2 id='{v['experiment']}'>{v['experiment']}: "
             f"<span class='{v['verdict']}'>{v['verdict']}</span></h2>"
             f"<p><b>Claim.</b> {html.escape(v['claim'])}</p>"
         )
-        rows = [
-            {
-                "check": c["name"],
-                "measured": c["measured"],
-                "criterion": c["criterion"],
-                "result": "PASS" if c["pass"] else "FAIL",
-            }
-            for c in v["checks"]
-        ]
-        parts.append(_table_html(rows))
+        parts.append(_table_html(_checks(v)))
+        parts.append(_table_html(_reported(v)))
         for fig in v["figures"]:
             path = out / v["experiment"] / fig
             if path.exists():
                 data = base64.b64encode(path.read_bytes()).decode()
                 parts.append(
-                    f"<p><img alt='{html.escape(fig)}' src='data:image/png;base64,{data}'></p>"
+                    f"<p><img alt='{html.escape(fig)}' "
+                    f"src='data:image/png;base64,{data}'></p>"
                 )
         parts.append(_table_html(v["table"]))
         if v.get("notes"):
             parts.append(f"<p><i>Notes.</i> {html.escape(v['notes'])}</p>")
-        discussion = _discussion(v["experiment"], quick)
-        if discussion:
-            parts.append(
-                "<p><i>Discussion (written after the full run).</i> "
-                f"{html.escape(discussion)}</p>"
-            )
+        if v.get("history"):
+            parts.append("<p><i>History (earlier designs and criteria).</i></p>")
+            parts.append(_table_html(_history(v)))
         parts.append(
-            f"<p><i>Command.</i> <code>{html.escape(v['command'])}</code> ({v.get('seconds', 0):.0f} s)</p>"
+            f"<p><i>Command.</i> <code>{html.escape(v.get('command', ''))}</code> "
+            f"({v.get('seconds', 0):.0f} s)</p>"
         )
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -1,34 +1,40 @@
 """``bnlab reproduce``: run every experiment, judge each claim, write a report.
 
-    bnlab reproduce --quick               # embedded data, a few minutes on CPU
-    bnlab reproduce                       # Fashion-MNIST, 3 seeds per arm
-    bnlab reproduce --only ioffe_fig1,hessian --out runs/mine
+The ``bnlab`` command reaches this module through its ``bnlab.commands``
+entry point (``pyproject.toml``); the command line, the progress display and
+the exit codes are ``bnlab.cli``'s. This module holds the list of
+experiments and what one invocation does: for each experiment, reuse its
+verified verdict or run it (training resumes from its checkpoints), then
+write ``REPORT.md`` and a self-contained ``REPORT.html``.
 
-Each experiment writes ``metrics.jsonl``, ``verdict.json`` and figures under
-``OUT/<name>/``. Running the same command again resumes: finished
-experiments are not recomputed and unfinished training resumes from its last
-checkpoint, with results identical to an uninterrupted run.
-``OUT/REPORT.md`` and the self-contained ``OUT/REPORT.html`` hold every
-verdict with its numbers, figures and command.
+    bnlab reproduce --quick                 # the shipped 14x14 subset, minutes
+    bnlab reproduce                         # Fashion-MNIST, 5 seeds per arm
+    bnlab reproduce --first-seed 100        # the same with fresh seeds
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import hashlib
 import importlib
 import json
-import sys
+import math
+import os
+import platform
+import subprocess
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import Any
 
 import jax
 
-from experiments import _harness as H
-from experiments import report
+from experiments import protocol, report
 
 # In the report's order: the lecture's claims (a)-(e), then the papers'
-# measurements of why BN works, then the research variants.
+# measurements of why BN works, then the research variants, then the
+# phenomena of issue 17.
 EXPERIMENTS = (
     "feature_scale",
     "bn_properties",
@@ -40,166 +46,335 @@ EXPERIMENTS = (
     "sigmoid_depth",
     "smoothness",
     "hessian",
-    # research variants
     "norm_batch_size",
     "ghost_gap",
     "renorm_small_batch",
     "sync_bn",
     "noisy_bn",
     "zero_init_gamma",
+    "weight_decay",
+    "conv_claims",
+    "shift_stats",
+    "regularizer",
+    "init_gradients",
 )
-OPTIONAL = ()  # experiments that run only when named with --only
+# The lecture's claims (a)-(e): a quick run must agree with the full run here.
+LECTURE = EXPERIMENTS[:8]
+DEFAULT_SEEDS = {"smoke": 2, "quick": 5, "full": 5}
 
 
-def _names(only: str | None) -> list[str]:
-    from bnlab.train import ConfigError
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """One invocation's settings (checked by :func:`options`)."""
 
-    known = EXPERIMENTS + OPTIONAL
-    if not only:
-        return list(EXPERIMENTS)
-    names = [n.strip() for n in only.split(",") if n.strip()]
-    bad = [n for n in names if n not in known]
-    if bad:
-        raise ConfigError(f"unknown experiment(s) {bad}; choose from {list(known)}.")
-    return names
+    names: list[str]
+    out: Path
+    scale: str
+    seeds: list[int]
 
-
-def _done(path: Path, scale: str, seeds: int) -> dict | None:
-    """A finished experiment's verdict, if it was run at this scale."""
-    f = path / "verdict.json"
-    if not f.exists():
-        return None
-    verdict = json.loads(f.read_text())
-    if verdict.get("scale") != scale or verdict.get("seeds") != seeds:
-        from bnlab.train import ConfigError
-
-        raise ConfigError(
-            f"{path} holds a {verdict.get('scale')} run with {verdict.get('seeds')} "
-            "seeds; use another --out or delete it."
-        )
-    return verdict
+    @property
+    def command(self) -> str:
+        parts = ["bnlab reproduce"]
+        if self.scale != "full":
+            parts.append(f"--{self.scale}")
+        parts.append(f"--seeds {len(self.seeds)}")
+        if self.seeds[0]:
+            parts.append(f"--first-seed {self.seeds[0]}")
+        return " ".join(parts)
 
 
-class _Bar:
-    """Progress over experiments and over the steps of the current group."""
+def missing_requirements() -> list[str]:
+    """Packages ``run`` needs that are not installed (checked before any work)."""
+    import importlib.util
 
-    def __init__(self, stream: IO | None, total: int):
-        self.stream = stream
-        self.rich = None
-        if stream is not None and stream.isatty():
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            self.rich = Progress(
-                TextColumn("{task.description:<28}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=Console(file=stream),
-            )
-            self.exp = self.rich.add_task("experiments", total=total)
-            self.steps = self.rich.add_task("", total=1)
-            self.rich.start()
-
-    def experiment(self, name: str, done: int) -> None:
-        if self.rich is not None:
-            self.rich.update(
-                self.exp, completed=done, description=f"experiments ({name})"
-            )
-
-    def steps_done(self, done: int, total: int, label: str) -> None:
-        if self.rich is not None:
-            self.rich.update(
-                self.steps, completed=done, total=total, description=f"  {label}"
-            )
-
-    def line(self, text: str) -> None:
-        if self.rich is not None:
-            self.rich.console.print(text)
-        elif self.stream is not None:
-            print(text, file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.rich is not None:
-            self.rich.stop()
+    return [m for m in ("matplotlib",) if importlib.util.find_spec(m) is None]
 
 
-def run(
+def options(
     out: str | Path | None = None,
     quick: bool = False,
     only: str | None = None,
     seeds: int | None = None,
-    progress: IO | None = sys.stderr,
+    first_seed: int = 0,
     smoke: bool = False,
-) -> list[dict]:
-    """Runs (or resumes) the experiments; writes the report; returns verdicts.
+) -> Options:
+    """Checked settings of one invocation.
 
-    ``smoke`` runs a few steps of each (on the quick data) to check that
-    everything runs; its verdicts mean nothing.
+    Raises:
+      ValueError: an unknown experiment, or a seed count / first seed that
+        cannot run.
     """
-    quick = quick or smoke
-    names = _names(only)
-    seeds = seeds or (2 if quick else 3)
-    if seeds < 1:
+    scale = "smoke" if smoke else "quick" if quick else "full"
+    names = list(EXPERIMENTS)
+    if only:
+        names = [n.strip() for n in only.split(",") if n.strip()]
+        bad = [n for n in names if n not in EXPERIMENTS]
+        if bad:
+            raise ValueError(
+                f"unknown experiment(s) {bad}; choose from {list(EXPERIMENTS)}."
+            )
+    n = DEFAULT_SEEDS[scale] if seeds is None else seeds
+    if n < 2 and scale != "smoke":
+        raise ValueError(
+            f"--seeds {n}: intervals need at least 2 seeds (the full run uses 5)."
+        )
+    if n < 1:
+        raise ValueError(f"--seeds {n}: use at least 1.")
+    if first_seed < 0 or first_seed + n > 2**31:
+        raise ValueError(f"--first-seed {first_seed}: use a non-negative integer.")
+    default = {"smoke": "runs/reproduce-smoke", "quick": "runs/reproduce-quick"}
+    path = Path(out or default.get(scale, "runs/reproduce"))
+    return Options(names, path, scale, list(range(first_seed, first_seed + n)))
+
+
+# -------------------------------------------------------------- provenance
+
+
+def provenance() -> dict[str, Any]:
+    """The code that produced a result: git commit and whether the tree had
+    uncommitted changes (or, outside a checkout, the bnlab version)."""
+    import bnlab
+
+    root = Path(__file__).resolve().parents[1]
+    out: dict[str, Any] = {"bnlab": bnlab.__version__, "commit": None, "dirty": None}
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if commit.returncode == 0:
+            out["commit"] = commit.stdout.strip()
+            status = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            out["dirty"] = bool(status.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def environment() -> dict[str, Any]:
+    import flax
+
+    return {
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "device": protocol.jax_device_note(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+    }
+
+
+# ----------------------------------------------------------------- verdicts
+
+
+def _digest(verdict: dict[str, Any], directory: Path) -> str:
+    body = {k: v for k, v in verdict.items() if k != "digest"}
+    h = hashlib.sha256(json.dumps(body, sort_keys=True).encode())
+    metrics = directory / "metrics.jsonl"
+    h.update(metrics.read_bytes() if metrics.exists() else b"")
+    return h.hexdigest()
+
+
+def _stored(directory: Path, opts: Options) -> dict | None:
+    """A finished experiment's verdict, if it is intact and of this scale and
+    these seeds; None (recompute) if absent or if it fails its digest."""
+    f = directory / "verdict.json"
+    if not f.exists():
+        return None
+    try:
+        verdict = json.loads(f.read_text())
+        ok = isinstance(verdict, dict) and verdict.get("digest") == _digest(
+            verdict, directory
+        )
+    except (ValueError, OSError):
+        ok = False
+    if not ok:
+        warnings.warn(
+            f"{f} is not the verdict this program wrote (edited, truncated or "
+            "corrupt: it fails its SHA-256); recomputing it from the experiment's "
+            "checkpoints.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    if verdict.get("scale") != opts.scale or verdict.get("seeds") != opts.seeds:
         from bnlab.train import ConfigError
 
-        raise ConfigError(f"--seeds {seeds}: use at least 1.")
-    out = Path(out or ("runs/reproduce-quick" if quick else "runs/reproduce"))
-    out.mkdir(parents=True, exist_ok=True)
-    bar = _Bar(progress, len(names))
-    started = time.perf_counter()
-    verdicts = []
-    try:
-        for i, name in enumerate(names):
-            bar.experiment(name, i)
-            verdict = _done(
-                out / name, "smoke" if smoke else "quick" if quick else "full", seeds
-            )
-            if verdict is None:
-                module = importlib.import_module(f"experiments.{name}")
-                ctx = H.Context(name, out / name, quick, seeds, bar.steps_done, smoke)
-                with jax.numpy_dtype_promotion("standard"):
-                    verdict = module.run(ctx)
-                state = f"{verdict['seconds']:.0f} s"
-            else:
-                state = "already done"
-            verdicts.append(verdict)
-            width = max(map(len, names))
-            bar.line(f"{verdict['verdict']:<6} {name:<{width}}  ({state})")
-        bar.experiment("done", len(names))
-    finally:
-        bar.close()
-    wall = time.perf_counter() - started
-    md, html = report.write(out, quick=quick, seeds=seeds, wall_seconds=wall)
-    if progress is not None:
-        passed = sum(v["verdict"] == "PASS" for v in verdicts)
-        print(
-            f"{passed}/{len(verdicts)} claims PASS in {wall:.0f} s; report: {md} "
-            f"(and {html.name})",
-            file=progress,
+        raise ConfigError(
+            f"{directory} holds a {verdict.get('scale')} run with seeds "
+            f"{verdict.get('seeds')}; use another --out or delete it."
         )
+    return verdict
+
+
+def _write(directory: Path, verdict: dict[str, Any]) -> None:
+    from bnlab.train.rundir import write_json
+
+    verdict["digest"] = _digest(verdict, directory)
+    write_json(directory / "verdict.json", verdict)
+
+
+def verdict_of(
+    module: Any, ctx: protocol.Context, outcome: protocol.Outcome, seconds: float
+) -> dict[str, Any]:
+    """The judged verdict of one experiment run (criteria from the module,
+    measurements from its outcome)."""
+    missing = [c.id for c in module.CRITERIA if c.id not in outcome.measured]
+    if missing:
+        raise RuntimeError(f"{module.NAME} measured nothing for criteria {missing}")
+    checks = []
+    for c in module.CRITERIA:
+        m = outcome.measured[c.id]
+        checks.append(
+            {
+                "id": c.id,
+                "quantity": c.quantity,
+                "op": c.op,
+                "threshold": c.at(ctx.scale),
+                "criterion": c.text(ctx.scale),
+                "source": c.source,
+                "measured": m.to_json(),
+                "pass": protocol.judge(c, m, ctx.scale),
+            }
+        )
+    verdict = (
+        "REPORT" if not checks else "PASS" if all(c["pass"] for c in checks) else "FAIL"
+    )
+    return {
+        "experiment": module.NAME,
+        "claim": module.CLAIM,
+        "scale": ctx.scale,
+        "seeds": ctx.seeds,
+        "verdict": verdict,
+        "checks": checks,
+        "reported": {k: m.to_json() for k, m in outcome.reported.items()},
+        "table": _jsonable(outcome.table),
+        "figures": outcome.figures,
+        "notes": outcome.notes,
+        "history": list(getattr(module, "HISTORY", [])),
+        "seconds": seconds,
+        "training": ctx.training,
+    }
+
+
+def _jsonable(x: Any) -> Any:
+    import numpy as np
+
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.ndarray, jax.Array)):
+        return _jsonable(np.asarray(x).tolist())
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(float(x)) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def _records(directory: Path, records: list[dict]) -> None:
+    from bnlab.train.rundir import rewrite_records
+
+    rewrite_records(directory / "metrics.jsonl", [_jsonable(r) for r in records])
+
+
+def summary_line(verdict: dict[str, Any], width: int, state: str) -> str:
+    """One line of the transcript; a FAIL names its first failing check."""
+    line = f"{verdict['verdict']:<6} {verdict['experiment']:<{width}}  ({state})"
+    if verdict["verdict"] == "FAIL":
+        c = next(c for c in verdict["checks"] if not c["pass"])
+        m = c["measured"]
+        lo, hi = m["ci"]
+        line += (
+            f": {c['quantity']} = {_num(m['value'])} [{_num(lo)}, {_num(hi)}], "
+            f"needs {c['op']} {c['threshold']:g}"
+        )
+    return line
+
+
+def _num(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.3g}"
+
+
+# ---------------------------------------------------------------------- run
+
+
+def run(
+    opts: Options,
+    progress: Any = None,
+    show: Callable[[str], None] = print,
+) -> list[dict]:
+    """Runs (or reuses) the experiments of ``opts``; writes the report;
+    returns the verdicts. ``show`` prints a result line (stdout);
+    ``progress`` is the command's progress display (stderr)."""
+    from bnlab.train.rundir import RunLock, check_run_dir
+
+    opts.out.mkdir(parents=True, exist_ok=True)
+    check_run_dir(opts.out)
+    lock = RunLock(opts.out)  # one reproduce per --out
+    try:
+        return _run(opts, progress, show)
+    finally:
+        lock.release()
+
+
+def _run(opts: Options, progress: Any, show: Callable[[str], None]) -> list[dict]:
+    started = time.perf_counter()
+    prov, env = provenance(), environment()
+    verdicts = []
+    width = max(map(len, opts.names))
+    for i, name in enumerate(opts.names):
+        if progress is not None:
+            progress.experiment(name, i)
+        directory = opts.out / name
+        verdict = _stored(directory, opts)
+        if verdict is None:
+            module = importlib.import_module(f"experiments.{name}")
+            ctx = protocol.Context(name, directory, opts.scale, opts.seeds, progress)
+            t0 = time.perf_counter()
+            with jax.numpy_dtype_promotion("standard"):
+                outcome = module.run(ctx)
+            verdict = verdict_of(module, ctx, outcome, time.perf_counter() - t0)
+            verdict["command"] = f"{opts.command} --only {name}"
+            verdict["environment"] = env
+            verdict["provenance"] = prov
+            _records(directory, outcome.records)
+            _write(directory, verdict)
+            state = f"{verdict['seconds']:.0f} s"
+        else:
+            state = "already done"
+        verdicts.append(verdict)
+        show(summary_line(verdict, width, state))
+    if progress is not None:
+        progress.experiment("done", len(opts.names))
+    wall = time.perf_counter() - started
+    md, html = report.write(opts.out, verdicts, opts.command, opts.scale, wall)
+    judged = [v for v in verdicts if v["checks"]]
+    passed = sum(v["verdict"] == "PASS" for v in judged)
+    show(
+        f"{passed}/{len(judged)} claims PASS in {wall:.0f} s; report: {md} "
+        f"(and {html.name})"
+    )
     return verdicts
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m experiments.reproduce", description=__doc__.splitlines()[0]
-    )
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--only", default=None)
-    p.add_argument("--seeds", type=int, default=None)
-    p.add_argument("--out", default=None)
-    p.add_argument("--smoke", action="store_true", help="a few steps each (CI)")
-    args = p.parse_args(argv)
-    run(args.out, args.quick, args.only, args.seeds, smoke=args.smoke)
-    return 0
+def main(name: str) -> int:
+    """``python -m experiments.NAME [--quick] [--seeds N] [--out DIR]``: the
+    same as ``bnlab reproduce --only NAME ...``."""
+    import sys
 
+    from bnlab.cli import main as cli
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return cli(["reproduce", "--only", name, *sys.argv[1:]])

@@ -2,6 +2,7 @@
 
 from bnlab.models.cnn import CNN, BasicBlock, Bottleneck, ResNet20, ResNet50
 from bnlab.models.mlp import ACTIVATIONS, MLP, PLACEMENTS, kernel_init
+from bnlab.models.variant_mlp import VariantMLP, set_gates
 
 __all__ = [
     "ACTIVATIONS",
@@ -12,5 +13,7 @@ __all__ = [
     "Bottleneck",
     "ResNet20",
     "ResNet50",
+    "VariantMLP",
     "kernel_init",
+    "set_gates",
 ]

@@ -41,6 +41,20 @@ class MLP(nn.Module):
       norm: BN factory, e.g. ``functools.partial(bnlab.linen.BatchNorm,
         axis_name="batch")``; called with ``use_running_average``.
       init_scheme: kernel init scheme; ``init_std`` for ``"normal"``.
+      bn_layers: indices of the hidden layers that get a BN (default: all),
+        e.g. ``(0,)`` for BN after the first layer only.
+      residual: add each hidden layer's input to its output where the widths
+        match (``x + act(BN(Dense(x)))``).
+
+    The input of each activation is sown as ``intermediates/act_input_<i>``
+    (read it with ``mutable=["intermediates"]``; otherwise free).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, functools, bnlab.linen
+      >>> m = MLP((8, 8), 3, norm=bnlab.linen.BatchNorm, bn_layers=(0,))
+      >>> v = m.init(jax.random.key(0), jnp.ones((2, 4)), train=False)
+      >>> sorted(v["batch_stats"])
+      ['BatchNorm_0']
     """
 
     widths: tuple[int, ...] = (128, 128, 128)
@@ -50,25 +64,30 @@ class MLP(nn.Module):
     norm: Any = None
     init_scheme: str = "lecun"
     init_std: float = 1.0
+    bn_layers: tuple[int, ...] | None = None
+    residual: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement {self.placement!r} not in {PLACEMENTS}.")
-        use_bn = self.placement != "none"
-        if use_bn and self.norm is None:
+        if self.placement != "none" and self.norm is None:
             raise ValueError(f"placement={self.placement!r} needs a norm factory.")
         act = ACTIVATIONS[self.activation]
         k_init = kernel_init(self.init_scheme, self.init_std)
         x = x.reshape((x.shape[0], -1))
-        for width in self.widths:
+        for i, width in enumerate(self.widths):
+            bn = self.placement != "none" and (
+                self.bn_layers is None or i in self.bn_layers
+            )
+            before = bn and self.placement == "before"
             # BN's bias makes the Dense bias redundant before it.
-            x = nn.Dense(
-                width, use_bias=self.placement != "before", kernel_init=k_init
-            )(x)
-            if self.placement == "before":
-                x = self.norm(use_running_average=not train)(x)
-            x = act(x)
-            if self.placement == "after":
-                x = self.norm(use_running_average=not train)(x)
+            h = nn.Dense(width, use_bias=not before, kernel_init=k_init)(x)
+            if before:
+                h = self.norm(use_running_average=not train)(h)
+            self.sow("intermediates", f"act_input_{i}", h)
+            h = act(h)
+            if bn and self.placement == "after":
+                h = self.norm(use_running_average=not train)(h)
+            x = x + h if self.residual and x.shape == h.shape else h
         return nn.Dense(self.num_outputs, kernel_init=k_init)(x)

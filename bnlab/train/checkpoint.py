@@ -100,25 +100,16 @@ def _row_digest(row: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _finite(a: np.ndarray) -> bool:
-    return not np.issubdtype(a.dtype, np.inexact) or bool(np.all(np.isfinite(a)))
-
-
-def _arm_rows(leaf: Any, n_arms: int) -> Iterable[tuple[int, np.ndarray]]:
-    """``(arm, row)`` for every arm row of ``leaf`` held by this process
-    (each once: only the first replica of a shard)."""
+def _arm_blocks(leaf: Any, n_arms: int) -> Iterable[tuple[int, np.ndarray]]:
+    """``(first arm, rows)`` blocks of ``leaf`` held by this process, each
+    row once (only the first replica of a shard)."""
     if isinstance(leaf, jax.Array):
         for shard in leaf.addressable_shards:
-            if shard.replica_id != 0:
-                continue
-            data = np.asarray(shard.data)
-            start = shard.index[0].start or 0 if shard.index else 0
-            for i in range(data.shape[0]):
-                yield start + i, data[i]
+            if shard.replica_id == 0:
+                start = (shard.index[0].start or 0) if shard.index else 0
+                yield start, np.asarray(shard.data)
         return
-    data = np.asarray(leaf)
-    for i in range(n_arms):
-        yield i, data[i]
+    yield 0, np.asarray(leaf)[:n_arms]
 
 
 def _digests(tree: Any, n_arms: int) -> tuple[dict[str, list[str]], list[bool]]:
@@ -129,10 +120,15 @@ def _digests(tree: Any, n_arms: int) -> tuple[dict[str, list[str]], list[bool]]:
     have = np.zeros((len(leaves), n_arms), bool)
     finite = np.ones(n_arms, bool)
     for j, (_, leaf) in enumerate(leaves):
-        for arm, row in _arm_rows(leaf, n_arms):
-            raw[j, arm] = np.frombuffer(bytes.fromhex(_row_digest(row)), np.uint8)
-            have[j, arm] = True
-            finite[arm] &= _finite(row)
+        for start, block in _arm_blocks(leaf, n_arms):
+            if np.issubdtype(block.dtype, np.inexact):
+                rows = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+                finite[start : start + len(block)] &= rows
+            for i, row in enumerate(block):
+                raw[j, start + i] = np.frombuffer(
+                    bytes.fromhex(_row_digest(row)), np.uint8
+                )
+                have[j, start + i] = True
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
