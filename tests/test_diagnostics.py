@@ -194,3 +194,25 @@ def test_batch_moments_checks_x_mask_and_axis_in_its_own_name():
         bnlab.batch_moments(x.astype(jnp.complex64))
     with pytest.raises(ValueError, match="batch_moments got x of shape \\(1, 3\\)"):
         bnlab.batch_moments(x[:1])
+
+
+def test_lanczos_finds_the_outliers_and_bulk_edge_of_a_known_spectrum():
+    from bnlab.diagnostics import lanczos_eigenvalues
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(60, 60))
+    h = a @ a.T / 60  # Marchenko-Pastur bulk in [0, 4]
+    h[0, 0] += 30.0
+    h[1, 1] += 15.0  # two outliers
+    h32 = jnp.asarray(h, jnp.float32)
+    exact = np.linalg.eigvalsh(h)
+    ritz = np.asarray(
+        jax.jit(
+            lambda k: lanczos_eigenvalues(
+                lambda w: 0.5 * w @ h32 @ w, jnp.ones(60), k, 24
+            )
+        )(jax.random.key(1))
+    )
+    # the extreme Ritz values converge first: outliers to float32 precision
+    np.testing.assert_allclose(ritz[-2:], exact[-2:], rtol=1e-4)
+    assert ritz[-3] <= exact[-3] + 1e-3  # the bulk edge, approached from below
