@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ class Measured:
       low: the interval's lower end (``value`` when there is no spread).
       high: the interval's upper end.
       per_seed: the per-seed values behind it (None for a single number).
-      text: how to print it (e.g. a ratio as ``"2.1x"``), or None.
+      note: how it was computed, when the criterion's text does not say.
     """
 
     value: float
@@ -318,7 +319,12 @@ class Context:
                 self.progress({**p, "label": label})
 
         t0 = time.perf_counter()
-        result = fit(model, data, self.out / group, on_progress=progress, **kw)
+        with warnings.catch_warnings():
+            # Arms that diverge are part of an lr sweep's result: fit stops
+            # them alone, the verdicts count them (result.stopped_at); one
+            # warning each would drown the transcript.
+            warnings.filterwarnings("ignore", message=r".*this arm stopped there")
+            result = fit(model, data, self.out / group, on_progress=progress, **kw)
         n_arms = len(result.arms)
         self.training.append(
             {
