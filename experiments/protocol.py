@@ -324,6 +324,8 @@ class Context:
             # them alone, the verdicts count them (result.stopped_at); one
             # warning each would drown the transcript.
             warnings.filterwarnings("ignore", message=r".*this arm stopped there")
+            # a finished group read back from its checkpoint (a resumed run)
+            warnings.filterwarnings("ignore", message=r".*nothing to train")
             result = fit(model, data, self.out / group, on_progress=progress, **kw)
         n_arms = len(result.arms)
         self.training.append(

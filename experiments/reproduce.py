@@ -84,10 +84,15 @@ class Options:
 
 
 def missing_requirements() -> list[str]:
-    """Packages ``run`` needs that are not installed (checked before any work)."""
-    import importlib.util
-
-    return [m for m in ("matplotlib",) if importlib.util.find_spec(m) is None]
+    """Packages ``run`` needs that cannot be imported (checked before any
+    work, so that a missing one costs no computation)."""
+    missing = []
+    for module in ("matplotlib",):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    return missing
 
 
 def options(

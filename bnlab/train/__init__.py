@@ -6,6 +6,7 @@ from bnlab.train.arms import Arm, make_arms
 from bnlab.train.checkpoint import Checkpointer, CheckpointMismatchError, NonFiniteError
 from bnlab.train.config import PRESETS, Config, ConfigError, load_config
 from bnlab.train.loop import DATA_AXIS, FitResult, Loaded, fit, load
+from bnlab.train.model import nnx_update
 from bnlab.train.presets import build_model, build_optimizer, fit_config
 from bnlab.train.rundir import DiskFullError, RunDirError
 from bnlab.train.step import TrainState
@@ -31,4 +32,5 @@ __all__ = [
     "load",
     "load_config",
     "make_arms",
+    "nnx_update",
 ]

@@ -555,29 +555,26 @@ def read_state(
         raise FileNotFoundError(
             f"{directory} has no checkpoint {step}; it has steps {steps}."
         )
-    manager = ocp.CheckpointManager(
-        directory,
-        options=ocp.CheckpointManagerOptions(read_only=True),
-        item_names=("state", "meta"),
-    )
+    path = directory / str(step)
     try:
-        meta = manager.restore(
-            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-        )["meta"]
-        problem = _meta_problem(meta, step)
-        if problem:
-            raise ValueError(f"checkpoint {step} in {directory}: {problem}.")
-        layout = ocp.StandardCheckpointer().metadata(directory / str(step) / "state")
-        layout = getattr(layout.item_metadata, "tree", layout.item_metadata)
-        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), layout
-        )
-        tree = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-        )["state"]
-    finally:
-        manager.close()
+        meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path / "meta")
+    except Exception as e:  # orbax raises many types for unreadable files
+        raise ValueError(
+            f"checkpoint {step} in {directory}: its metadata cannot be read ({e})."
+        ) from None
+    problem = _meta_problem(meta, step)
+    if problem:
+        raise ValueError(f"checkpoint {step} in {directory}: {problem}.")
+    # Restored onto one local device whatever the layout it was saved from.
+    layout = ocp.StandardCheckpointHandler().metadata(path / "state")
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+        getattr(layout, "tree", layout),
+    )
+    tree = ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(
+        path / "state", ocp.args.StandardRestore(target)
+    )
     tree = jax.tree.map(np.asarray, tree)
     n_arms = len(meta["config"].get("arms", [None]))
     problem = _verify(tree, meta, n_arms)

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["ModelFns", "model_fns"]
+__all__ = ["ModelFns", "model_fns", "nnx_update"]
 
 # Collections that are never state: Flax's ``sow`` output.
 _NOT_STATE = ("intermediates",)
@@ -215,3 +215,31 @@ def example_input(x: Any, n: int = 2) -> jax.Array:
 def collections(variables: dict) -> Sequence[str]:
     """The variable collections of a model, ``params`` first."""
     return ["params", *sorted(k for k in variables if k != "params")]
+
+
+def nnx_update(module: Any, variables: dict) -> Any:
+    """Loads one arm's variables (``FitResult.arm(i)``, ``load(...).variables[i]``)
+    into an NNX module in place, and returns it.
+
+    Example:
+      >>> from flax import nnx
+      >>> import bnlab.nnx
+      >>> bn = bnlab.nnx.BatchNorm(2, rngs=nnx.Rngs(0))
+      >>> _ = nnx_update(bn, {"batch_stats": {"mean": [1.0, 2.0], "var": [1.0, 1.0]}})
+      >>> bn.mean[...].tolist()
+      [1.0, 2.0]
+    """
+    from flax import nnx
+
+    for name, group_filter in zip(_GROUP_NAMES, _group_filters(), strict=True):
+        if name not in variables:
+            continue
+        state = nnx.state(module, group_filter)
+        template = nnx.to_pure_dict(state)
+        pure = _restore_keys(variables[name], template)
+        pure = jax.tree.map(
+            lambda t, a: jnp.asarray(a, jnp.result_type(t)), template, pure
+        )
+        nnx.replace_by_pure_dict(state, _raw_to_keys(pure, template))
+        nnx.update(module, state)
+    return module
