@@ -1,10 +1,14 @@
-"""The README's numbers, generated from the committed results.
+"""The README's generated sections, from the committed results.
 
-    python docs/readme_numbers.py   # print the section between the README's
-                                    # numbers:begin / numbers:end markers
+    python docs/readme_numbers.py          # rewrite README.md's sections
+    python docs/readme_numbers.py --check  # exit 1 if they differ
 
-tests/test_readme.py fails if the README's section differs from this output,
-so every number there comes from a file a command wrote.
+Sections: between ``<!-- quick:begin -->`` / ``<!-- quick:end -->`` the
+transcript of the committed quick run (``experiments/results/quick/``, as
+``bnlab reproduce --quick`` printed it); between ``numbers:begin`` /
+``numbers:end`` the full run's verdicts and the benchmarks. tests/test_readme.py
+fails if the README differs from this output, so every number there comes
+from a file a command wrote.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results" / "cpu"
+QUICK = ROOT / "experiments" / "results" / "quick"
 BENCH = ROOT / "benchmarks" / "results"
 
 
@@ -29,40 +34,77 @@ def _fmt(v) -> str:
     return measured(v)
 
 
-def _reproduction() -> list[str]:
+def _verdicts(directory: Path) -> list[dict]:
     sys.path.insert(0, str(ROOT))
     from experiments.reproduce import EXPERIMENTS
 
+    return [
+        _load(directory / name / "verdict.json")
+        for name in EXPERIMENTS
+        if (directory / name / "verdict.json").exists()
+    ]
+
+
+def quick_transcript() -> str:
+    """What ``bnlab reproduce --quick`` printed (stdout) for the committed
+    quick run, rebuilt from its verdicts by the same function."""
+    sys.path.insert(0, str(ROOT))
+    from experiments.reproduce import summary_line
+
+    verdicts = _verdicts(QUICK)
+    width = max(len(v["experiment"]) for v in verdicts)
+    lines = [summary_line(v, width, f"{v['seconds']:.0f} s") for v in verdicts]
+    judged = [v for v in verdicts if v["checks"]]
+    passed = sum(v["verdict"] == "PASS" for v in judged)
+    total = sum(v["seconds"] for v in verdicts)
+    lines.append(
+        f"{passed}/{len(judged)} claims PASS in {total:.0f} s; report: "
+        "runs/reproduce-quick/REPORT.md (and REPORT.html)"
+    )
+    commit = str(verdicts[0].get("provenance", {}).get("commit"))[:10]
+    return "\n".join(
+        [
+            f"Committed quick run (commit {commit}, {verdicts[0]['environment']['machine']}; "
+            f"{total / 60:.1f} min of experiments):",
+            "",
+            "```",
+            *lines,
+            "```",
+        ]
+    )
+
+
+def _reproduction() -> list[str]:
     out = [
-        "| experiment | verdict | what was measured (criterion) | time |",
+        "| experiment | verdict | first check: measured [95% interval] (criterion) | time |",
         "|---|---|---|---|",
     ]
+    verdicts = _verdicts(RESULTS)
     counts: dict[str, int] = {}
-    total = 0.0
-    for name in EXPERIMENTS:
-        f = RESULTS / name / "verdict.json"
-        if not f.exists():
-            continue
-        v = _load(f)
+    for v in verdicts:
         counts[v["verdict"]] = counts.get(v["verdict"], 0) + 1
-        total += v["seconds"]
         if v["checks"]:
-            c = v["checks"][0]
-            what = f"{c['name']}: {_fmt(c['measured'])} ({c['criterion']})"
+            c = next((c for c in v["checks"] if not c["pass"]), v["checks"][0])
+            what = f"{c['quantity']}: {_fmt(c['measured'])} ({c['criterion']})"
             if len(v["checks"]) > 1:
-                what += f"; +{len(v['checks']) - 1} more"
+                ok = sum(x["pass"] for x in v["checks"])
+                what += f"; {ok}/{len(v['checks'])} checks pass"
         else:
             what = "reported, no criterion"
         what = what.replace("|", "\\|")  # inside a table cell
+        name = v["experiment"]
         out.append(
             f"| [{name}](experiments/results/cpu/REPORT.md#{name}) | "
             f"{v['verdict']} | {what} | {v['seconds']:.0f} s |"
         )
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    total = sum(v["seconds"] for v in verdicts)
+    first = verdicts[0]
+    commit = str(first.get("provenance", {}).get("commit"))[:10]
     return [
         f"Full CPU run (`bnlab reproduce --out experiments/results/cpu`, Fashion-MNIST, "
-        f"3 seeds per arm, 2-core CPU): {summary}; {total / 60:.1f} min of "
-        "experiment time in all.",
+        f"seeds {first['seeds']}, commit {commit}, {first['environment']['machine']}): "
+        f"{summary}; {total / 60:.1f} min of experiment time in all.",
         "",
         *out,
     ]
@@ -107,12 +149,32 @@ def _speed() -> list[str]:
         f"- ResNet-20 train step (batch 128, CPU, 1 device): bnlab / Flax BN "
         f"{r['step_time_vs_flax']:.2f}x (`python -m benchmarks.throughput`)."
     )
-    tl = _load(BENCH / "train_loop_cpu.json")["rows"][0]
+    rows = _load(BENCH / "train_loop_cpu.json")["rows"]
+    tl = next(r for r in rows if r["kind"] == "loop")
     lines.append(
-        f"- `bnlab.train.fit` (digits, evaluation and a checkpoint every 200 "
+        f"- `bnlab.train.fit` (digits preset, evaluation and a checkpoint every 200 "
         f"steps) runs at {tl['fit_steps_per_sec']:.0f} steps/s, "
         f"{tl['ratio']:.2f}x a minimal jitted loop ({tl['minimal_steps_per_sec']:.0f} "
         "steps/s) (`python -m benchmarks.train_loop`)."
+    )
+    arms = [r for r in rows if r["kind"] == "arms"]
+    lines.append(
+        "- Arms as one program vs one `fit` per arm (arm-steps/s, compilation "
+        "included): "
+        + ", ".join(
+            f"{r['arms']} arms {r['one_program'] / r['sequential']:.1f}x" for r in arms
+        )
+        + "."
+    )
+    saves = [r for r in rows if r["kind"] == "checkpoint"]
+    lines.append(
+        "- A checkpoint blocks the training loop "
+        + ", ".join(
+            f"{r['blocked_ms']:.0f} ms ({r['arms']} arm{'s' * (r['arms'] > 1)})"
+            for r in saves
+        )
+        + " (digests and orbax's synchronous part); orbax finishes writing in the "
+        "background."
     )
     return lines
 
@@ -121,5 +183,30 @@ def render() -> str:
     return "\n".join([*_reproduction(), "", *_speed()]) + "\n"
 
 
+SECTIONS = {"quick": quick_transcript, "numbers": render}
+
+
+def rewrite(readme: str) -> str:
+    """``readme`` with every generated section replaced by its render."""
+    import re
+
+    for name, fn in SECTIONS.items():
+        body = fn()
+        if not body.endswith("\n"):
+            body += "\n"
+        readme = re.sub(
+            rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)",
+            lambda m, body=body: m.group(1) + body + m.group(2),
+            readme,
+            flags=re.S,
+        )
+    return readme
+
+
 if __name__ == "__main__":
-    sys.stdout.write(render())
+    path = ROOT / "README.md"
+    text = path.read_text()
+    new = rewrite(text)
+    if "--check" in sys.argv:
+        sys.exit(0 if new == text else 1)
+    path.write_text(new)

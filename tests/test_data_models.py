@@ -182,3 +182,72 @@ def test_nnx_mlp_trains_its_bn_statistics():
     before = m.norms[0].mean[...]
     m(x)
     np.testing.assert_array_equal(m.norms[0].mean[...], before)
+
+
+def test_an_unusable_home_is_never_created_for_downloads(tmp_path, monkeypatch):
+    home = tmp_path / "no-such-home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("BNLAB_DATA_DIR", raising=False)
+    with pytest.raises(
+        data.DatasetNotFoundError, match="does not exist or is not writable"
+    ):
+        data.find_idx_files("mnist", download=True, timeout=0.01)
+    assert not home.exists()
+
+
+def test_the_shipped_small_fashion_mnist_is_balanced_and_verified():
+    ds = data.load("fashion_mnist_small")
+    assert ds.x_train.shape == (10000, 14, 14, 1) and ds.x_test.shape == (
+        2000,
+        14,
+        14,
+        1,
+    )
+    assert np.bincount(ds.y_train).tolist() == [1000] * 10
+    assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
+
+
+def test_variant_mlp_gates_select_exactly_the_plain_variant():
+    # A gated VariantMLP with BN before every activation computes the bits of
+    # the same network built without gates (same weights copied over).
+    from bnlab.models import VariantMLP, set_gates
+
+    x = jax.random.normal(jax.random.key(1), (16, 12))
+    norm = functools.partial(bnlab.linen.BatchNorm, momentum=0.9)
+    gated = VariantMLP((8, 8), 3, norm=norm)
+    v = gated.init(jax.random.key(0), x, train=False)
+    v = set_gates(v, bn_before=1.0)
+    plain = MLP(
+        widths=(8, 8), num_outputs=3, placement="before", norm=norm, init_scheme="he"
+    )
+    pv = plain.init(jax.random.key(0), x, train=False)
+    # map the gated model's weights onto the plain one (its Dense before BN has no bias)
+    p = v["params"]
+    pv = {
+        "params": {
+            "Dense_0": {"kernel": p["Dense_0"]["kernel"]},
+            "BatchNorm_0": p["BatchNorm_0"],
+            "Dense_1": {"kernel": p["Dense_1"]["kernel"]},
+            "BatchNorm_1": p["BatchNorm_2"],
+            "Dense_2": p["Dense_2"],
+        },
+        "batch_stats": {
+            "BatchNorm_0": v["batch_stats"]["BatchNorm_0"],
+            "BatchNorm_1": v["batch_stats"]["BatchNorm_2"],
+        },
+    }
+    zero_bias = jax.tree.map(
+        jnp.zeros_like, {k: p[k]["bias"] for k in ("Dense_0", "Dense_1")}
+    )
+    v = {**v, "params": {**p, **{k: {**p[k], "bias": zero_bias[k]} for k in zero_bias}}}
+    y_gated, _ = gated.apply(v, x, train=True, mutable=["batch_stats"])
+    y_plain, _ = plain.apply(pv, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_array_equal(np.asarray(y_gated), np.asarray(y_plain))
+    off = set_gates(v, bn_before=0.0)
+    y_none = gated.apply(off, x, train=False)
+    h = jax.nn.relu(x @ p["Dense_0"]["kernel"])
+    h = jax.nn.relu(h @ p["Dense_1"]["kernel"])
+    np.testing.assert_allclose(
+        y_none, h @ p["Dense_2"]["kernel"] + p["Dense_2"]["bias"][None], rtol=1e-6, atol=1e-6
+    )

@@ -231,6 +231,21 @@ def _cache_dir(name: str) -> Path:
     return Path(base) / "bnlab" / name
 
 
+def _cache_problem() -> str | None:
+    """Why the download cache cannot be used (nothing is created then), or
+    None. ``$XDG_CACHE_HOME`` is used as given; otherwise the home directory
+    must exist and be writable: bnlab never creates a home directory."""
+    if os.environ.get("XDG_CACHE_HOME"):
+        return None
+    try:
+        home = Path.home()
+    except RuntimeError:
+        return "the home directory is unknown (HOME is not set)"
+    if not home.is_dir() or not os.access(home, os.W_OK | os.X_OK):
+        return f"the home directory {home} does not exist or is not writable"
+    return None
+
+
 def _download(url: str, dest: Path, sha256: str, timeout: float) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(dest.suffix + ".part")
@@ -287,6 +302,10 @@ def find_idx_files(
             return d
     cache = _cache_dir(name)
     errors = []
+    problem = _cache_problem() if download else None
+    if problem:
+        errors.append(f"no download: {problem} (set BNLAB_DATA_DIR or XDG_CACHE_HOME)")
+        download = False
     if download:
         try:
             for f, digest in files.items():
