@@ -34,7 +34,7 @@ PLACEMENTS = {  # code -> (label, gates)
     2: ("BN before every activation", {"bn_before": 1.0}),
     3: ("BN after every activation", {"bn_after": 1.0}),
 }
-LRS = (0.01, 0.03, 0.1, 0.3)
+LRS = (0.003, 0.01, 0.03, 0.1)
 MARGIN = 0.01
 CRITERIA = [
     P.Criterion(
@@ -91,9 +91,10 @@ def post_init(depth: int):
 
 def run(ctx: P.Context) -> P.Outcome:
     width = ctx.pick(64, 128)
-    depth = ctx.pick(12, 12)
-    steps = ctx.steps(400, 1500)
-    every = ctx.every(50, 150)
+    depth = 8
+    # about 4 epochs of the quick data, 3 of the full data
+    steps = ctx.steps(300, 1200)
+    every = ctx.every(60, 200)
     model = VariantMLP(
         (width,) * depth,
         10,

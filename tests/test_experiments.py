@@ -158,7 +158,10 @@ def test_missing_matplotlib_is_named_before_any_work(tmp_path):
     env = _env(PYTHONPATH=f"{hide}{os.pathsep}{ROOT}")
     run = _cli("--smoke", "--only", "placement", "--out", str(tmp_path / "o"), env=env)
     assert run.returncode == 2, run.stderr
-    assert "matplotlib not installed; install it with: pip install matplotlib" in run.stderr
+    assert (
+        "matplotlib not installed; install it with: pip install matplotlib"
+        in run.stderr
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -238,7 +241,11 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_results(tmp_path):
 
     def results(out):
         v = json.loads((out / "placement" / "verdict.json").read_text())
-        return v["checks"], v["table"], (out / "placement" / "metrics.jsonl").read_text()
+        return (
+            v["checks"],
+            v["table"],
+            (out / "placement" / "metrics.jsonl").read_text(),
+        )
 
     assert results(run) == results(tmp_path / "ref")
 
@@ -247,7 +254,17 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_results(tmp_path):
 def test_reproduce_runs_from_an_installed_wheel(tmp_path):
     # Not a checkout: a wheel installed into a directory, run from elsewhere.
     wheel = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -257,7 +274,17 @@ def test_reproduce_runs_from_an_installed_wheel(tmp_path):
     target = tmp_path / "site"
     (whl,) = tmp_path.glob("bnlab-*.whl")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(whl)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(whl),
+        ],
         check=True,
         capture_output=True,
         timeout=300,
@@ -265,7 +292,11 @@ def test_reproduce_runs_from_an_installed_wheel(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = str(target)
     where = subprocess.run(
-        [sys.executable, "-c", "import experiments, bnlab; print(experiments.__file__, bnlab.__file__)"],
+        [
+            sys.executable,
+            "-c",
+            "import experiments, bnlab; print(experiments.__file__, bnlab.__file__)",
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -273,7 +304,17 @@ def test_reproduce_runs_from_an_installed_wheel(tmp_path):
     )
     assert str(target) in where.stdout, where.stdout + where.stderr
     run = subprocess.run(
-        [sys.executable, "-m", "bnlab", "reproduce", "--smoke", "--only", "feature_scale", "--out", "o"],
+        [
+            sys.executable,
+            "-m",
+            "bnlab",
+            "reproduce",
+            "--smoke",
+            "--only",
+            "feature_scale",
+            "--out",
+            "o",
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -282,3 +323,26 @@ def test_reproduce_runs_from_an_installed_wheel(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "o" / "REPORT.md").exists()
+
+
+def test_reproduce_on_eight_devices_gives_the_numbers_of_one(tmp_path):
+    # This process has 8 simulated devices (conftest): fit spreads the arms
+    # over them. A subprocess with one device runs the same experiment. The
+    # numbers agree to float32 rounding of a short run; an accuracy can move
+    # by one test example (1/2000 at quick scale) when a logit is that close.
+    name = "placement"
+    assert jax.device_count() == 8
+    one = _cli("--smoke", "--only", name, "--out", str(tmp_path / "one"), "--quiet")
+    assert one.returncode == 0, one.stderr
+    opts = reproduce.options(tmp_path / "eight", smoke=True, only=name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        (eight,) = reproduce.run(opts, show=lambda s: None)
+    ref = json.loads((tmp_path / "one" / name / "verdict.json").read_text())
+    assert (
+        "x8" in eight["environment"]["device"] and "x1" in ref["environment"]["device"]
+    )
+    for a, b in zip(ref["checks"], eight["checks"], strict=True):
+        np.testing.assert_allclose(
+            a["measured"]["per_seed"], b["measured"]["per_seed"], atol=1e-3
+        )
