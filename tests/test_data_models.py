@@ -205,7 +205,7 @@ def test_the_shipped_small_fashion_mnist_is_balanced_and_verified():
         1,
     )
     assert np.bincount(ds.y_train).tolist() == [1000] * 10
-    assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
+    assert ds.x_train.min() >= 0.0 and ds.x_train.max() <= 1.0
 
 
 def test_variant_mlp_gates_select_exactly_the_plain_variant():
