@@ -540,3 +540,25 @@ def test_warnings_of_a_clean_run(tmp_path):
         warnings.simplefilter("error")
         _fit(tmp_path, steps=10)
     assert Path(tmp_path / "config.json").exists()
+
+
+def test_a_custom_batch_order_is_used_and_checked(tmp_path):
+    # Non-i.i.d. batches (each batch from 2 classes), a pure function of
+    # (seed, step): used as given, and resumable like the default order.
+    y = DIGITS.y_train
+    by_class = [np.flatnonzero(y == c) for c in range(10)]
+
+    def two_classes(seed, step):
+        rng = np.random.default_rng([seed, step])
+        a, b = rng.choice(10, 2, replace=False)
+        return np.concatenate(
+            [rng.choice(by_class[a], 16), rng.choice(by_class[b], 16)]
+        )
+
+    r = _fit(tmp_path / "a", batch_order=two_classes, steps=10)
+    again = _fit(tmp_path / "b", batch_order=two_classes, steps=10)
+    _assert_bit_identical(r.variables, again.variables)
+    plain = _fit(tmp_path / "c", steps=10)
+    assert not np.array_equal(_flat(plain.variables), _flat(r.variables))
+    with pytest.raises(ValueError, match="must return 32 integer example indices"):
+        _fit(tmp_path / "bad", batch_order=lambda s, i: np.arange(5), steps=2)

@@ -235,6 +235,7 @@ def fit(
     eval_batch_stats: bool = False,
     steps_per_call: int | None = None,
     unroll: int | bool = 1,
+    batch_order: Callable[[int, int], np.ndarray] | None = None,
     config: Mapping[str, Any] | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> FitResult:
@@ -307,6 +308,11 @@ def fit(
         next evaluation or checkpoint, at most 100 (1 for streamed data).
       unroll: ``lax.scan``'s unroll (``True`` for small conv nets on XLA:CPU,
         which runs convolutions slowly inside loops).
+      batch_order: ``(seed, step) -> example indices (batch_size,)`` of the
+        training set for an arm's step (e.g. non-i.i.d. batches); it must be
+        a pure function of its arguments, so that a resumed run reads the
+        same batches. Default: shuffled epochs
+        (:class:`bnlab.data.EpochOrder`).
       config: your own description of the run (JSON), recorded in
         ``config.json``; a resume must agree on it.
       on_progress: called after every compiled call with ``step``,
@@ -386,6 +392,7 @@ def fit(
             eval_train=eval_train,
             eval_batch_stats=eval_batch_stats,
             unroll=unroll,
+            batch_order=batch_order,
             on_progress=on_progress,
         ).train()
     finally:
@@ -576,9 +583,19 @@ class _Run:
         self.orders = {
             a.seed: pipeline.EpochOrder(
                 _length(plan.splits.train), c["batch_size"], a.seed
-            )
+            ).indices
             for a in plan.arms
         }
+        if kw["batch_order"] is not None:
+            custom = kw["batch_order"]
+            self.orders = {
+                a.seed: (
+                    lambda i, seed=a.seed: _checked_order(
+                        custom, seed, i, c["batch_size"], _length(plan.splits.train)
+                    )
+                )
+                for a in plan.arms
+            }
         self.last: dict[str, Any] = {}
         self.warned_stopped: set[int] = set()
 
@@ -818,8 +835,8 @@ class _Run:
     def _indices(self, a: int, b: int) -> np.ndarray:
         """Example indices ``(steps a..b-1, arms, batch)``, int32."""
         per_seed = {
-            s: np.stack([o.indices(i) for i in range(a, b)])
-            for s, o in self.orders.items()
+            s: np.stack([order(i) for i in range(a, b)])
+            for s, order in self.orders.items()
         }
         return np.stack([per_seed[arm.seed] for arm in self.plan.arms], axis=1).astype(
             np.int32
@@ -891,6 +908,21 @@ class _Run:
             for r in records:
                 append_record(self.metrics_path, r)
         self.last = _summary(records)
+
+
+def _checked_order(order, seed: int, step: int, batch: int, n: int) -> np.ndarray:
+    idx = np.asarray(order(seed, step))
+    if idx.shape != (batch,) or not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(
+            f"batch_order(seed={seed}, step={step}) returned {idx.dtype} of shape "
+            f"{idx.shape}; it must return {batch} integer example indices."
+        )
+    if idx.min() < 0 or idx.max() >= n:
+        raise ValueError(
+            f"batch_order(seed={seed}, step={step}) returned indices outside the "
+            f"training set's {n} examples."
+        )
+    return idx
 
 
 def _summary(records: list[dict]) -> dict[str, Any]:
