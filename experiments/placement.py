@@ -99,6 +99,7 @@ def run(ctx: P.Context) -> P.Outcome:
         (width,) * depth,
         10,
         norm=functools.partial(bnlab.linen.BatchNorm, momentum=0.9),
+        norm_after=True,
         init_scheme="he",
     )
     settings = [{"placement": float(c), "lr": lr} for c in PLACEMENTS for lr in LRS]
@@ -108,6 +109,7 @@ def run(ctx: P.Context) -> P.Outcome:
         hparams=settings,
         optimizer=lambda hp: optax.sgd(hp["lr"], momentum=0.9),
         post_init=post_init(depth),
+        rng_streams=(),  # no dropout
         steps=steps,
         batch_size=128,
         eval_every=every,

@@ -196,8 +196,14 @@ class Criterion:
             return float(t["quick" if scale == "smoke" else scale])
         return float(t)
 
-    def text(self, scale: str) -> str:
+    def text(self, scale: str, exact: bool = False) -> str:
+        """The criterion in words; ``exact`` for a quantity without an
+        interval (a deterministic value, or a worst case over seeds)."""
         t = self.at(scale)
+        if exact:
+            return (
+                f"|value| <= {t:g}" if self.op == "within" else f"value {self.op} {t:g}"
+            )
         if self.op == "within":
             return f"95% interval within ±{t:g}"
         side = "lower" if self.op in (">=", ">") else "upper"

@@ -84,7 +84,8 @@ def _table_html(rows: list[dict]) -> str:
 def _checks(v: dict) -> list[dict]:
     return [
         {
-            "check": c["quantity"],
+            "check": c["quantity"]
+            + (f" ({c['measured']['note']})" if c["measured"].get("note") else ""),
             "measured (95% interval)": c["measured"],
             "criterion": c["criterion"],
             "source": c["source"],

@@ -245,7 +245,7 @@ def verdict_of(
                 "quantity": c.quantity,
                 "op": c.op,
                 "threshold": c.at(ctx.scale),
-                "criterion": c.text(ctx.scale),
+                "criterion": c.text(ctx.scale, exact=m.low == m.high),
                 "source": c.source,
                 "measured": m.to_json(),
                 "pass": protocol.judge(c, m, ctx.scale),

@@ -229,12 +229,12 @@ def test_variant_mlp_gates_select_exactly_the_plain_variant():
             "Dense_0": {"kernel": p["Dense_0"]["kernel"]},
             "BatchNorm_0": p["BatchNorm_0"],
             "Dense_1": {"kernel": p["Dense_1"]["kernel"]},
-            "BatchNorm_1": p["BatchNorm_2"],
+            "BatchNorm_1": p["BatchNorm_1"],
             "Dense_2": p["Dense_2"],
         },
         "batch_stats": {
             "BatchNorm_0": v["batch_stats"]["BatchNorm_0"],
-            "BatchNorm_1": v["batch_stats"]["BatchNorm_2"],
+            "BatchNorm_1": v["batch_stats"]["BatchNorm_1"],
         },
     }
     zero_bias = jax.tree.map(
@@ -249,5 +249,8 @@ def test_variant_mlp_gates_select_exactly_the_plain_variant():
     h = jax.nn.relu(x @ p["Dense_0"]["kernel"])
     h = jax.nn.relu(h @ p["Dense_1"]["kernel"])
     np.testing.assert_allclose(
-        y_none, h @ p["Dense_2"]["kernel"] + p["Dense_2"]["bias"][None], rtol=1e-6, atol=1e-6
+        y_none,
+        h @ p["Dense_2"]["kernel"] + p["Dense_2"]["bias"][None],
+        rtol=1e-6,
+        atol=1e-6,
     )

@@ -43,12 +43,19 @@ class VariantMLP(nn.Module):
         off).
       num_outputs: classes.
       norm: BN factory (e.g. ``bnlab.linen.BatchNorm``), called with
-        ``use_running_average``.
+        ``use_running_average``; gate ``bn_before``.
+      norm_after: also build a BN after every activation (gate ``bn_after``).
       alt_norm: an alternative normalization factory (LayerNorm, ghost BN,
-        ...), called with ``use_running_average``, or None.
+        ...), called with ``use_running_average``, or None (gate
+        ``alt_before``).
+      dropout: build the ``dropout`` gate (a traced rate; needs the
+        ``dropout`` RNG stream in training).
       init_scheme: ``"he"``, ``"lecun"`` or ``"normal"`` (``init_std``).
       defaults: default gate values (``{"bn_before": 1.0, ...}``), used
         until ``post_init`` sets an arm's.
+
+    Only the candidates a model is built with are computed (and have gates):
+    a BN after the activation or dropout costs nothing unless asked for.
 
     Example:
       >>> import jax, jax.numpy as jnp, bnlab.linen
@@ -62,7 +69,9 @@ class VariantMLP(nn.Module):
     widths: tuple[int, ...]
     num_outputs: int = 10
     norm: Callable[..., nn.Module] | None = None
+    norm_after: bool = False
     alt_norm: Callable[..., nn.Module] | None = None
+    dropout: bool = False
     init_scheme: str = "he"
     init_std: float = 1.0
     defaults: Any = None
@@ -79,14 +88,20 @@ class VariantMLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         depth = len(self.widths)
+        if self.norm_after and self.norm is None:
+            raise ValueError("VariantMLP: norm_after=True needs a norm factory.")
         g = {
-            "bn_before": self._gate("bn_before", (depth,)),
-            "bn_after": self._gate("bn_after", (depth,)),
-            "alt_before": self._gate("alt_before", (depth,)),
             "layer_on": self._gate("layer_on", (depth,)),
             "sigmoid": self._gate("sigmoid", ()),
-            "dropout": self._gate("dropout", ()),
         }
+        if self.norm is not None:
+            g["bn_before"] = self._gate("bn_before", (depth,))
+        if self.norm_after:
+            g["bn_after"] = self._gate("bn_after", (depth,))
+        if self.alt_norm is not None:
+            g["alt_before"] = self._gate("alt_before", (depth,))
+        if self.dropout:
+            g["dropout"] = self._gate("dropout", ())
         k_init = kernel_init(self.init_scheme, self.init_std)
         x = x.reshape((x.shape[0], -1))
         for i, width in enumerate(self.widths):
@@ -99,10 +114,10 @@ class VariantMLP(nn.Module):
                 h = _select(g["alt_before"][i], alt, h)
             self.sow("intermediates", f"act_input_{i}", h)
             h = _select(g["sigmoid"], nn.sigmoid(h), nn.relu(h))
-            if self.norm is not None:
+            if self.norm_after:
                 bn = self.norm(use_running_average=not train)(h)
                 h = _select(g["bn_after"][i], bn, h)
-            if train:
+            if self.dropout and train:
                 h = _dropout(self, h, g["dropout"])
             # the first layer (or a change of width) is always applied
             skippable = i > 0 and x.shape == h.shape

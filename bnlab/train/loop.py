@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -745,17 +746,16 @@ class _Run:
         )
 
     def _boundaries(self, start: int) -> list[int]:
+        """Ends of the compiled calls: multiples of one length (so one
+        program serves them all, plus the tail's), the largest divisor of
+        ``gcd(eval_every, checkpoint_every)`` not above ``steps_per_call``;
+        every evaluation and checkpoint step is one. They depend only on the
+        step, so a resumed run makes the same calls."""
         spc = self.plan.config["_steps_per_call"]
-        ends = set(range(start + 1, self.steps + 1))
-        cut = {
-            s
-            for s in ends
-            if s % self.eval_every == 0
-            or s % self.checkpoint_every == 0
-            or s % spc == 0
-        }
-        cut.add(self.steps)
-        return sorted(cut)
+        period = math.gcd(self.eval_every, self.checkpoint_every)
+        length = max(d for d in range(1, min(period, spc) + 1) if period % d == 0)
+        ends = list(range((start // length + 1) * length, self.steps, length))
+        return [*ends, self.steps]
 
     def _loop(self, ckpt: Checkpointer, state: TrainState, start: int) -> TrainState:
         plan, kw = self.plan, self.kw
