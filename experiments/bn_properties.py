@@ -1,14 +1,33 @@
 """Claim (b): BN normalizes each feature over the mini-batch, and the
 learnable gamma / beta can undo it; it makes a layer invariant to the scale
-of its weights (Ioffe & Szegedy 2015, sec. 3 and 3.3).
+of its weights (Ioffe & Szegedy 2015, arXiv:1502.03167, sec. 3 and 3.3).
 
-Measured on random batches (float32, bnlab.batch_norm in train mode):
-per-feature mean and variance of BN's output; the identity restored with
-gamma = sqrt(var + eps), beta = mean; BN(a W u) = BN(W u) and
-d loss / d(a W) = (d loss / d W) / a for a in {0.5, 2, 10, 100}, where
-a^2 var >> eps. The identity is exact only without epsilon (the paper's
-derivation): BN(aWu) divides by sqrt(a^2 var + eps), so for small a the
-error is ~eps / (2 a^2 var); a = 0.01 and 0.1 are reported to show it.
+Measured per seed on a random batch ``u`` (mean 5, std 3, so that the mean
+dominates and rounding is amplified: the hard case) and a random layer
+``W``, in float32 with ``bnlab.batch_norm`` in train mode, each against a
+float64 reference written here (not bnlab's code):
+
+- the per-feature mean and variance of BN's output (0 and ``v / (v + eps)``);
+- the identity restored with ``gamma = sqrt(v + eps)``, ``beta = mean``;
+- ``BN(u (aW)) - BN(u W)`` and ``a grad(aW) - grad(W)`` for ``a`` in
+  ``SCALES``: zero in exact arithmetic without ``eps`` (the paper's
+  identity); with ``eps`` both differ by an exact, computable amount, so the
+  float32 difference is compared with the float64 difference, for small
+  ``a`` too, where ``eps`` is comparable to ``a^2 v``.
+
+Tolerances are float32 rounding bounds, not fitted numbers: an error is
+divided by ``L * 2**-24 * M``, where ``L`` is the length of the reductions
+the quantity passes through (the batch ``n`` for BN's sums, the fan-in ``d``
+for the matmul ``uW``) and ``M`` the magnitude that rounding errors scale
+with (e.g. ``max |x| / std`` per feature: an error in a sum of ``x`` moves the
+normalized output by that error over the std). ``L * 2**-24 * M`` is the
+classical worst-case bound of recursive summation (Higham, Accuracy and
+Stability of Numerical Algorithms, 2002, sec. 4.2: ``|error| <= gamma_L
+sum |terms|``, ``gamma_L ~ L u``); rounding errors in practice grow like
+``sqrt(L) u``, so a correct float32 implementation stays well below 1,
+and a wrong formula (a missing term, the unbiased variance, a wrong
+epsilon) errs by orders of magnitude more. Each criterion is the worst
+seed's largest ratio: a property of every input, not an average.
 
     python -m experiments.bn_properties [--quick] [--seeds N] [--out DIR]
 """
@@ -20,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import bnlab
-from experiments import _harness as H
+from experiments import protocol as P
 
 NAME = "bn_properties"
 CLAIM = (
@@ -28,142 +47,256 @@ CLAIM = (
     "variance, learnable gamma/beta can restore the identity, and BN(aWu) = "
     "BN(Wu) with the gradient w.r.t. aW equal to the gradient w.r.t. W over a."
 )
-TOL = 1e-5
-SCALES = (0.5, 2.0, 10.0, 100.0)  # checked: a^2 var >> eps
-SMALL_SCALES = (0.01, 0.1)  # reported: epsilon matters there
+U = 2.0**-24  # float32 unit roundoff
 EPS = 1e-5
+SCALES = (0.01, 0.1, 0.5, 2.0, 10.0, 100.0)
+_BOUND = (
+    "float32 rounding bound L * 2**-24 * M (Higham 2002, sec. 4.2: recursive "
+    "summation of L terms errs by at most ~L u times the sum of their magnitudes)"
+)
+CRITERIA = [
+    P.Criterion(
+        "mean_zero",
+        "worst seed: per-feature |mean| of BN's output / bound (L = batch n, M = "
+        "max|x| / std)",
+        "<=",
+        1.0,
+        f"Ioffe & Szegedy 2015 sec. 3 (zero mean); {_BOUND}",
+    ),
+    P.Criterion(
+        "variance_one",
+        "worst seed: per-feature |var - v/(v+eps)| of BN's output / bound (L = n, M = "
+        "(max|x| / std)^2, which also covers one-pass E[x^2] - E[x]^2)",
+        "<=",
+        1.0,
+        f"Ioffe & Szegedy 2015 sec. 3 (unit variance); {_BOUND}",
+    ),
+    P.Criterion(
+        "identity_restored",
+        "worst seed: |BN(x; gamma = sqrt(v + eps), beta = mean) - x| / bound "
+        "(L = n + 4, M = "
+        "max|x| per feature)",
+        "<=",
+        1.0,
+        f"Ioffe & Szegedy 2015 sec. 3 (gamma, beta can represent the identity); "
+        f"{_BOUND}",
+    ),
+    P.Criterion(
+        "scale_invariance",
+        "worst seed: |[BN(u aW) - BN(u W)] in float32 - the same in float64| / "
+        "bound over a in "
+        "SCALES (L = 2 (n + 2d + 2), M = max_i sum_k |u_ik W_kj| / std)",
+        "<=",
+        1.0,
+        f"Ioffe & Szegedy 2015 sec. 3.3 (BN(aWu) = BN(Wu)); {_BOUND}",
+    ),
+    P.Criterion(
+        "gradient_scaling",
+        "worst seed: |[a grad(aW) - grad(W)] in float32 - the same in float64| / "
+        "bound over a "
+        "(L = 4 (n + d + 4), M = (|u|^T |dL/dx|) (1 + max_i sum_k |u_ik W_kj| / std))",
+        "<=",
+        1.0,
+        f"Ioffe & Szegedy 2015 sec. 3.3 (d BN(aWu) / d(aW) = (1/a) d BN(Wu) / dW); "
+        f"{_BOUND}",
+    ),
+]
+HISTORY = [
+    {
+        "date": "2026-11-20",
+        "criterion": "every error <= 1e-5 (absolute) for a in {0.5, 2, 10, 100}; "
+        "a = 0.01, 0.1 reported (epsilon error not predicted)",
+        "result": "PASS on seeds 0-2; seeds 18 and 19 fail (1.12e-5, 1.05e-5)",
+        "why": "1e-5 is at float32 rounding level for these magnitudes (issue 16): "
+        "tolerances are now float32 bounds scaled to each computation, and the "
+        "epsilon effect is computed exactly in float64 instead of excluded",
+    }
+]
+
+
+# ----------------------------------------------------------- references
+
+
+def reference(u, w, target):
+    """float64 BN in train mode and the gradient of the loss w.r.t. ``w``,
+    written from the paper's formulas (sec. 3), not from bnlab's code.
+
+    Returns ``(y, dL/dW, dL/dx)`` for ``L = mean((tanh(BN(u w)) - target)^2)``.
+    """
+    x = u @ w
+    mean = x.mean(0)
+    std = np.sqrt(((x - mean) ** 2).mean(0) + EPS)
+    y = (x - mean) / std
+    th = np.tanh(y)
+    dy = 2.0 * (th - target) * (1.0 - th**2) / target.size
+    dx = (dy - dy.mean(0) - y * (dy * y).mean(0)) / std
+    return y, u.T @ dx, dx
+
+
+def _bn(x, g=None, b=None):
+    """bnlab's BN in train mode (the implementation under test)."""
+    stats = bnlab.init_batch_stats(x.shape[-1])
+    return bnlab.batch_norm(x, stats, g, b, train=True, epsilon=EPS)[0]
+
+
+def _forward_and_grad(u, w, target):
+    def loss(w):
+        x = u @ w
+        y = _bn(x)
+        return jnp.mean((jnp.tanh(y) - target) ** 2), (x, y)
+
+    (_, (x, y)), g = jax.value_and_grad(loss, has_aux=True)(w)
+    return x, y, g
+
+
+# float32, compiled once per shape: every weight scale in one call
+forward_and_grad32 = jax.jit(jax.vmap(_forward_and_grad, in_axes=(None, 0, None)))
+restore32 = jax.jit(_bn)
 
 
 def one_seed(seed: int, batch: int, din: int, dout: int) -> dict:
-    k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
-    u = jax.random.normal(k1, (batch, din)) * 3 + 5
-    w = jax.random.normal(k2, (din, dout)) / np.sqrt(din)
-    target = jax.random.normal(k3, (batch, dout))
-    stats = bnlab.init_batch_stats(dout)
-    x = u @ w
+    rng = np.random.default_rng([seed, 1502])
+    u = (rng.standard_normal((batch, din)) * 3 + 5).astype(np.float32)
+    w = (rng.standard_normal((din, dout)) / np.sqrt(din)).astype(np.float32)
+    target = rng.standard_normal((batch, dout)).astype(np.float32)
+    n, d = batch, din
+    scales = (1.0, *SCALES)
+    ws = np.stack([np.float32(a) * w for a in scales])  # a W, rounded to float32
+    x32, y32, g32 = (
+        np.asarray(v, np.float64) for v in forward_and_grad32(u, ws, target)
+    )
+    u64, t64 = u.astype(np.float64), target.astype(np.float64)
+    abs_u = np.abs(u64)
 
-    def bn(x, g=None, b=None):
-        return bnlab.batch_norm(x, stats, g, b, train=True, epsilon=EPS)[0]
+    # mean and variance of the output, against the exact statistics of BN's
+    # own float32 input
+    x64 = x32[0]  # BN's float32 input, exactly
+    var64 = x64.var(0)
+    std64 = np.sqrt(var64 + EPS)
+    r = np.abs(x64).max(0) / std64  # max |x| / std per feature
+    y = y32[0]
+    mean_ratio = np.abs(y.mean(0)) / (n * U * r)
+    var_ratio = np.abs(y.var(0) - var64 / (var64 + EPS)) / (n * U * r**2)
 
-    y = jax.jit(bn)(x)
-    mean, var = np.asarray(y.mean(0)), np.asarray(y.var(0))
-    xd = np.asarray(x, np.float64)
-    expected_var = xd.var(0) / (xd.var(0) + EPS)  # epsilon shrinks it slightly
-    # identity: gamma = sqrt(var + eps), beta = mean
-    g = jnp.asarray(np.sqrt(xd.var(0) + EPS), jnp.float32)
-    b = jnp.asarray(xd.mean(0), jnp.float32)
-    restored = jax.jit(bn)(x, g, b)
-    identity_err = float(np.max(np.abs(np.asarray(restored) - xd) / (np.abs(xd) + 1)))
+    # identity restored by gamma = sqrt(v + eps), beta = mean
+    restored = np.asarray(
+        restore32(u @ w, std64.astype(np.float32), x64.mean(0).astype(np.float32)),
+        np.float64,
+    )
+    ident_ratio = np.abs(restored - x64) / ((n + 4) * U * np.abs(x64).max(0))
 
-    def loss(w):
-        return jnp.mean((jnp.tanh(bn(u @ w)) - target) ** 2)
+    # scale invariance of outputs and gradients, against float64: the exact
+    # differences (zero without eps) are computed, not assumed
+    refs = [reference(u64, a * w.astype(np.float64), t64) for a in scales]
 
-    grad = jax.jit(jax.grad(loss))
-    g_w = np.asarray(grad(w), np.float64)
-    out_err, grad_err = [], []
-    for a in SCALES + SMALL_SCALES:
-        ya = jax.jit(bn)(u @ (a * w))
-        out_err.append(float(np.max(np.abs(np.asarray(ya) - np.asarray(y)))))
-        g_aw = np.asarray(grad(a * w), np.float64)
-        grad_err.append(float(np.max(np.abs(g_aw * a - g_w)) / np.max(np.abs(g_w))))
-    del k4
+    def magnitudes(i):
+        """M of the outputs per feature and of the gradient per weight."""
+        wa = ws[i].astype(np.float64)
+        xa = u64 @ wa
+        m_out = (abs_u @ np.abs(wa)).max(0) / np.sqrt(xa.var(0) + EPS)
+        return m_out, (abs_u.T @ np.abs(refs[i][2])) * (1.0 + m_out)
+
+    m_out1, m_grad1 = magnitudes(0)
+    out_l, grad_l = 2 * (n + 2 * d + 2), 4 * (n + d + 4)
+    per_scale = {}
+    for i, a in enumerate(scales[1:], start=1):
+        m_out_a, m_grad_a = magnitudes(i)
+        diff32, diff64 = y32[i] - y32[0], refs[i][0] - refs[0][0]
+        out_ratio = np.abs(diff32 - diff64) / (out_l * U * (m_out_a + m_out1))
+        gdiff32, gdiff64 = a * g32[i] - g32[0], a * refs[i][1] - refs[0][1]
+        grad_ratio = np.abs(gdiff32 - gdiff64) / (grad_l * U * (a * m_grad_a + m_grad1))
+        per_scale[a] = {
+            "output_ratio": float(out_ratio.max()),
+            "gradient_ratio": float(grad_ratio.max()),
+            # what the paper's identity (no eps) would call the error
+            "output_difference": float(np.abs(diff32).max()),
+            "gradient_difference": float(np.abs(gdiff32).max() / np.abs(g32[0]).max()),
+            "epsilon_effect": float(np.abs(diff64).max()),
+        }
     return {
         "seed": seed,
-        "max_abs_mean": float(np.max(np.abs(mean))),
-        "max_var_error": float(np.max(np.abs(var - expected_var))),
-        "identity_error": identity_err,
-        "scale_invariance_error": max(out_err[: len(SCALES)]),
-        "gradient_scaling_error": max(grad_err[: len(SCALES)]),
-        "per_scale": {
-            str(a): {"output": o, "gradient": gr}
-            for a, o, gr in zip(SCALES + SMALL_SCALES, out_err, grad_err, strict=True)
-        },
-        "x_var": float(xd.var(0).mean()),
+        "mean_zero": float(mean_ratio.max()),
+        "variance_one": float(var_ratio.max()),
+        "identity_restored": float(ident_ratio.max()),
+        "scale_invariance": max(p["output_ratio"] for p in per_scale.values()),
+        "gradient_scaling": max(p["gradient_ratio"] for p in per_scale.values()),
+        "max_abs_mean": float(np.abs(y.mean(0)).max()),
+        "per_scale": {str(a): p for a, p in per_scale.items()},
+        "mean_over_std": float((np.abs(x64.mean(0)) / std64).max()),
     }
 
 
-def run(ctx: H.Context) -> dict:
+def run(ctx: P.Context) -> P.Outcome:
     batch, din, dout = ctx.pick((64, 32, 16), (256, 128, 64))
-    rows = []
-    for seed in range(ctx.seeds):
-        rows.append(one_seed(seed, batch, din, dout))
-        if ctx.progress:
-            ctx.progress(seed + 1, ctx.seeds, NAME)
-    worst = {
-        k: max(r[k] for r in rows) for k in rows[0] if k not in ("seed", "per_scale")
-    }
-    checks = [
-        H.check(label, worst[key], f"<= {TOL:g}", worst[key] <= TOL)
-        for label, key in (
-            ("per-feature |mean| of BN output", "max_abs_mean"),
-            ("per-feature |var - var/(var+eps)| of BN output", "max_var_error"),
-            (
-                "gamma = sqrt(var+eps), beta = mean restore the input (relative error)",
-                "identity_error",
-            ),
-            (
-                "max |BN(aWu) - BN(Wu)| over a in " + str(SCALES),
-                "scale_invariance_error",
-            ),
-            (
-                "max |a grad(aW) - grad(W)| / max |grad(W)| over a",
-                "gradient_scaling_error",
-            ),
+    rows = [one_seed(s, batch, din, dout) for s in ctx.seeds]
+    measured = {}
+    for c in CRITERIA:
+        v = [r[c.id] for r in rows]
+        worst = max(v)
+        measured[c.id] = P.Measured(
+            worst,
+            worst,
+            worst,
+            tuple(v),
+            note=f"the worst of {len(v)} seeds (a property of every input)",
         )
-    ]
     table = [
         {
-            "quantity": c["name"],
-            "worst over seeds": f"{c['measured']:.2e}",
-            "criterion": c["criterion"],
+            "quantity": c.quantity,
+            "error / bound, worst seed": f"{measured[c.id].value:.3g}",
+            "median seed": f"{np.median(measured[c.id].per_seed):.3g}",
         }
-        for c in checks
+        for c in CRITERIA
     ]
-    _figure(ctx, rows)
-    return H.write_outputs(
-        ctx,
-        CLAIM,
-        checks,
-        rows,
-        table,
-        ["scale_invariance.png"],
+    for a in SCALES:
+        table.append(
+            {
+                "quantity": f"a = {a:g}: max |BN(u aW) - BN(u W)| (float32); of it "
+                "the exact epsilon effect (float64)",
+                "error / bound, worst seed": "{:.3g}; {:.3g}".format(
+                    max(r["per_scale"][str(a)]["output_difference"] for r in rows),
+                    max(r["per_scale"][str(a)]["epsilon_effect"] for r in rows),
+                ),
+                "median seed": "",
+            }
+        )
+    figure = _figure(ctx, rows)
+    return P.Outcome(
+        measured,
+        table=table,
+        figures=[figure],
+        records=rows,
         notes=(
-            f"float32, batch {batch}, {din} -> {dout} features, epsilon {EPS}. "
-            "History: a first pilot checked a in {0.01, 0.1, 10, 100} and "
-            "failed (2.7e-2) at a = 0.01 and 0.1, where epsilon is comparable "
-            "to a^2 var; the paper's identity ignores epsilon, so the check "
-            "now covers a^2 var >> eps and the small scales are reported with "
-            "their predicted epsilon error."
+            f"float32, batch n = {batch}, d = {din} -> {dout} features, epsilon "
+            f"{EPS:g}; inputs u ~ 5 + 3 N(0, 1) (largest |mean| / std of a "
+            f"feature: {max(r['mean_over_std'] for r in rows):.3g}); "
+            f"a in {list(SCALES)}. The last rows show why the epsilon effect is "
+            "computed rather than ignored: at small a it exceeds rounding."
         ),
     )
 
 
-def _figure(ctx: H.Context, rows: list[dict]) -> None:
+def _figure(ctx: P.Context, rows: list[dict]) -> str:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for r in rows:
-        ax.plot(
-            SCALES,
-            [r["per_scale"][str(a)]["output"] + 1e-12 for a in SCALES],
-            "o-",
-            label=f"output, seed {r['seed']}",
-        )
-        ax.plot(
-            SCALES,
-            [r["per_scale"][str(a)]["gradient"] + 1e-12 for a in SCALES],
-            "s--",
-            label=f"gradient, seed {r['seed']}",
-        )
-    ax.axhline(TOL, color="k", lw=0.8, ls=":", label="criterion 1e-5")
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for key, style, label in (
+        ("output_difference", "o-", "max |BN(u aW) - BN(u W)|"),
+        ("epsilon_effect", "k--", "its exact epsilon effect (float64)"),
+        ("output_ratio", "s:", "float32 error / rounding bound"),
+    ):
+        vals = np.array([[r["per_scale"][str(a)][key] for a in SCALES] for r in rows])
+        ax.plot(SCALES, vals.max(0), style, label=f"{label} (worst seed)")
+    ax.axhline(1.0, color="r", lw=0.8, ls=":", label="bound (criterion: <= 1)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("weight scale a")
-    ax.set_ylabel("max error (float32)")
-    ax.set_title("BN(aWu) vs BN(Wu), and a grad(aW) vs grad(W)")
+    ax.set_title("Scale invariance of BN, float32")
     ax.legend(fontsize=7)
-    ctx.save_figure(fig, "scale_invariance")
+    return ctx.save_figure(fig, "scale_invariance")
 
 
 if __name__ == "__main__":
-    raise SystemExit(H.main(run, NAME))
+    from experiments.reproduce import main
+
+    raise SystemExit(main(NAME))

@@ -1,22 +1,38 @@
-"""A miniature of Ioffe & Szegedy 2015, Figures 2 and 3 (the Inception table):
-steps to reach a given accuracy and the best accuracy, for the paper's arms.
+"""A miniature of Ioffe & Szegedy 2015 (arXiv:1502.03167), Figures 2 and 3
+(the Inception table): steps to reach the baseline's accuracy, for the
+paper's arms.
 
-6 x 128 MLP on Fashion-MNIST (quick: digits), SGD with momentum 0.9, batch
-128, base learning rate eta = 0.01, 3000 steps (quick: 400), evaluation every
-50 steps (quick: 25). Arms (as in the paper): Baseline (ReLU, no BN, eta),
-BN-Baseline (BN, eta), BN-x5 (5 eta), BN-x30 (30 eta), BN-x5-Sigmoid (BN,
-sigmoid, 5 eta), the sigmoid network without BN at 5 eta, and the baseline at
-5 eta and 30 eta. Thresholds 0.85-0.88 (quick: digits 0.90-0.96).
+A 6-layer MLP (He init), SGD with momentum 0.9, batch 128. Arms, as in the
+paper: Baseline (ReLU, no BN, its learning rate eta chosen on validation
+from a grid), BN-Baseline (BN before every activation, eta), BN-x5 (5 eta),
+BN-x30 (30 eta), BN-x5-Sigmoid (sigmoid with BN, 5 eta), and the sigmoid
+network without BN, which gets its own grid (so that "does not train" is not
+a matter of its rate). Two programs of gated ``bnlab.models.VariantMLP``
+arms (the BN arms' rates depend on the baseline's choice); arms with one seed
+share their initial weights and data order.
+
+Steps to a validation-accuracy threshold fixed as a fraction
+(``THRESHOLD_FRACTION``) of the tuned Baseline's validation plateau (mean of
+its last 3 evaluations over seeds), per seed, as ratios paired by seed.
+Censoring, stated: in a ratio ``a / b``, a seed of ``b`` that never reaches
+the threshold counts as the run length (a lower bound: the ratio can only be
+smaller in truth); a seed of ``a`` that never reaches it makes the ratio
+infinite (a ``<`` criterion fails). Accuracies are test accuracies at the end
+of training (the test set only reports).
 
     python -m experiments.ioffe_table [--quick] [--seeds N] [--out DIR]
 """
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
-from experiments import _harness as H
-from experiments._models import MLP
+import bnlab.linen
+from bnlab.models import VariantMLP, set_gates
+from experiments import protocol as P
 
 NAME = "ioffe_table"
 CLAIM = (
@@ -24,142 +40,312 @@ CLAIM = (
     "learning rate, and trains a sigmoid network that does not train "
     "without it (Ioffe & Szegedy 2015, Fig. 2-3)."
 )
-ETA = 0.01
-# group -> (activation, norm, [(arm name, lr multiple)])
-GROUPS = {
-    "relu_nobn": (
-        "relu",
-        "none",
-        [("Baseline", 1), ("Baseline-x5", 5), ("Baseline-x30", 30)],
-    ),
-    "relu_bn": ("relu", "before", [("BN-Baseline", 1), ("BN-x5", 5), ("BN-x30", 30)]),
-    "sigmoid_bn": ("sigmoid", "before", [("BN-x5-Sigmoid", 5)]),
-    "sigmoid_nobn": ("sigmoid", "none", [("Sigmoid-x5", 5)]),
+DEPTH = 6
+# the two networks without BN, each its own grid of the same size
+LRS = {"Baseline": (0.01, 0.03, 0.1), "Sigmoid": (0.1, 0.3, 1.0)}
+# BN arms: (sigmoid, multiple of the Baseline's chosen rate)
+BN_ARMS = {
+    "BN-Baseline": (0.0, 1.0),
+    "BN-x5": (0.0, 5.0),
+    "BN-x30": (0.0, 30.0),
+    "BN-x5-Sigmoid": (1.0, 5.0),
 }
+THRESHOLD_FRACTION = 0.95
+CHANCE_MARGIN = 0.05
+SIGMOID_SHARE = 0.9
+CRITERIA = [
+    P.Criterion(
+        "bn_faster",
+        f"steps to {THRESHOLD_FRACTION:g} x the Baseline's validation plateau, "
+        "BN-Baseline / Baseline (geometric mean of per-seed ratios)",
+        "<",
+        1.0,
+        "Ioffe & Szegedy 2015 Fig. 2-3: BN-Baseline reaches Inception's accuracy in "
+        "fewer steps (13.3M vs 31.0M)",
+    ),
+    P.Criterion(
+        "more_so_at_5x",
+        "the same steps, BN-x5 / BN-Baseline (geometric mean of per-seed ratios)",
+        "<",
+        1.0,
+        "Ioffe & Szegedy 2015 Fig. 3: BN-x5 needs fewer steps than BN-Baseline "
+        "(2.1M vs 13.3M)",
+    ),
+    P.Criterion(
+        "sigmoid_without_bn",
+        "test accuracy of the sigmoid network without BN at its chosen rate",
+        "<=",
+        0.1 + CHANCE_MARGIN,
+        "Ioffe & Szegedy 2015 sec. 4.2.2: without BN the sigmoid Inception never "
+        f"exceeded chance; chance here is 0.1, plus {CHANCE_MARGIN:g}",
+    ),
+    P.Criterion(
+        "sigmoid_with_bn",
+        "test accuracy, BN-x5-Sigmoid / Baseline (geometric mean of per-seed ratios)",
+        ">=",
+        SIGMOID_SHARE,
+        "Ioffe & Szegedy 2015 Fig. 3: BN-x5-Sigmoid 69.8% vs Inception's 72.2% "
+        f"(0.967 of it); at least {SIGMOID_SHARE:g} of the Baseline",
+    ),
+]
+HISTORY = [
+    {
+        "date": "2026-12-01",
+        "criterion": "the same criteria, 400 steps at quick scale, grids of 4 rates",
+        "result": "pilot at quick scale, seeds 0-4: bn_faster 0.977 [0.738, 1.29] "
+        "FAIL, "
+        "more_so_at_5x 1.13 [0.861, 1.48] FAIL, sigmoid_without_bn 0.1 PASS, "
+        "sigmoid_with_bn 0.971 [0.937, 1.01] PASS",
+        "why": "not a change of criterion: 300 steps and grids of 3 rates (the "
+        "choices were interior) to fit the quick budget; a full-scale probe (2 "
+        "seeds) gave the same picture (BN-Baseline and BN-x5 no faster than the "
+        "Baseline)",
+    },
+    {
+        "date": "2026-11-20",
+        "criterion": "steps to 0.87 test accuracy (digits at quick scale: 0.94), "
+        "BN-x5 / Baseline <= 0.6 and BN-Baseline / Baseline <= 0.75 (a seed that "
+        "never gets there counted as 10x the run length); max test accuracy of "
+        "sigmoid without BN (x5) <= 0.15, of BN-x5-Sigmoid >= 0.85; eta = 0.01 "
+        "for all, 3 seeds, means",
+        "result": "PASS with BN-x5 / Baseline = 0.14, which existed only because one "
+        "Baseline seed peaked at 0.8694 against 0.87 and counted as 30000 steps "
+        "(without it 0.61, FAIL); held-out seeds 0.55 and 0.61; quick scale ratio 1.0",
+        "why": "issue 16: the threshold comes from the tuned Baseline's validation "
+        "plateau, rates are chosen on validation, censoring is stated, ratios are "
+        "paired by seed with intervals, and the claim's 'more so at 5x' is checked",
+    },
+]
 
 
-def run(ctx: H.Context) -> dict:
-    steps = ctx.steps(400, 3000)
-    thresholds = ctx.pick((0.90, 0.92, 0.94, 0.96), (0.85, 0.86, 0.87, 0.88))
-    seeds = list(range(ctx.seeds))
-    curves, steps_axis = {}, None
-    for gname, (act, norm, arms) in GROUPS.items():
-        r = H.train_group(
-            ctx,
-            H.Group(
-                name=gname,
-                model=MLP(widths=(128,) * 6, activation=act, norm=norm),
-                seeds=[s for _ in arms for s in seeds],
-                hparams={"lr": [ETA * m for _, m in arms for _ in seeds]},
-                make_tx=H.momentum_sgd,
-                steps=steps,
-                batch_size=128,
-                eval_every=ctx.every(25, 50),
-            ),
-        )
-        steps_axis = r.steps
-        for i, (arm, _) in enumerate(arms):
-            curves[arm] = r.test_accuracy[:, i * len(seeds) : (i + 1) * len(seeds)]
-    summary = {}
-    for arm, acc in curves.items():
-        summary[arm] = {
-            "steps_to": {
-                f"{t:.2f}": [
-                    H.steps_to(steps_axis, acc[:, s], t) for s in range(len(seeds))
-                ]
-                for t in thresholds
-            },
-            "max_accuracy": np.nanmax(np.nan_to_num(acc, nan=0.0), 0).tolist(),
-        }
-    key = f"{thresholds[2]:.2f}"  # 0.87 in the full run
-
-    def mean_steps(arm):
-        never = 10 * steps
-        v = [never if s is None else s for s in summary[arm]["steps_to"][key]]
-        return float(np.mean(v))
-
-    base = mean_steps("Baseline")
-    ratio_x5 = mean_steps("BN-x5") / base
-    ratio_bn = mean_steps("BN-Baseline") / base
-    sig_nobn = float(np.mean(summary["Sigmoid-x5"]["max_accuracy"]))
-    sig_bn = float(np.mean(summary["BN-x5-Sigmoid"]["max_accuracy"]))
-    low, high = ctx.pick((0.15, 0.85), (0.15, 0.85))
-    checks = [
-        H.check(
-            f"steps to {key}: BN-x5 / Baseline", ratio_x5, "<= 0.6", ratio_x5 <= 0.6
-        ),
-        H.check(
-            f"steps to {key}: BN-Baseline / Baseline",
-            ratio_bn,
-            "<= 0.75",
-            ratio_bn <= 0.75,
-        ),
-        H.check(
-            "max accuracy, sigmoid without BN (x5)",
-            sig_nobn,
-            f"<= {low}",
-            sig_nobn <= low,
-        ),
-        H.check("max accuracy, BN-x5-Sigmoid", sig_bn, f">= {high}", sig_bn >= high),
-    ]
-    table = []
-    for arm, s in summary.items():
-        row = {"arm": arm}
-        for t in thresholds:
-            vals = s["steps_to"][f"{t:.2f}"]
-            row[f"steps to {t:.2f}"] = (
-                "never"
-                if all(v is None for v in vals)
-                else H.fmt(
-                    *H.mean_spread([np.nan if v is None else v for v in vals]), 0
-                )
-                + (
-                    ""
-                    if all(v is not None for v in vals)
-                    else f" ({sum(v is None for v in vals)} never)"
-                )
-            )
-        row["max accuracy"] = H.fmt(*H.mean_spread(s["max_accuracy"]))
-        table.append(row)
-    records = [
-        {"arm": arm, "step": st, "test_accuracy": curves[arm][i]}
-        for arm in curves
-        for i, st in enumerate(steps_axis)
-    ]
-    _figure(ctx, steps_axis, curves, thresholds)
-    return H.write_outputs(
-        ctx,
-        CLAIM,
-        checks,
-        records,
-        table,
-        ["curves.png"],
-        notes=(
-            f"{'digits' if ctx.quick else 'Fashion-MNIST'}, MLP 6 x 128, SGD "
-            f"momentum 0.9, eta = {ETA}, {steps} steps of 128; steps-to cells are "
-            "means over seeds of the first evaluation at or above the threshold "
-            "(a seed that never gets there counts as 10x the run length in the "
-            "ratios)."
-        ),
-        extra={"summary": summary},
+def make_model(width: int) -> VariantMLP:
+    # BN is passed as VariantMLP's alternative normalization before the
+    # activation (gate `alt_before`): with `norm` set, VariantMLP would also
+    # compute an unused BN after every activation in every arm.
+    return VariantMLP(
+        (width,) * DEPTH, 10, alt_norm=bnlab.linen.BatchNorm, init_scheme="he"
     )
 
 
-def _figure(ctx, steps_axis, curves, thresholds) -> None:
+def post_init(variables, hp):
+    return set_gates(variables, alt_before=hp["bn"], sigmoid=hp["sigmoid"])
+
+
+def select_arms(variables: dict, indices: list[int]) -> dict:
+    """The variables of some arms (leading axis), in the given order."""
+    i = np.asarray(indices)
+    return jax.tree.map(lambda v: v[i], variables)
+
+
+def make_accuracy(model):
+    """``accuracy(variables, x, y)``: the accuracy of every arm (leading axis
+    of ``variables``) with its running statistics, compiled once."""
+
+    @jax.jit
+    def correct(v, xb, yb):
+        def one(vi):
+            return jnp.sum(jnp.argmax(model.apply(vi, xb, train=False), -1) == yb)
+
+        return jax.vmap(one)(v)
+
+    def accuracy(variables: dict, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        total = sum(
+            np.asarray(correct(variables, x[i : i + 2000], y[i : i + 2000]))
+            for i in range(0, len(x), 2000)
+        )
+        return total / len(x)
+
+    return accuracy
+
+
+def steps_ratio(num, den, run_length: int) -> tuple[list[float], int, int]:
+    """Per-seed ``num / den`` of steps-to-threshold (None: never reached):
+    a ``den`` that never gets there counts as the run length (a lower bound,
+    so the ratio is an upper bound); a ``num`` that never gets there makes
+    the ratio infinite. Returns the ratios and the two counts of 'never'."""
+    ratios = []
+    for a, b in zip(num, den, strict=True):
+        b_ = run_length if b is None else b
+        ratios.append(np.inf if a is None else a / b_)
+    return ratios, sum(a is None for a in num), sum(b is None for b in den)
+
+
+def arm_indices(result, hparams: dict, seeds) -> list[int]:
+    """Indices of the arms with exactly these hyper-parameters, in seed order."""
+    return [
+        next(a.index for a in result.arms if a.seed == s and a.hparams == hparams)
+        for s in seeds
+    ]
+
+
+def run(ctx: P.Context) -> P.Outcome:
+    data = ctx.data
+    width = ctx.pick(64, 128)
+    steps = ctx.steps(300, 2000, 20)
+    # a multiple or divisor of fit's 100-step chunks: one compiled chunk length
+    every = ctx.every(20, 100, 5)
+    model = make_model(width)
+    common = dict(
+        optimizer=lambda hp: optax.sgd(hp["lr"], momentum=0.9),
+        post_init=post_init,
+        # no dropout: without RNG streams VariantMLP draws no dropout masks
+        rng_streams=(),
+        steps=steps,
+        batch_size=128,
+        eval_every=every,
+        # the test set only reports: evaluated once, at the end
+        data=data._replace(x_test=None, y_test=None),
+    )
+    no_bn = ctx.fit(
+        "without_bn",
+        model,
+        hparams=[
+            {"bn": 0.0, "sigmoid": float(arm == "Sigmoid"), "lr": lr}
+            for arm, grid in LRS.items()
+            for lr in grid
+        ],
+        **common,
+    )
+    tuned = {
+        arm: P.tune(
+            no_bn,
+            where={"bn": 0.0, "sigmoid": float(arm == "Sigmoid")},
+            report="val_accuracy",
+        )
+        for arm in LRS
+    }
+    eta = tuned["Baseline"].value
+    with_bn = ctx.fit(
+        "with_bn",
+        model,
+        hparams=[
+            {"bn": 1.0, "sigmoid": sig, "lr": mult * eta}
+            for sig, mult in BN_ARMS.values()
+        ],
+        **common,
+    )
+    eval_steps, _ = no_bn.curve("val_accuracy")
+    hp = {
+        "Baseline": {"bn": 0.0, "sigmoid": 0.0, "lr": eta},
+        "Sigmoid": {"bn": 0.0, "sigmoid": 1.0, "lr": tuned["Sigmoid"].value},
+        **{
+            arm: {"bn": 1.0, "sigmoid": sig, "lr": mult * eta}
+            for arm, (sig, mult) in BN_ARMS.items()
+        },
+    }
+    results = {arm: no_bn if arm in LRS else with_bn for arm in hp}
+    idx = {arm: arm_indices(results[arm], hp[arm], ctx.seeds) for arm in hp}
+    curves = {
+        arm: results[arm].curve("val_accuracy")[1][:, idx[arm]] for arm in hp
+    }  # (evals, seeds)
+    plateau = float(tuned["Baseline"].val[tuned["Baseline"].index])
+    threshold = THRESHOLD_FRACTION * plateau
+    to = {
+        arm: [
+            P.steps_to(eval_steps, curves[arm][:, i], threshold)
+            for i in range(len(ctx.seeds))
+        ]
+        for arm in hp
+    }
+    accuracy = make_accuracy(model)
+    test = {
+        arm: accuracy(
+            select_arms(results[arm].variables, idx[arm]), data.x_test, data.y_test
+        )
+        for arm in hp
+    }
+    # a stopped (diverged) arm keeps its last finite state; count it at chance
+    for arm in hp:
+        stopped = [results[arm].stopped_at[i] is not None for i in idx[arm]]
+        test[arm] = np.where(stopped, 0.1, test[arm])
+
+    def ratio(a, b):
+        r, never_a, never_b = steps_ratio(to[a], to[b], steps)
+        return P.ratio_ci(
+            r,
+            np.ones(len(r)),
+            note=f"{a} never reached it: {never_a} seed(s) (ratio infinite); "
+            f"{b} never reached it: {never_b} (counted as {steps} steps)",
+        )
+
+    measured = {
+        "bn_faster": ratio("BN-Baseline", "Baseline"),
+        "more_so_at_5x": ratio("BN-x5", "BN-Baseline"),
+        "sigmoid_without_bn": P.mean_ci(test["Sigmoid"]),
+        "sigmoid_with_bn": P.ratio_ci(test["BN-x5-Sigmoid"], test["Baseline"]),
+    }
+    reported = {
+        "steps to the threshold, BN-x5 / Baseline": ratio("BN-x5", "Baseline"),
+        "steps to the threshold, BN-x30 / Baseline": ratio("BN-x30", "Baseline"),
+        "test accuracy, BN-x30 - Baseline (paired by seed)": P.paired_ci(
+            test["BN-x30"], test["Baseline"]
+        ),
+    }
+    table = []
+    for arm in hp:
+        table.append(
+            {
+                "arm": arm,
+                "lr": hp[arm]["lr"],
+                "lr chosen from (validation)": ", ".join(
+                    f"{lr:g}: {v:.3f}"
+                    for lr, v in zip(tuned[arm].grid, tuned[arm].val, strict=True)
+                )
+                if arm in tuned
+                else f"{hp[arm]['lr'] / eta:g} x Baseline's",
+                f"steps to {threshold:.3f} (validation), per seed": ", ".join(
+                    "never" if s is None else str(s) for s in to[arm]
+                ),
+                "test accuracy at the end (95% interval)": P.fmt(P.mean_ci(test[arm])),
+            }
+        )
+    records = [
+        {
+            "arm": arm,
+            "seed": s,
+            "lr": hp[arm]["lr"],
+            "steps_to_threshold": to[arm][i],
+            "threshold": threshold,
+            "test_accuracy": test[arm][i],
+        }
+        for arm in hp
+        for i, s in enumerate(ctx.seeds)
+    ]
+    figure = _figure(ctx, eval_steps, curves, threshold)
+    return P.Outcome(
+        measured,
+        table=table,
+        figures=[figure],
+        records=records,
+        reported=reported,
+        notes=(
+            f"{ctx.data_name}; MLP {DEPTH} x {width}, He init; SGD momentum 0.9, "
+            f"{steps} steps of 128, validation every {every} steps. Rates chosen on "
+            f"validation: Baseline eta = {eta:g} from {LRS['Baseline']}, sigmoid "
+            f"without BN {tuned['Sigmoid'].value:g} from {LRS['Sigmoid']}. "
+            f"Threshold {THRESHOLD_FRACTION:g} x the Baseline's validation plateau "
+            f"({plateau:.3f}). A diverged arm's test accuracy counts as chance."
+        ),
+    )
+
+
+def _figure(ctx, eval_steps, curves, threshold) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for arm, acc in curves.items():
+    for arm, c in curves.items():
         ls = "-" if arm.startswith("BN") else "--"
-        ax.plot(steps_axis, np.nanmean(acc, 1), ls, label=arm)
-    ax.axhline(thresholds[2], color="k", lw=0.6, ls=":")
+        ax.plot(eval_steps, np.nanmean(c, 1), ls, label=arm)
+    ax.axhline(threshold, color="k", lw=0.6, ls=":", label="threshold")
     ax.set_ylim(0, 1)
     ax.set_xlabel("training step")
-    ax.set_ylabel("test accuracy (mean over seeds)")
+    ax.set_ylabel("validation accuracy (mean over seeds)")
     ax.set_title("Miniature of Ioffe & Szegedy Fig. 2/3")
     ax.legend(fontsize=7, ncol=2)
-    ctx.save_figure(fig, "curves")
+    return ctx.save_figure(fig, "curves")
 
 
 if __name__ == "__main__":
-    raise SystemExit(H.main(run, NAME))
+    from experiments.reproduce import main
+
+    raise SystemExit(main(NAME))
