@@ -1,125 +1,357 @@
-"""Batch renormalization vs BN (Ioffe 2017, arXiv:1702.03275): with tiny
-micro-batches and with non-i.i.d. batches, training with batch statistics
-does not match inference with running statistics; renorm corrects it.
+"""Batch renormalization vs BN (Ioffe 2017, arXiv:1702.03275): when the
+examples BN normalizes over are few (micro-batches) or not i.i.d., the
+batch statistics seen in training differ from the population statistics
+used at inference; renorm's correction (r, d) removes the mismatch.
 
-3 x 128 ReLU MLP on Fashion-MNIST (quick: digits, 3 x 64), SGD momentum 0.9,
-3000 steps (quick: 1000): (i) micro-batches of 4 i.i.d. examples, lr 0.01;
-(ii) batches of 32 drawn from only 2 classes each (16 + 16), lr 0.05. BN vs
-batch renorm with the paper's schedule scaled to the run (r_max 1 -> 3 by
-50%, d_max 0 -> 5 by 30%, plain BN for the first 5%). Inference uses the
-running statistics (BN momentum 0.99). Final test accuracy, means over
-seeds.
+A 3-layer ReLU MLP (He init) whose normalization is BN or batch renorm as a
+per-arm switch of one program (:class:`RenormMLP`: renorm with ``r_max = 1,
+d_max = 0`` is BN exactly, so the switch is the arm's ``r_max`` / ``d_max``
+schedule, passed through ``fit``'s ``train_kwargs``; arms of one seed start
+from the same weights). SGD with momentum 0.9, batches of 32, as
+in Ioffe's two experiments:
 
-    python -m experiments.renorm_small_batch [--quick] [--seeds N] [--out DIR]
+- micro-batches: each batch of 32 i.i.d. examples is normalized as 8
+  micro-batches of 4, each with its own statistics (the loss is over the
+  whole batch; the running statistics follow the whole batch);
+- non-i.i.d.: each batch of 32 holds 2 classes, 16 examples of each (the
+  earlier design, kept), normalized together; reported beside it, Ioffe's
+  own variant, 16 pairs of examples of the same class per batch. ``fit`` has
+  no sampler, so the training set is rebuilt as class-pure groups (an
+  example is a group of 16, or 2, examples of one class; the model flattens
+  groups into rows and the loss scores every row): fit's per-seed shuffle
+  then draws random groups. Groups are fixed (each example keeps its group
+  across epochs), where Ioffe drew fresh pairs every step. With 10 classes,
+  pairs change little: an i.i.d. batch of 32 holds about 9.7 distinct
+  classes and one of 16 pairs about 8.5, where on ImageNet pairs halve them.
+
+Renorm follows the paper's schedule scaled to the run (plain BN for the
+first 5 %, r_max 1 -> 3 by 50 %, d_max 0 -> 5 by 30 %). Every variant gets
+its own lr grid, chosen on validation; inference uses the running
+statistics (momentum 0.99).
 """
 
 from __future__ import annotations
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 import bnlab
-from experiments import _harness as H
-from experiments._models import MLP, bn_factory
+from bnlab.models import kernel_init
+from experiments import protocol as P
 
 NAME = "renorm_small_batch"
 CLAIM = (
-    "Batch renormalization beats BN by >= 2 points with micro-batches of 4 and "
-    "with non-i.i.d. batches (Ioffe 2017)."
+    "Batch renormalization beats BN with micro-batches of 4 and with non-i.i.d. "
+    "batches (Ioffe 2017)."
 )
+# lr grid per setting (the same for both variants), placed by quick pilots
+# (2026-12-01) around both variants' best: 2-class batches want a smaller lr
+LRS = {
+    "micro": (0.01, 0.03, 0.1),
+    "classes2": (0.001, 0.003, 0.01),
+    "pairs": (0.003, 0.01, 0.03),
+}
+BATCH = 32
+MICRO = 4
+VARIANTS = {0: "BN", 1: "batch renorm"}
+GROUP = {"classes2": BATCH // 2, "pairs": 2}  # class-pure group sizes
+SETTINGS = {
+    "micro": f"micro-batches of {MICRO} (batch {BATCH})",
+    "classes2": f"non-i.i.d.: 2 classes per batch ({BATCH // 2} + {BATCH // 2})",
+    "pairs": f"non-i.i.d.: {BATCH // 2} class-pure pairs per batch (Ioffe's)",
+}
+_SRC = (
+    "Ioffe 2017 (small and non-i.i.d. minibatches: renorm several points above "
+    "BN); threshold of the earlier design (2026-11-20), kept"
+)
+CRITERIA = [
+    P.Criterion(
+        "micro_batches",
+        f"micro-batches of {MICRO}: renorm - BN test accuracy (paired by seed, each "
+        "at its lr chosen on validation)",
+        ">=",
+        0.02,
+        _SRC,
+    ),
+    P.Criterion(
+        "non_iid",
+        "non-i.i.d. batches (2 classes per batch): renorm - BN test accuracy",
+        ">=",
+        0.02,
+        _SRC,
+    ),
+]
+HISTORY = [
+    {
+        "date": "2026-11-20",
+        "criterion": "renorm - BN >= 2 points on mean final test accuracy (3 seeds, "
+        "fixed lr): (i) batches of 4, lr 0.01; (ii) batches of 32 drawn from 2 "
+        "classes each, lr 0.05",
+        "result": "PASS: 3.7 and 49.1 points (means, no interval)",
+        "why": "no interval, 3 seeds, no lr tuned per variant (issue 16); (i) used a "
+        "batch of 4 where Ioffe normalizes micro-batches of 4 inside a batch of "
+        "32 (now as Ioffe); (ii) is kept, and Ioffe's class-pure pairs are "
+        "reported beside it",
+    },
+    {
+        "date": "2026-12-01",
+        "criterion": "non-i.i.d. as Ioffe's 16 class-pure pairs per batch of 32: "
+        "renorm - BN >= 2 points (quick-scale pilot, 5 seeds, lr tuned)",
+        "result": "FAIL at quick: -0.07 points [-1.4, 1.3]",
+        "why": "with 10 classes, pairs leave batches nearly i.i.d. (about 8.5 "
+        "distinct classes of 32 examples against 9.7), where on ImageNet they halve "
+        "the classes per batch; the criterion went back to the earlier design's 2 "
+        "classes per batch, and the pairs are reported",
+    },
+]
 
 
-def non_iid_sampler(y: np.ndarray, batch: int, classes_per_batch: int = 2):
-    by_class = [np.flatnonzero(y == c) for c in range(int(y.max()) + 1)]
-
-    def sample(seed: int, step: int) -> np.ndarray:
-        rng = np.random.default_rng([seed, step, 7])
-        cls = rng.choice(len(by_class), classes_per_batch, replace=False)
-        per = batch // classes_per_batch
-        return np.concatenate([rng.choice(by_class[c], per) for c in cls])
-
-    return sample
+# ------------------------------------------------------------------ model
 
 
-def run(ctx: H.Context) -> dict:
-    width = ctx.pick(64, 128)
-    steps = ctx.steps(1000, 3000)
-    seeds = list(range(ctx.seeds))
-    r_sched, d_sched = bnlab.renorm_schedules(
+class GroupRenorm(nn.Module):
+    """Batch renorm (BN when ``r_max = 1, d_max = 0``) over ``groups``
+    contiguous groups of the batch, each with its own statistics; the
+    running statistics follow the whole batch's exact moments."""
+
+    groups: int = 1
+    momentum: float = 0.99
+
+    @nn.compact
+    def __call__(self, x, train: bool, r_max=1.0, d_max=0.0):
+        f = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (f,))
+        bias = self.param("bias", nn.initializers.zeros, (f,))
+        mean = self.variable("batch_stats", "mean", jnp.zeros, (f,))
+        var = self.variable("batch_stats", "var", jnp.ones, (f,))
+        stats = bnlab.BatchStats(mean.value, var.value)
+        if not train:
+            return bnlab.batch_norm(x, stats, scale, bias, train=False)[0]
+
+        def renorm(xg):
+            return bnlab.batch_renorm(
+                xg,
+                stats,
+                scale,
+                bias,
+                train=True,
+                r_max=r_max,
+                d_max=d_max,
+                momentum=self.momentum,
+            )
+
+        if self.groups == 1:
+            y, new = renorm(x)
+        else:
+            n = x.shape[0]
+            y = jax.vmap(lambda xg: renorm(xg)[0])(
+                x.reshape(self.groups, n // self.groups, f)
+            ).reshape(n, f)
+            new = bnlab.batch_norm(x, stats, train=True, momentum=self.momentum)[1]
+        if not self.is_initializing():
+            mean.value, var.value = new.mean, new.var
+        return y
+
+
+class RenormMLP(nn.Module):
+    """Dense -> (renorm | BN) -> ReLU layers. Inputs may carry extra leading
+    axes (pairs ``(b, 2, features)``): rows are flattened for the layers and
+    the outputs get the leading axes back. ``r_max`` / ``d_max`` come per
+    training step through ``fit``'s ``train_kwargs``."""
+
+    widths: tuple[int, ...]
+    num_outputs: int = 10
+    groups: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool, r_max=1.0, d_max=0.0):
+        lead = x.shape[:-1]
+        h = x.reshape(-1, x.shape[-1])
+        k_init = kernel_init("he")
+        for width in self.widths:
+            h = nn.Dense(width, use_bias=False, kernel_init=k_init)(h)
+            h = nn.relu(GroupRenorm(self.groups)(h, train, r_max, d_max))
+        out = nn.Dense(self.num_outputs, kernel_init=k_init)(h)
+        return out.reshape(*lead, self.num_outputs)
+
+
+def schedule(steps: int):
+    """``train_kwargs``: the renorm schedule for arms with ``renorm = 1``,
+    ``r_max = 1, d_max = 0`` (BN) for the others."""
+    r, d = bnlab.renorm_schedules(
         warmup_steps=max(steps // 20, 1),
         r_max_step=max(steps // 2, 2),
         d_max_step=max(3 * steps // 10, 2),
     )
-    settings = {
-        "micro-batch 4": {"batch": 4, "lr": 0.01, "sampler": None},
-        "non-iid (2 classes / batch)": {
-            "batch": 32,
-            "lr": 0.05,
-            "sampler": non_iid_sampler(ctx.data.y_train, 32),
-        },
-    }
-    acc = {}
-    for setting, cfg in settings.items():
-        for variant in ("BN", "renorm"):
-            model = MLP(
-                widths=(width,) * 3,
-                activation="relu",
-                norm="before",
-                norm_layer=bn_factory(renorm=variant == "renorm"),
-            )
-            r = H.train_group(
-                ctx,
-                H.Group(
-                    name=f"{'micro' if cfg['batch'] == 4 else 'noniid'}_{variant}",
-                    model=model,
-                    seeds=seeds,
-                    hparams={"lr": [cfg["lr"]] * len(seeds)},
-                    make_tx=H.momentum_sgd,
-                    steps=steps,
-                    batch_size=cfg["batch"],
-                    eval_every=ctx.every(250, 500),
-                    sampler=cfg["sampler"],
-                    train_kwargs=(
-                        lambda t: {
-                            "norm_kwargs": {"r_max": r_sched(t), "d_max": d_sched(t)}
-                        }
-                    )
-                    if variant == "renorm"
-                    else None,
-                ),
-            )
-            acc[(setting, variant)] = r.test_accuracy[-1].tolist()
-    checks = []
-    for setting in settings:
-        gain = float(np.mean(acc[(setting, "renorm")]) - np.mean(acc[(setting, "BN")]))
-        checks.append(
-            H.check(
-                f"{setting}: renorm - BN final test accuracy",
-                gain,
-                ">= 0.02 (2 points)",
-                gain >= 0.02,
-            )
-        )
-    table = [
-        {
-            "setting": s,
-            "BN": H.fmt(*H.mean_spread(acc[(s, "BN")])),
-            "batch renorm": H.fmt(*H.mean_spread(acc[(s, "renorm")])),
+
+    def kwargs(step, hp):
+        on = hp["renorm"] > 0.5
+        return {
+            "r_max": jnp.where(on, r(step), 1.0),
+            "d_max": jnp.where(on, d(step), 0.0),
         }
-        for s in settings
-    ]
-    records = [
-        {"setting": s, "variant": v, "test_accuracy": a} for (s, v), a in acc.items()
-    ]
-    return H.write_outputs(
-        ctx,
-        CLAIM,
-        checks,
-        records,
-        table,
-        [],
-        notes=f"{'digits' if ctx.quick else 'Fashion-MNIST'}, MLP 3 x {width}, {steps} steps; inference with running statistics.",
+
+    return kwargs
+
+
+# ------------------------------------------------------------------- data
+
+
+def grouped_dataset(ds, k: int):
+    """``ds`` with every split as groups ``(n, k, features)``: training
+    groups hold ``k`` examples of one class (a fixed random grouping per
+    class; the remainder of a class is dropped); validation and test groups
+    are consecutive examples (inference uses running statistics, so their
+    grouping does not matter; the last ``len % k`` examples are dropped)."""
+    rng = np.random.default_rng([0, 1702])
+    groups = []
+    for c in np.unique(ds.y_train):
+        members = rng.permutation(np.flatnonzero(ds.y_train == c))
+        groups.append(members[: len(members) // k * k].reshape(-1, k))
+    groups = np.concatenate(groups)
+
+    def consecutive(x, y):
+        n = len(y) // k * k
+        return x[:n].reshape(n // k, k, -1), y[:n].reshape(n // k, k)
+
+    x_val, y_val = consecutive(ds.x_val, ds.y_val)
+    x_test, y_test = consecutive(ds.x_test, ds.y_test)
+    return ds._replace(
+        x_train=ds.x_train[groups],
+        y_train=ds.y_train[groups],
+        x_val=x_val,
+        y_val=y_val,
+        x_test=x_test,
+        y_test=y_test,
     )
 
 
+# -------------------------------------------------------------------- run
+
+
+def run(ctx: P.Context) -> P.Outcome:
+    width, depth = 64, 3
+    steps = ctx.steps(600, 1000, smoke=20)
+    every = max(steps // 4, 1)
+    groups = {"micro": BATCH // MICRO, "classes2": 1, "pairs": 1}
+    data = {"micro": ctx.data}
+    batch = {"micro": BATCH}
+    for s, k in GROUP.items():  # an example is a group of k
+        data[s], batch[s] = grouped_dataset(ctx.data, k), BATCH // k
+    tuned, results = {}, {}
+    for s in SETTINGS:
+        results[s] = ctx.fit(
+            s,
+            RenormMLP((width,) * depth, 10, groups=groups[s]),
+            hparams=[{"renorm": float(v), "lr": lr} for v in VARIANTS for lr in LRS[s]],
+            optimizer=lambda hp: optax.sgd(hp["lr"], momentum=0.9),
+            train_kwargs=schedule(steps),
+            steps=steps,
+            batch_size=batch[s],
+            eval_every=every,
+            data=data[s],
+        )
+        for v in VARIANTS:
+            tuned[(s, v)] = P.tune(results[s], where={"renorm": float(v)})
+    measured = {
+        "micro_batches": P.paired_ci(
+            tuned[("micro", 1)].report, tuned[("micro", 0)].report
+        ),
+        "non_iid": P.paired_ci(
+            tuned[("classes2", 1)].report, tuned[("classes2", 0)].report
+        ),
+    }
+    reported = {
+        "non-i.i.d., Ioffe's class-pure pairs: renorm - BN test accuracy": (
+            P.paired_ci(tuned[("pairs", 1)].report, tuned[("pairs", 0)].report)
+        )
+    }
+    table = [
+        {
+            "setting": label,
+            "variant": VARIANTS[v],
+            "chosen lr (validation)": _lr(tuned[(s, v)]),
+            "validation accuracy by lr": ", ".join(
+                f"{lr:g}: {a:.3f}"
+                for lr, a in zip(LRS[s], tuned[(s, v)].val, strict=True)
+            ),
+            "test accuracy (95% interval)": P.fmt(P.mean_ci(tuned[(s, v)].report)),
+        }
+        for s, label in SETTINGS.items()
+        for v in VARIANTS
+    ]
+    records = [
+        {
+            "setting": s,
+            "variant": VARIANTS[v],
+            "lr": tuned[(s, v)].value,
+            "seed": seed,
+            "test_accuracy": float(a),
+        }
+        for s in SETTINGS
+        for v in VARIANTS
+        for seed, a in zip(ctx.seeds, tuned[(s, v)].report, strict=True)
+    ]
+    figure = _figure(ctx, results, tuned)
+    grids = "; ".join(f"{SETTINGS[k]} {v}" for k, v in LRS.items())
+    k16 = GROUP["classes2"]
+    kept_val = len(data["classes2"].y_val) * k16
+    kept_test = len(data["classes2"].y_test) * k16
+    return P.Outcome(
+        measured,
+        reported=reported,
+        table=table,
+        figures=[figure],
+        records=records,
+        notes=(
+            f"{ctx.data_name}; MLP {depth} x {width}, ReLU, He init; {steps} steps of "
+            f"SGD (momentum 0.9), {BATCH} examples per batch; lr grids: {grids}, "
+            "each variant's chosen on validation (mean of the last 3 evaluations); "
+            "test accuracy with running statistics (momentum 0.99), mean of the "
+            f"last 3 evaluations. With groups of {k16}, validation and test keep "
+            f"{kept_val} and {kept_test} examples (the remainder of a group is "
+            "dropped)."
+        ),
+    )
+
+
+def _lr(t: P.Tuned) -> str:
+    """The chosen lr, flagged when it is an end of its grid."""
+    return f"{t.value:g}" + (" (grid edge)" if t.index in (0, len(t.grid) - 1) else "")
+
+
+def _figure(ctx, results, tuned) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(SETTINGS), figsize=(16, 4), sharey=True)
+    for ax, (s, label) in zip(axes, SETTINGS.items(), strict=True):
+        steps, _ = results[s].curve("test_accuracy")
+        for v, color in ((0, "tab:gray"), (1, "tab:blue")):
+            _, acc = P.grid_by_hparams(
+                results[s], "test_accuracy", "lr", {"renorm": float(v)}
+            )
+            curve = acc[:, tuned[(s, v)].index, :]
+            ax.plot(
+                steps,
+                np.nanmean(curve, 1),
+                "o-",
+                color=color,
+                label=f"{VARIANTS[v]} (lr {tuned[(s, v)].value:g})",
+            )
+            ax.fill_between(
+                steps, np.nanmin(curve, 1), np.nanmax(curve, 1), color=color, alpha=0.2
+            )
+        ax.set_title(label)
+        ax.set_xlabel("training step")
+        ax.legend()
+    axes[0].set_ylabel("test accuracy, running statistics (band: min-max)")
+    return ctx.save_figure(fig, "renorm")
+
+
 if __name__ == "__main__":
-    raise SystemExit(H.main(run, NAME))
+    from experiments.reproduce import main
+
+    raise SystemExit(main(NAME))
