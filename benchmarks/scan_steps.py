@@ -1,9 +1,11 @@
-"""Why the full ResNet experiment steps from Python: XLA:CPU and ``lax.scan``.
+"""Why conv nets train with a few unrolled steps per call on CPU: XLA:CPU
+and ``lax.scan``.
 
 One SGD step of ResNet-20 (bnlab BN, batch 32 of 28x28x1) timed two ways in
 the same run: a jitted step called from Python ``K`` times, and ``K`` steps
-inside one jitted ``lax.scan`` (what ``experiments._harness`` does for MLPs
-between evaluations). Seconds per step, best of 3 rounds' medians.
+inside one jitted ``lax.scan`` (what ``bnlab.train.fit`` does between
+evaluations; ``fit(..., steps_per_call=K, unroll=True)`` unrolls them).
+Seconds per step, best of 3 rounds' medians.
 
     python -m benchmarks.scan_steps            # K = 5
     python -m benchmarks.scan_steps --smoke
