@@ -216,3 +216,91 @@ def test_lanczos_finds_the_outliers_and_bulk_edge_of_a_known_spectrum():
     # the extreme Ritz values converge first: outliers to float32 precision
     np.testing.assert_allclose(ritz[-2:], exact[-2:], rtol=1e-4)
     assert ritz[-3] <= exact[-3] + 1e-3  # the bulk edge, approached from below
+
+
+def test_geometric_rate_recovers_the_ratio_of_a_geometric_sequence():
+    # values = c * r**i: log-linear, so the least-squares slope is log(r)
+    # exactly; the ends left out by `skip` may be anything.
+    seq = 3.0 * 1.467 ** np.arange(20.0)
+    assert abs(float(dg.geometric_rate(jnp.asarray(seq, jnp.float32))) - 1.467) < 1e-5
+    ends = seq.copy()
+    ends[:2], ends[-2:] = 1e-3, 1e9  # boundary layers off the trend
+    assert abs(float(dg.geometric_rate(jnp.asarray(ends), skip=2)) - 1.467) < 1e-5
+    assert abs(float(dg.geometric_rate(jnp.asarray(seq[::-1]))) - 1 / 1.467) < 1e-6
+    with pytest.raises(ValueError, match="at least 2 values after leaving out skip=2"):
+        dg.geometric_rate(jnp.ones(5), skip=2)
+
+
+def test_radial_cosine_is_zero_for_weights_followed_by_bn():
+    # A Dense kernel followed by BN (training mode) is scale invariant, so its
+    # gradient is orthogonal to it up to BN's epsilon (eps / var ~ 1e-5 here);
+    # the readout, not followed by BN, is not: cosine of order 1 / sqrt(n).
+    model = _LinearBN()
+    x = jax.random.normal(jax.random.key(6), (64, 5))
+    y = (x[:, 0] > 0).astype(jnp.int32)
+    v = model.init(jax.random.key(7), x, train=False)
+
+    def loss(p):
+        out, _ = model.apply({**v, "params": p}, x, train=True, mutable=["batch_stats"])
+        return jnp.mean(jnp.square(out[:, 0] - y.astype(jnp.float32)))
+
+    g = jax.grad(loss)(v["params"])
+    cos = dg.radial_cosine(g, v["params"])
+    assert abs(float(cos["Dense_0"])) < 1e-4
+    assert abs(float(cos["Dense_1"])) > 1e-2
+    # analytic cases: a radial loss (cosine 1) and a direction-only loss (0)
+    w = {"a": jnp.array([3.0, -4.0, 12.0])}
+    radial = dg.radial_cosine(jax.grad(lambda p: jnp.sum(p["a"] ** 2))(w), w)
+    assert abs(float(radial["<root>"]) - 1.0) < 1e-6
+    u = jnp.array([1.0, 2.0, -1.0])
+    angular = jax.grad(lambda p: jnp.vdot(u, p["a"] / jnp.linalg.norm(p["a"])))(w)
+    assert abs(float(dg.radial_cosine(angular, w)["<root>"])) < 1e-6
+    with pytest.raises(ValueError, match="grads and params differ"):
+        dg.radial_cosine({"a": jnp.ones(2), "b": jnp.ones(2)}, {"a": jnp.ones(2)})
+
+
+def test_equilibrium_ratio_is_one_at_the_fixed_point_of_the_norm_dynamics():
+    # For a scale-invariant weight, ||g||^2 = G / ||w||^2 (G the squared
+    # gradient norm at unit norm) and SGD with weight decay gives exactly
+    # u' = (1 - lr wd)^2 u + lr^2 G / u for u = ||w||^2. Iterated from far
+    # below and far above, u converges to the equilibrium, where the ratio is 1;
+    # before that the ratio says which way the norm moves (> 1: it grows).
+    lr, wd, big_g = 0.5, 5e-3, 3.0
+    for u in (1e-2, 1e2):
+        first = float(dg.equilibrium_ratio(lr, wd, big_g / u, u))
+        assert (first > 1) == (u < 1)
+        for _ in range(20000):  # 4 lr wd T = 200 relaxation times
+            u = (1 - lr * wd) ** 2 * u + lr**2 * big_g / u
+        assert abs(float(dg.equilibrium_ratio(lr, wd, big_g / u, u)) - 1.0) < 1e-5
+    # and the equilibrium norm follows ||w||^4 = lr G / (wd (2 - lr wd))
+    assert abs(u**2 - lr * big_g / (wd * (2 - lr * wd))) < 1e-6 * u**2
+
+
+def test_exp_lr_factor_makes_sgd_without_wd_equal_sgd_with_wd():
+    # Li & Arora 2020, Thm. 1.1 without momentum, on a scale-invariant loss
+    # L(w) = |A w / ||w|| - b|^2 (float64 numpy): plain SGD with wd and plain
+    # SGD without wd at lr * exp_lr_factor(t) keep the same direction at every
+    # step, and the second's norm is the first's times (1 - lr wd)^(-t).
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, 8)), rng.normal(size=5)
+
+    def grad(w):
+        n = np.linalg.norm(w)
+        u = w / n
+        gu = a.T @ (a @ u - b)
+        return (gu - u * (u @ gu)) / n
+
+    lr, wd, steps = 0.2, 0.02, 150
+    factors = np.asarray(
+        dg.exp_lr_factor(jnp.arange(steps), jnp.float32(lr), jnp.float32(wd)),
+        np.float64,
+    )
+    w = rng.normal(size=8)
+    w_exp = w.copy()
+    for t in range(steps):
+        w = w - lr * (grad(w) + wd * w)
+        w_exp = w_exp - lr * factors[t] * grad(w_exp)
+    direction = w / np.linalg.norm(w) - w_exp / np.linalg.norm(w_exp)
+    assert np.linalg.norm(direction) < 1e-5  # float32 factors
+    ratio = np.linalg.norm(w_exp) / np.linalg.norm(w)
+    assert abs(ratio / (1 - lr * wd) ** -steps - 1) < 1e-5
