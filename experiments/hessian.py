@@ -62,6 +62,17 @@ CRITERIA = [
         "Ghorbani et al. 2019 sec. 4 (outliers return in evaluation mode); the "
         "factor 2 of the earlier design, kept",
     ),
+    P.Criterion(
+        "outliers_over_bulk",
+        f"outlier ratio lambda_1 / lambda_{BULK} (the top Ritz value over the bulk "
+        "edge), no BN / BN with batch statistics (per seed, geometric mean over the "
+        "points after initialization)",
+        ">",
+        1.0,
+        "Ghorbani et al. 2019 Figs. 3-4 measure outliers against the bulk; a ratio "
+        "of top eigenvalues alone also moves with the weights' scale, which BN "
+        "changes (added 2026-12-01 before the full run, from a pre-run review)",
+    ),
 ]
 HISTORY = [
     {
@@ -152,6 +163,11 @@ def run(ctx: P.Context) -> P.Outcome:
         "no_bn_over_bn": P.ratio_ci(along(top[NETS[0]], top[NETS[1]]), ones, note),
         "population_over_batch": P.ratio_ci(
             along(top[NETS[2]], top[NETS[1]]), ones, note
+        ),
+        "outliers_over_bulk": P.ratio_ci(
+            along(top[NETS[0]] / edge[NETS[0]], top[NETS[1]] / edge[NETS[1]]),
+            ones,
+            note,
         ),
     }
     reported = {

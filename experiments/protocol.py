@@ -146,10 +146,19 @@ def ratio_ci(a: Sequence[float], b: Sequence[float], note: str = "") -> Measured
 
 
 def steps_to(steps: Sequence[int], values: Sequence[float], threshold: float):
-    """First step at which ``values`` reaches ``threshold`` (None if never)."""
+    """The step at which ``values`` first reaches ``threshold``, interpolated
+    linearly between the evaluation before and the one that reaches it (so
+    that a ratio of two such steps is not rounded to the evaluation grid);
+    the first evaluation's step if it already does; None if never."""
+    prev = None
     for s, v in zip(steps, values, strict=True):
-        if v is not None and np.isfinite(v) and v >= threshold:
-            return int(s)
+        ok = v is not None and np.isfinite(v)
+        if ok and v >= threshold:
+            if prev is None:
+                return float(s)
+            s0, v0 = prev
+            return float(s0 + (s - s0) * (threshold - v0) / (v - v0))
+        prev = (s, v) if ok else None
     return None
 
 

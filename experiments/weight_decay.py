@@ -66,7 +66,9 @@ EPS = 1e-5  # BN epsilon (bnlab's default)
 SCALES = (0.1, 10.0)  # rescaling factors of the invariance checks
 PROBE_BATCHES = 8
 EQUIVALENCE_MARGIN = 0.01
-EQUILIBRIUM_TOLERANCE = math.log(1.25)
+# the first design's +-log(1.5) on the ratio lr E||g||^2 / (wd (2 - lr wd)
+# ||w||^2), which is ||w||_eq^4 / ||w||^4, stated on the norm
+EQUILIBRIUM_TOLERANCE = math.log(1.5) / 4
 CRITERIA = [
     P.Criterion(
         "rescale_invariance",
@@ -85,7 +87,8 @@ CRITERIA = [
         "<=",
         1e-3,
         "van Laarhoven 2017 eq. 8 (<dL/dw, w> = 0); 1e-3 is > 10x below the "
-        "cosine of two random vectors of these sizes (1/sqrt(n) > 0.009) and "
+        "cosine of two random vectors of these sizes (1/sqrt(n): 0.009 for the "
+        "quick scale's first layer, 0.003 for the full scale's) and "
         "> 10x above BN epsilon's effect (eps / var ~ 1e-5 to 1e-4)",
     ),
     P.Criterion(
@@ -115,10 +118,8 @@ CRITERIA = [
         "within",
         EQUILIBRIUM_TOLERANCE,
         "van Laarhoven 2017 sec. 3, Hoffer et al. 2018 eq. 7, Li & Arora 2020: the "
-        "equilibrium norm; tolerance 25 % of the norm: E||g||^2 keeps falling as "
-        "the loss falls, which moves ||w||_eq by ~20 % over the last three "
-        "evaluations (a quick-scale pilot), and the norm lags it by about one "
-        "relaxation time 1/(4 lr wd); frozen 2026-12-01 before the judging run",
+        "equilibrium norm; tolerance log(1.5) on the ratio ||w||_eq^4 / ||w||^4 "
+        "(the first design's, set before any pilot), i.e. about 10 % of the norm",
     ),
     P.Criterion(
         "exp_lr_matches_wd",
@@ -151,8 +152,18 @@ HISTORY = [
         "why": "E||g||^2 falls as the loss falls, so the equilibrium moves during "
         "the run and the norm lags it by about one relaxation time (the ratio "
         "stays below 1); the issue asks for the equilibrium *norm* within a "
-        "tolerance: the criterion is now log(||w|| / ||w||_eq) (= -log ratio / "
-        "4) within log(1.25). A full-scale probe (1 seed) gave -0.054",
+        "tolerance: the criterion was restated as log(||w|| / ||w||_eq) (= -log "
+        "ratio / 4) within log(1.25), which passed the pilot (0.115 [0.055, 0.176]). "
+        "A full-scale probe (1 seed) gave -0.054",
+    },
+    {
+        "date": "2026-12-01",
+        "criterion": "log(||w|| / ||w||_eq) within log(1.25), after the pilot above",
+        "result": "not run at full scale",
+        "why": "a pre-run review: log(1.25) on the norm is 2.2x looser than the first "
+        "design's log(1.5) on the ratio and was chosen after that pilot failed; the "
+        "tolerance is back to the first design's, stated on the norm (log(1.5) / "
+        "4), and the full run judges it",
     },
 ]
 
