@@ -157,11 +157,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     steps, rounds = (60, 1) if args.smoke else (args.steps, args.rounds)
     arm_counts, arm_steps, saves = (
-        ((1, 4), 20, 3) if args.smoke else ((1, 4, 16, 64), 400, 12)
+        ((1, 2), 10, 2) if args.smoke else ((1, 4, 16, 64), 400, 12)
     )
+    every = 20 if args.smoke else 200
     config = load_config(
         "digits",
-        [f"steps={steps}", "eval_every=200", "checkpoint_every=200"],
+        [f"steps={steps}", f"eval_every={every}", f"checkpoint_every={every}"],
     )
     dev = jax.devices()[0]
     device = f"{dev.platform}: {dev.device_kind}"

@@ -71,7 +71,7 @@ QUOTED = {
     "collectives": ("impl", "mode", "always", "conditional", "median_ms"),
     "throughput": ("impl", "step_ms", "images_per_s", "step_time_vs_flax"),
     "deep_small": ("impl", "ms_per_step", "ratio_to_flax_fast"),
-    "train_loop": ("fit_steps_per_sec", "minimal_steps_per_sec", "ratio"),
+    "train_loop": ("kind", "device"),
     "reductions": ("op", "ms", "vs_raw_moments"),
     "scan_steps": ("how", "s_per_step", "vs_python_loop"),
 }
@@ -86,6 +86,10 @@ MEASURED = {
     "ms_per_step",
     "fit_steps_per_sec",
     "minimal_steps_per_sec",
+    "one_program",
+    "sequential",
+    "blocked_ms",
+    "on_disk_ms",
     "ms",
     "s_per_step",
 }
@@ -127,9 +131,16 @@ def check_rows(script, result):
                 row[ratio], row[column] / baseline[column], rel_tol=1e-9
             ), (ratio, row, baseline)
     if script == "train_loop":
-        (row,) = rows
+        (row,) = [r for r in rows if r["kind"] == "loop"]
         expected = row["fit_steps_per_sec"] / row["minimal_steps_per_sec"]
         assert math.isclose(row["ratio"], expected, rel_tol=1e-9)
+        arms = [r for r in rows if r["kind"] == "arms"]
+        assert arms and all(
+            {"arms", "one_program", "sequential"} <= set(r) for r in arms
+        )
+        saves = [r for r in rows if r["kind"] == "checkpoint"]
+        assert [r["arms"] for r in saves] == [1, 16]
+        assert all(r["blocked_ms"] <= r["on_disk_ms"] for r in saves)
     if script == "collectives":
         # one all_gather forward, one psum backward, no branch (jaxpr counts)
         counts = {r["mode"]: r["always"] for r in rows if r["impl"] == "bnlab"}
