@@ -117,6 +117,32 @@ def test_impossible_device_split_fails_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("schedule", ["constant", "step", "cosine"])
+def test_preset_schedules_work_under_strict_promotion(schedule):
+    # A user's code may run strict promotion; optax's schedules mix Python
+    # floats with the int32 step count, which strict mode refuses.
+    from bnlab.train.presets import build_optimizer
+
+    config = load_config(
+        "digits", [f"schedule={schedule}", "steps=40", "step_every=10", "warmup_steps=5"]
+    )
+    tx = build_optimizer(config)
+    params = {"w": jnp.ones(3)}
+
+    @jax.jit
+    def step(opt_state):
+        updates, opt_state = tx.update({"w": jnp.ones(3)}, opt_state, params)
+        return updates["w"][0], opt_state
+
+    state = tx.init(params)
+    with jax.numpy_dtype_promotion("strict"):  # not this module's fixture
+        for _ in range(40):
+            update, state = step(state)
+    assert jnp.isfinite(update)
+    if schedule != "constant":  # the schedule has moved the step size
+        assert abs(float(update)) < config.lr * 0.99
+
+
 def test_json_config_file_and_type_errors(tmp_path):
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"lr": 0.05, "depth": 2}))

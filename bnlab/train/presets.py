@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import bnlab.linen
@@ -85,6 +86,10 @@ def build_optimizer(config: Config) -> optax.GradientTransformation:
     if config.warmup_steps:
         warmup = optax.linear_schedule(0.0, config.lr, config.warmup_steps)
         schedule = optax.join_schedules([warmup, schedule], [config.warmup_steps])
+    # optax's schedules mix Python floats with the int32 step count, which
+    # jax_numpy_dtype_promotion="strict" refuses; a float32 count (exact to
+    # 2**24 steps) gives the same values under either promotion mode.
+    schedule = _float_count(schedule)
     if config.optimizer == "sgd":
         tx = optax.sgd(schedule)
     elif config.optimizer == "momentum":
@@ -94,6 +99,10 @@ def build_optimizer(config: Config) -> optax.GradientTransformation:
     if config.weight_decay:
         tx = optax.chain(optax.add_decayed_weights(config.weight_decay), tx)
     return tx
+
+
+def _float_count(schedule: optax.Schedule) -> optax.Schedule:
+    return lambda count: schedule(jnp.asarray(count, jnp.float32))
 
 
 def layout_of(config: Config) -> bn_parallel.ArmsLayout:
