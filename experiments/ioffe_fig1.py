@@ -30,7 +30,6 @@ Measured at each arm's chosen rate, per seed:
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -148,45 +147,6 @@ def probe_curve(result, n_rows: int) -> np.ndarray:
     return out
 
 
-def select_arms(variables: dict, indices: list[int]) -> dict:
-    """The variables of some arms (leading axis), in the given order."""
-    i = np.asarray(indices)
-    return jax.tree.map(lambda v: v[i], variables)
-
-
-def make_accuracy(model):
-    """``accuracy(variables, x, y)``: the accuracy of every arm (leading axis
-    of ``variables``) with its running statistics, compiled once."""
-
-    @jax.jit
-    def correct(v, xb, yb):
-        def one(vi):
-            return jnp.sum(jnp.argmax(model.apply(vi, xb, train=False), -1) == yb)
-
-        return jax.vmap(one)(v)
-
-    def accuracy(variables: dict, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        total = sum(
-            np.asarray(correct(variables, x[i : i + 2000], y[i : i + 2000]))
-            for i in range(0, len(x), 2000)
-        )
-        return total / len(x)
-
-    return accuracy
-
-
-def steps_ratio(num, den, run_length: int) -> tuple[list[float], int, int]:
-    """Per-seed ``num / den`` of steps-to-threshold (None: never reached):
-    a ``den`` that never gets there counts as the run length (a lower bound,
-    so the ratio is an upper bound); a ``num`` that never gets there makes
-    the ratio infinite. Returns the ratios and the two counts of 'never'."""
-    ratios = []
-    for a, b in zip(num, den, strict=True):
-        b_ = run_length if b is None else b
-        ratios.append(np.inf if a is None else a / b_)
-    return ratios, sum(a is None for a in num), sum(b is None for b in den)
-
-
 def run(ctx: P.Context) -> P.Outcome:
     data = ctx.data
     steps = ctx.steps(1000, 6000, 20)
@@ -243,15 +203,17 @@ def run(ctx: P.Context) -> P.Outcome:
         ]
         for a in arms
     }
-    ratios, bn_never, base_never = steps_ratio(to["bn"], to["baseline"], steps)
+    ratios, bn_never, base_never = P.steps_ratio(to["bn"], to["baseline"], steps)
     probes = probe_curve(result, 3)  # (evals, arms, 3, UNITS)
     drift = {}
     for a in arms:
         med = probes[:, chosen[a], 1, :]  # (evals, seeds, UNITS)
         drift[a] = (np.nanmax(med, 0) - np.nanmin(med, 0)).mean(-1)
-    accuracy = make_accuracy(model)
+    accuracy = P.make_accuracy(model)
     test = {
-        a: accuracy(select_arms(result.variables, chosen[a]), data.x_test, data.y_test)
+        a: accuracy(
+            P.select_arms(result.variables, chosen[a]), data.x_test, data.y_test
+        )
         for a in arms
     }
     notes_never = (

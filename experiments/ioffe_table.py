@@ -25,8 +25,6 @@ of training (the test set only reports).
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -131,45 +129,6 @@ def post_init(variables, hp):
     return set_gates(variables, alt_before=hp["bn"], sigmoid=hp["sigmoid"])
 
 
-def select_arms(variables: dict, indices: list[int]) -> dict:
-    """The variables of some arms (leading axis), in the given order."""
-    i = np.asarray(indices)
-    return jax.tree.map(lambda v: v[i], variables)
-
-
-def make_accuracy(model):
-    """``accuracy(variables, x, y)``: the accuracy of every arm (leading axis
-    of ``variables``) with its running statistics, compiled once."""
-
-    @jax.jit
-    def correct(v, xb, yb):
-        def one(vi):
-            return jnp.sum(jnp.argmax(model.apply(vi, xb, train=False), -1) == yb)
-
-        return jax.vmap(one)(v)
-
-    def accuracy(variables: dict, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        total = sum(
-            np.asarray(correct(variables, x[i : i + 2000], y[i : i + 2000]))
-            for i in range(0, len(x), 2000)
-        )
-        return total / len(x)
-
-    return accuracy
-
-
-def steps_ratio(num, den, run_length: int) -> tuple[list[float], int, int]:
-    """Per-seed ``num / den`` of steps-to-threshold (None: never reached):
-    a ``den`` that never gets there counts as the run length (a lower bound,
-    so the ratio is an upper bound); a ``num`` that never gets there makes
-    the ratio infinite. Returns the ratios and the two counts of 'never'."""
-    ratios = []
-    for a, b in zip(num, den, strict=True):
-        b_ = run_length if b is None else b
-        ratios.append(np.inf if a is None else a / b_)
-    return ratios, sum(a is None for a in num), sum(b is None for b in den)
-
-
 def arm_indices(result, hparams: dict, seeds) -> list[int]:
     """Indices of the arms with exactly these hyper-parameters, in seed order."""
     return [
@@ -247,10 +206,10 @@ def run(ctx: P.Context) -> P.Outcome:
         ]
         for arm in hp
     }
-    accuracy = make_accuracy(model)
+    accuracy = P.make_accuracy(model)
     test = {
         arm: accuracy(
-            select_arms(results[arm].variables, idx[arm]), data.x_test, data.y_test
+            P.select_arms(results[arm].variables, idx[arm]), data.x_test, data.y_test
         )
         for arm in hp
     }
@@ -260,7 +219,7 @@ def run(ctx: P.Context) -> P.Outcome:
         test[arm] = np.where(stopped, 0.1, test[arm])
 
     def ratio(a, b):
-        r, never_a, never_b = steps_ratio(to[a], to[b], steps)
+        r, never_a, never_b = P.steps_ratio(to[a], to[b], steps)
         return P.ratio_ci(
             r,
             np.ones(len(r)),

@@ -35,8 +35,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -140,27 +138,6 @@ def usable(score: np.ndarray, grid: tuple) -> np.ndarray:
     return np.asarray(out, np.float64)
 
 
-def make_accuracy(model):
-    """``accuracy(variables, x, y)``: the accuracy of every arm (leading axis
-    of ``variables``) with its running statistics, compiled once."""
-
-    @jax.jit
-    def correct(v, xb, yb):
-        def one(vi):
-            return jnp.sum(jnp.argmax(model.apply(vi, xb, train=False), -1) == yb)
-
-        return jax.vmap(one)(v)
-
-    def accuracy(variables: dict, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        total = sum(
-            np.asarray(correct(variables, x[i : i + 2000], y[i : i + 2000]))
-            for i in range(0, len(x), 2000)
-        )
-        return total / len(x)
-
-    return accuracy
-
-
 def final_test_accuracy(result, accuracy, hp: dict, seeds, data) -> np.ndarray:
     """Per seed, the test accuracy at the end of the arm with these
     hyper-parameters (0 where it diverged)."""
@@ -168,7 +145,7 @@ def final_test_accuracy(result, accuracy, hp: dict, seeds, data) -> np.ndarray:
         next(a.index for a in result.arms if a.seed == s and a.hparams == hp)
         for s in seeds
     ]
-    v = jax.tree.map(lambda a: a[np.asarray(idx)], result.variables)
+    v = P.select_arms(result.variables, idx)
     stopped = np.array([result.stopped_at[i] is not None for i in idx])
     return np.where(stopped, 0.0, accuracy(v, data.x_test, data.y_test))
 
@@ -216,7 +193,7 @@ def run(ctx: P.Context) -> P.Outcome:
     base_lr = tuned["baseline"].value
     bn_grid = LRS[ARMS["bn"]]
     i30 = nearest(30 * base_lr, bn_grid)
-    accuracy = make_accuracy(model)
+    accuracy = P.make_accuracy(model)
     test = {
         name: final_test_accuracy(result, accuracy, hp, ctx.seeds, data)
         for name, hp in (

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bnlab import data as bn_data
@@ -42,9 +43,12 @@ __all__ = [
     "Outcome",
     "best_by",
     "judge",
+    "make_accuracy",
     "mean_ci",
     "paired_ci",
     "ratio_ci",
+    "select_arms",
+    "steps_ratio",
     "steps_to",
 ]
 
@@ -367,6 +371,46 @@ def per_arm(result, key: str, reduce: Callable | None = None) -> np.ndarray:
     """A record key over evaluations ``(evals, arms)`` (NaN where null)."""
     _, values = result.curve(key)
     return values if reduce is None else reduce(values)
+
+
+def select_arms(variables: dict, indices: Sequence[int]) -> dict:
+    """The variables of some arms (leading axis), in the given order."""
+    i = np.asarray(indices)
+    return jax.tree.map(lambda v: v[i], variables)
+
+
+def make_accuracy(model, batch: int = 2000) -> Callable:
+    """``accuracy(variables, x, y)``: the accuracy of every arm (leading axis
+    of ``variables``) with its running statistics, over all of ``x`` in
+    batches of ``batch``, compiled once per batch shape."""
+
+    @jax.jit
+    def correct(v, xb, yb):
+        def one(vi):
+            return jnp.sum(jnp.argmax(model.apply(vi, xb, train=False), -1) == yb)
+
+        return jax.vmap(one)(v)
+
+    def accuracy(variables: dict, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        total = sum(
+            np.asarray(correct(variables, x[i : i + batch], y[i : i + batch]))
+            for i in range(0, len(x), batch)
+        )
+        return total / len(x)
+
+    return accuracy
+
+
+def steps_ratio(num, den, run_length: int) -> tuple[list[float], int, int]:
+    """Per-seed ``num / den`` of steps-to-threshold (None: never reached):
+    a ``den`` that never gets there counts as the run length (a lower bound,
+    so the ratio is an upper bound); a ``num`` that never gets there makes
+    the ratio infinite. Returns the ratios and the two counts of 'never'."""
+    ratios = []
+    for a, b in zip(num, den, strict=True):
+        b_ = run_length if b is None else b
+        ratios.append(np.inf if a is None else a / b_)
+    return ratios, sum(a is None for a in num), sum(b is None for b in den)
 
 
 def fmt(m: Measured | float, digits: int = 3) -> str:
