@@ -1,10 +1,11 @@
 """Why conv nets train with a few unrolled steps per call on CPU: XLA:CPU
 and ``lax.scan``.
 
-One SGD step of ResNet-20 (bnlab BN, batch 32 of 28x28x1) timed two ways in
-the same run: a jitted step called from Python ``K`` times, and ``K`` steps
+One SGD step of ResNet-20 (bnlab BN, batch 32 of 28x28x1) timed three ways
+in the same run: a jitted step called from Python ``K`` times, ``K`` steps
 inside one jitted ``lax.scan`` (what ``bnlab.train.fit`` does between
-evaluations; ``fit(..., steps_per_call=K, unroll=True)`` unrolls them).
+evaluations), and the same scan unrolled (``fit(..., steps_per_call=K,
+unroll=True)``).
 Seconds per step, best of 3 rounds' medians.
 
     python -m benchmarks.scan_steps            # K = 5
@@ -25,7 +26,8 @@ from bnlab.models import ResNet20
 
 
 def make(blocks: int, batch: int, size: int, k: int):
-    """(python_loop, scanned, state): both run ``k`` SGD steps on one batch."""
+    """(python_loop, scanned, unrolled, state): each runs ``k`` SGD steps on
+    one batch."""
     model = ResNet20(norm=bnlab.linen.BatchNorm, blocks_per_stage=blocks)
     x = jax.random.normal(jax.random.key(0), (batch, size, size, 1))
     y = jnp.arange(batch) % 10
@@ -57,8 +59,9 @@ def make(blocks: int, batch: int, size: int, k: int):
         return state
 
     scanned = jax.jit(lambda s: jax.lax.scan(step, s, length=k)[0])
+    unrolled = jax.jit(lambda s: jax.lax.scan(step, s, length=k, unroll=True)[0])
     jax.block_until_ready(python_loop(state))  # compile outside the timing
-    return python_loop, scanned, state
+    return python_loop, scanned, unrolled, state
 
 
 def main(argv=None) -> int:
@@ -71,12 +74,14 @@ def main(argv=None) -> int:
     blocks, batch, size, k, reps = (
         (1, 4, 8, 2, 1) if args.smoke else (3, 32, 28, args.steps, args.reps)
     )
-    loop, scanned, state = make(blocks, batch, size, k)
+    loop, scanned, unrolled, state = make(blocks, batch, size, k)
     compiled_scan, _ = common.compile_fn(scanned, state)
+    compiled_unrolled, _ = common.compile_fn(unrolled, state)
     med = common.time_interleaved(
         {
             "python loop of jitted steps": (loop, (state,)),
             "lax.scan": (compiled_scan, (state,)),
+            "lax.scan, unroll=True": (compiled_unrolled, (state,)),
         },
         reps,
         warmup=1,
