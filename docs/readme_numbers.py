@@ -20,6 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results" / "cpu"
 QUICK = ROOT / "experiments" / "results" / "quick"
+# quick runs of the lecture's claims with fresh seeds (--first-seed N)
+REPLICAS = sorted((ROOT / "experiments" / "results").glob("quick-first-seed-*"))
 BENCH = ROOT / "benchmarks" / "results"
 
 
@@ -100,14 +102,44 @@ def _reproduction() -> list[str]:
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     total = sum(v["seconds"] for v in verdicts)
     first = verdicts[0]
-    commit = str(first.get("provenance", {}).get("commit"))[:10]
+    commits = sorted({str(v.get("provenance", {}).get("commit"))[:10] for v in verdicts})
+    commit = ("commits " if len(commits) > 1 else "commit ") + ", ".join(commits)
     return [
         f"Full CPU run (`bnlab reproduce --out experiments/results/cpu`, Fashion-MNIST, "
-        f"seeds {first['seeds']}, commit {commit}, {first['environment']['machine']}): "
+        f"seeds {first['seeds']}, {commit}, {first['environment']['machine']}): "
         f"{summary}; {total / 60:.1f} min of experiment time in all.",
         "",
         *out,
     ]
+
+
+def _agreement() -> list[str]:
+    """The lecture's claims: the full run's verdict next to each quick run's
+    (the committed one and the fresh-seed replicas)."""
+    sys.path.insert(0, str(ROOT))
+    from experiments.reproduce import LECTURE
+
+    runs = [("full", RESULTS), ("quick", QUICK), *((d.name, d) for d in REPLICAS)]
+    found = {label: {v["experiment"]: v for v in _verdicts(d)} for label, d in runs}
+    heads = []
+    for label, _ in runs:
+        seeds = next(iter(found[label].values()))["seeds"] if found[label] else []
+        span = f"seeds {seeds[0]}-{seeds[-1]}" if seeds else "not run"
+        heads.append(f"{label.replace('quick-first-seed-', 'quick ')} ({span})")
+    out = [
+        "Quick vs full on the lecture's claims (a)-(e) (a quick run must agree "
+        "with the full run here; `bnlab reproduce --quick --first-seed N --only "
+        "...` wrote each replica):",
+        "",
+        "| experiment | " + " | ".join(heads) + " | agree |",
+        "|---|" + "---|" * (len(runs) + 1),
+    ]
+    for name in LECTURE:
+        cells = [found[label].get(name, {}).get("verdict", "-") for label, _ in runs]
+        agree = sum(c == cells[0] for c in cells[1:] if c != "-")
+        ran = sum(c != "-" for c in cells[1:])
+        out.append(f"| {name} | " + " | ".join(cells) + f" | {agree}/{ran} |")
+    return out
 
 
 def _speed() -> list[str]:
@@ -180,7 +212,7 @@ def _speed() -> list[str]:
 
 
 def render() -> str:
-    return "\n".join([*_reproduction(), "", *_speed()]) + "\n"
+    return "\n".join([*_reproduction(), "", *_agreement(), "", *_speed()]) + "\n"
 
 
 SECTIONS = {"quick": quick_transcript, "numbers": render}
