@@ -102,7 +102,9 @@ def _reproduction() -> list[str]:
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     total = sum(v["seconds"] for v in verdicts)
     first = verdicts[0]
-    commits = sorted({str(v.get("provenance", {}).get("commit"))[:10] for v in verdicts})
+    commits = sorted(
+        {str(v.get("provenance", {}).get("commit"))[:10] for v in verdicts}
+    )
     commit = ("commits " if len(commits) > 1 else "commit ") + ", ".join(commits)
     return [
         f"Full CPU run (`bnlab reproduce --out experiments/results/cpu`, Fashion-MNIST, "
@@ -194,7 +196,9 @@ def _speed() -> list[str]:
         "- Arms as one program vs one `fit` per arm (arm-steps/s, compilation "
         "included): "
         + ", ".join(
-            f"{r['arms']} arms {r['one_program'] / r['sequential']:.1f}x" for r in arms
+            f"{r['arms']} arm{'s' * (r['arms'] > 1)} "
+            f"{r['one_program'] / r['sequential']:.1f}x"
+            for r in arms
         )
         + "."
     )
@@ -206,7 +210,9 @@ def _speed() -> list[str]:
             for r in saves
         )
         + " (digests and orbax's synchronous part); orbax finishes writing in the "
-        "background."
+        "background, on disk after "
+        + ", ".join(f"{r['on_disk_ms']:.0f} ms" for r in saves)
+        + "."
     )
     return lines
 
