@@ -124,7 +124,8 @@ def test_preset_schedules_work_under_strict_promotion(schedule):
     from bnlab.train.presets import build_optimizer
 
     config = load_config(
-        "digits", [f"schedule={schedule}", "steps=40", "step_every=10", "warmup_steps=5"]
+        "digits",
+        [f"schedule={schedule}", "steps=40", "step_every=10", "warmup_steps=5"],
     )
     tx = build_optimizer(config)
     params = {"w": jnp.ones(3)}
