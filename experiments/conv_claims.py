@@ -29,7 +29,8 @@ Measured, as in ``ioffe_table`` and ``lr_robustness``: steps to
 ``THRESHOLD_FRACTION`` of the tuned baseline's validation plateau (per seed,
 a ratio; a baseline seed that never gets there counts as the run length, a
 lower bound); each variant's usable rate (the largest rate whose validation
-score is within ``WITHIN`` of that seed's best, interpolated in log rate);
+score is within ``WITHIN`` of that seed's best, a grid rate: no
+interpolation towards a rate that diverged);
 BN at 30x the baseline's chosen rate; test accuracy of the final weights.
 """
 
@@ -39,7 +40,6 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -214,24 +214,6 @@ def post_init(variables: dict, hp: dict) -> dict:
     return {**variables, "gates": {"bn": bn, "skipinit": 1.0 - bn}}
 
 
-def scores(result: Any, bn: float, last: int = 3) -> np.ndarray:
-    """Validation score (mean of the last evaluations) per (lr, seed); an arm
-    that diverged scores chance."""
-    _, val = P.grid_by_hparams(result, "val_accuracy", "lr", {"bn": bn})
-    window = val[-last:]
-    return np.where(np.all(np.isfinite(window), 0), window.mean(0), CHANCE)
-
-
-def usable(score: np.ndarray, grid: tuple) -> np.ndarray:
-    """Per seed: the largest grid rate whose score is within WITHIN of that
-    seed's best (no interpolation: towards a rate that diverged there is no
-    measured score to interpolate); the top of the grid is censored there."""
-    return np.asarray(
-        [grid[int(np.flatnonzero(s >= s.max() - WITHIN).max())] for s in score.T],
-        np.float64,
-    )
-
-
 def steps_to(
     steps: np.ndarray, curves: np.ndarray, threshold: float, cap: int
 ) -> tuple[np.ndarray, int]:
@@ -244,31 +226,6 @@ def steps_to(
         never += s is None
         out.append(cap if s is None else s)
     return np.asarray(out, np.float64), never
-
-
-def final_test_accuracy(
-    model: nn.Module, variables: dict, x: np.ndarray, y: np.ndarray, batch: int = 1000
-) -> np.ndarray:
-    """Test accuracy of every arm's variables (stacked on axis 0)."""
-
-    @jax.jit
-    def correct(v, xb, yb):
-        def one(vv):
-            out = model.apply(vv, xb, train=False)
-            return jnp.sum((jnp.argmax(out, -1) == yb).astype(jnp.float32))
-
-        return jax.vmap(one)(v)
-
-    total = 0.0
-    n = (len(x) // batch) * batch or len(x)
-    size = min(batch, n)
-    for i in range(0, n, size):
-        total = total + np.asarray(
-            correct(
-                variables, jnp.asarray(x[i : i + size]), jnp.asarray(y[i : i + size])
-            )
-        )
-    return total / n
 
 
 def run(ctx: P.Context) -> P.Outcome:
@@ -304,8 +261,7 @@ def run(ctx: P.Context) -> P.Outcome:
         data=data,
     )
     seeds = list(ctx.seeds)
-    acc_test = final_test_accuracy(
-        model,
+    acc_test = P.make_accuracy(model, batch=1000)(
         {k: result.variables[k] for k in ("params", "batch_stats", "gates")},
         images.x_test,
         images.y_test,
@@ -315,8 +271,8 @@ def run(ctx: P.Context) -> P.Outcome:
     evals, _ = result.curve("val_accuracy")
     score, use, tuned, curve, test = {}, {}, {}, {}, {}
     for v, b in VARIANTS.items():
-        score[v] = scores(result, b)
-        use[v] = usable(score[v], LRS[v])
+        score[v], _ = P.plateau_scores(result, {"bn": b}, CHANCE)
+        use[v] = P.usable_rate(score[v], LRS[v], WITHIN)
         tuned[v] = P.tune(result, where={"bn": b})
         _, val = P.grid_by_hparams(result, "val_accuracy", "lr", {"bn": b})
         curve[v] = val  # (evals, lrs, seeds)

@@ -120,24 +120,6 @@ def post_init(variables, hp):
     return set_gates(variables, alt_before=hp["bn"])
 
 
-def scores(result, bn: float, last: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    """Validation score (mean of the last evaluations) per (lr, seed), and
-    whether the arm diverged (stopped: it scores chance)."""
-    _, val = P.grid_by_hparams(result, "val_accuracy", "lr", {"bn": bn})
-    window = val[-last:]
-    diverged = ~np.all(np.isfinite(window), 0)
-    return np.where(diverged, CHANCE, window.mean(0)), diverged
-
-
-def usable(score: np.ndarray, grid: tuple) -> np.ndarray:
-    """Per seed: the largest grid rate whose score is within WITHIN of that
-    seed's best (``score``: (lr, seed))."""
-    out = []
-    for s in score.T:
-        out.append(grid[int(np.flatnonzero(s >= s.max() - WITHIN).max())])
-    return np.asarray(out, np.float64)
-
-
 def final_test_accuracy(result, accuracy, hp: dict, seeds, data) -> np.ndarray:
     """Per seed, the test accuracy at the end of the arm with these
     hyper-parameters (0 where it diverged)."""
@@ -187,8 +169,8 @@ def run(ctx: P.Context) -> P.Outcome:
     )
     score, diverged, use, tuned = {}, {}, {}, {}
     for a, b in ARMS.items():
-        score[a], diverged[a] = scores(result, b)
-        use[a] = usable(score[a], LRS[b])
+        score[a], diverged[a] = P.plateau_scores(result, {"bn": b}, CHANCE)
+        use[a] = P.usable_rate(score[a], LRS[b], WITHIN)
         tuned[a] = P.tune(result, where={"bn": b}, report="val_accuracy")
     base_lr = tuned["baseline"].value
     bn_grid = LRS[ARMS["bn"]]

@@ -149,7 +149,7 @@ def run(ctx: P.Context) -> P.Outcome:
     table = [
         {
             "arm": name,
-            "chosen lr (validation)": _lr(tuned[name]),
+            "chosen lr (validation)": tuned[name].text(),
             "validation accuracy by lr": ", ".join(
                 f"{lr:g}: {a:.3f}" for lr, a in zip(LRS, tuned[name].val, strict=True)
             ),
@@ -184,11 +184,6 @@ def run(ctx: P.Context) -> P.Outcome:
             "training examples, 8 noise draws. No criterion: a measurement."
         ),
     )
-
-
-def _lr(t: P.Tuned) -> str:
-    """The chosen lr, flagged when it is an end of its grid."""
-    return f"{t.value:g}" + (" (grid edge)" if t.index in (0, len(t.grid) - 1) else "")
 
 
 def _figure(ctx, result, variants, tuned) -> str:

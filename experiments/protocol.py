@@ -46,10 +46,12 @@ __all__ = [
     "make_accuracy",
     "mean_ci",
     "paired_ci",
+    "plateau_scores",
     "ratio_ci",
     "select_arms",
     "steps_ratio",
     "steps_to",
+    "usable_rate",
 ]
 
 VALIDATION = 0.1
@@ -401,6 +403,29 @@ def make_accuracy(model, batch: int = 2000) -> Callable:
     return accuracy
 
 
+def plateau_scores(
+    result, where: dict, diverged_score: float, last: int = 3
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validation score (mean of the last ``last`` evaluations) per (lr,
+    seed) of the arms matching ``where``, and whether each arm diverged (a
+    non-finite evaluation in that window: it scores ``diverged_score``)."""
+    _, val = grid_by_hparams(result, "val_accuracy", "lr", where)
+    window = val[-last:]
+    diverged = ~np.all(np.isfinite(window), 0)
+    return np.where(diverged, diverged_score, window.mean(0)), diverged
+
+
+def usable_rate(score: np.ndarray, grid: Sequence[float], within: float) -> np.ndarray:
+    """Per seed (``score``: (lr, seed)): the largest grid rate whose score is
+    within ``within`` of that seed's best. No interpolation: towards a rate
+    that diverged there is no measured score to interpolate, so the top of
+    the grid censors it."""
+    return np.asarray(
+        [grid[int(np.flatnonzero(s >= s.max() - within).max())] for s in score.T],
+        np.float64,
+    )
+
+
 def steps_ratio(num, den, run_length: int) -> tuple[list[float], int, int]:
     """Per-seed ``num / den`` of steps-to-threshold (None: never reached):
     a ``den`` that never gets there counts as the run length (a lower bound,
@@ -465,6 +490,11 @@ class Tuned:
     val: list[float]
     report: np.ndarray
     index: int
+
+    def text(self) -> str:
+        """The chosen value, flagged when it is an end of its grid."""
+        edge = self.index in (0, len(self.grid) - 1)
+        return f"{self.value:g}" + (" (grid edge)" if edge else "")
 
 
 def tune(

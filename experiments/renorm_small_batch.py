@@ -273,7 +273,7 @@ def run(ctx: P.Context) -> P.Outcome:
         {
             "setting": label,
             "variant": VARIANTS[v],
-            "chosen lr (validation)": _lr(tuned[(s, v)]),
+            "chosen lr (validation)": tuned[(s, v)].text(),
             "validation accuracy by lr": ", ".join(
                 f"{lr:g}: {a:.3f}"
                 for lr, a in zip(LRS[s], tuned[(s, v)].val, strict=True)
@@ -316,11 +316,6 @@ def run(ctx: P.Context) -> P.Outcome:
             "dropped)."
         ),
     )
-
-
-def _lr(t: P.Tuned) -> str:
-    """The chosen lr, flagged when it is an end of its grid."""
-    return f"{t.value:g}" + (" (grid edge)" if t.index in (0, len(t.grid) - 1) else "")
 
 
 def _figure(ctx, results, tuned) -> str:

@@ -312,7 +312,7 @@ def run(ctx: P.Context) -> P.Outcome:
     table = [
         {
             "arm": MODES[m],
-            "chosen lr (validation)": _lr(tuned[m]),
+            "chosen lr (validation)": tuned[m].text(),
             "validation accuracy by lr": ", ".join(
                 f"{lr:g}: {v:.3f}" for lr, v in zip(LRS, tuned[m].val, strict=True)
             ),
@@ -399,11 +399,6 @@ def _drift(result, steps_axis, seeds, lr) -> dict:
                 d[i, j] = np.max(np.abs(a[i] - b[i])) / max(np.max(np.abs(b[i])), 1e-30)
         out[m] = np.nanmax(d, axis=1) if np.isfinite(d).any() else d[:, 0]
     return out
-
-
-def _lr(t: P.Tuned) -> str:
-    """The chosen lr, flagged when it is an end of its grid."""
-    return f"{t.value:g}" + (" (grid edge)" if t.index in (0, len(t.grid) - 1) else "")
 
 
 def _finite(v):

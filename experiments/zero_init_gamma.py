@@ -129,7 +129,7 @@ def run(ctx: P.Context) -> P.Outcome:
         table.append(
             {
                 "arm": name,
-                "chosen lr (validation)": _lr(tuned[z]),
+                "chosen lr (validation)": tuned[z].text(),
                 "validation accuracy by lr": ", ".join(
                     f"{lr:g}: {v:.3f}" for lr, v in zip(LRS, tuned[z].val, strict=True)
                 ),
@@ -166,11 +166,6 @@ def run(ctx: P.Context) -> P.Outcome:
             "criterion: a measurement."
         ),
     )
-
-
-def _lr(t: P.Tuned) -> str:
-    """The chosen lr, flagged when it is an end of its grid."""
-    return f"{t.value:g}" + (" (grid edge)" if t.index in (0, len(t.grid) - 1) else "")
 
 
 def _figure(ctx, result, tuned) -> str:
