@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -509,8 +510,9 @@ def _jsonable(x: Any) -> Any:
 def arm_map(fn: Callable, in_axes: Any = 0) -> Callable:
     """``jax.vmap(fn, in_axes)`` over the leading (arm) axis, except that one
     arm (a static size of 1, e.g. one arm per device) is computed unbatched
-    and given its axis back: XLA:CPU runs a batched matmul of batch 1 about
-    1.7x slower than the plain one (``benchmarks/train_loop.py``)."""
+    and given its axis back: XLA:CPU runs batched matmuls of batch 1 slower
+    than plain ones (``python -m benchmarks.train_loop``: fit went from 0.49x
+    to 0.75x of a minimal loop with this)."""
     mapped = jax.vmap(fn, in_axes=in_axes)
 
     def call(*args):
@@ -607,22 +609,22 @@ class _Run:
         self.steps, self.eval_every = c["steps"], c["eval_every"]
         self.checkpoint_every = c["checkpoint_every"]
         self.n = len(plan.arms)
+        n_train, batch, custom = (
+            _length(plan.splits.train),
+            c["batch_size"],
+            kw["batch_order"],
+        )
+        # per seed: step -> the arm's example indices (batch,)
         self.orders = {
-            a.seed: pipeline.EpochOrder(
-                _length(plan.splits.train), c["batch_size"], a.seed
-            ).indices
+            a.seed: (
+                pipeline.EpochOrder(n_train, batch, a.seed).indices
+                if custom is None
+                else functools.partial(
+                    _checked_order, custom, a.seed, batch=batch, n=n_train
+                )
+            )
             for a in plan.arms
         }
-        if kw["batch_order"] is not None:
-            custom = kw["batch_order"]
-            self.orders = {
-                a.seed: (
-                    lambda i, seed=a.seed: _checked_order(
-                        custom, seed, i, c["batch_size"], _length(plan.splits.train)
-                    )
-                )
-                for a in plan.arms
-            }
         self.last: dict[str, Any] = {}
         self.warned_stopped: set[int] = set()
 
@@ -936,7 +938,7 @@ class _Run:
         self.last = _summary(records)
 
 
-def _checked_order(order, seed: int, step: int, batch: int, n: int) -> np.ndarray:
+def _checked_order(order, seed: int, step: int, *, batch: int, n: int) -> np.ndarray:
     idx = np.asarray(order(seed, step))
     if idx.shape != (batch,) or not np.issubdtype(idx.dtype, np.integer):
         raise ValueError(
