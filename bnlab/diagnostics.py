@@ -79,10 +79,14 @@ def layer_grad_norms(grads: Any) -> dict[str, jax.Array]:
     """
     out: dict[str, jax.Array] = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
-        layer = "/".join(str(getattr(k, "key", k)) for k in path[:-1]) or "<root>"
-        sq = jnp.sum(jnp.square(jnp.abs(leaf)))
-        out[layer] = out.get(layer, 0.0) + sq
+        layer = _layer(path)
+        out[layer] = out.get(layer, 0.0) + jnp.sum(jnp.square(jnp.abs(leaf)))
     return {k: jnp.sqrt(v) for k, v in out.items()}
+
+
+def _layer(path) -> str:
+    """A leaf's layer: the path of the dict that holds it."""
+    return "/".join(str(getattr(k, "key", k)) for k in path[:-1]) or "<root>"
 
 
 def _tree_dot(a: Any, b: Any) -> jax.Array:
@@ -338,7 +342,7 @@ def radial_cosine(grads: Any, params: Any) -> dict[str, jax.Array]:
             "the gradient of the same parameter tree."
         )
     for (path, g), w in zip(flat_g, flat_w, strict=True):
-        layer = "/".join(str(getattr(k, "key", k)) for k in path[:-1]) or "<root>"
+        layer = _layer(path)
         dots[layer] = dots.get(layer, 0.0) + jnp.vdot(g, w).real
         gg[layer] = gg.get(layer, 0.0) + jnp.vdot(g, g).real
         ww[layer] = ww.get(layer, 0.0) + jnp.vdot(w, w).real
