@@ -2,6 +2,7 @@
 metrics and run directories, two writers, a full disk, permissions, signals,
 bad configs."""
 
+import gc
 import json
 import os
 import shutil
@@ -147,6 +148,26 @@ def test_flipped_bytes_on_disk_never_restore_silently(run_copy, where):
     msgs = _resume(run_copy)
     assert any("checkpoint 30" in m for m in msgs), msgs
     assert (run_copy / "corrupt" / "30").is_dir()
+
+
+def test_a_damaged_index_falls_back_and_leaves_no_stray_reads(run_copy, monkeypatch):
+    # The tree index is read before any array: damaging it fails every read.
+    # The run falls back, and no read is left pending to report later.
+    (index,) = (run_copy / "checkpoints" / "30" / "state" / "d").iterdir()
+    raw = bytearray(index.read_bytes())
+    raw[len(raw) // 3] ^= 0xFF
+    index.write_bytes(bytes(raw))
+    stray = []
+    monkeypatch.setattr(sys, "unraisablehook", stray.append)
+    msgs = _resume(run_copy)
+    time.sleep(0.2)
+    gc.collect()
+    assert not stray, [f"{u.exc_type.__name__}: {u.exc_value}" for u in stray]
+    assert any(
+        "checkpoint 30" in m and "falling back to checkpoint 20" in m for m in msgs
+    )
+    assert (run_copy / "corrupt" / "30").is_dir()
+    assert _restart_point(run_copy) == [10, 20, 30, 40]
 
 
 @pytest.mark.parametrize(

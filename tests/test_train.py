@@ -2,6 +2,7 @@
 standard orbax checkpoints, the presets on top."""
 
 import functools
+import gc
 import json
 import os
 import random
@@ -500,8 +501,30 @@ def test_load_refuses_a_changed_byte(tmp_path):
     raw = bytearray(big.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     big.write_bytes(bytes(raw))
-    with pytest.raises(Exception, match=r"SHA-256|corrupt|decompress|Error"):
+    with pytest.raises(
+        ValueError, match=r"checkpoint 10 in .*(SHA-256|cannot be read)"
+    ):
         load(tmp_path)
+
+
+def test_load_of_a_damaged_index_fails_clearly_and_leaves_no_stray_reads(
+    tmp_path, monkeypatch
+):
+    # The tree index (state/d/*, outside ocdbt.process_*) is read before any
+    # array: damaging it fails every read, and orbax leaves the others
+    # pending on a closed event loop unless bnlab settles them.
+    _fit(tmp_path, steps=10)
+    (index,) = (tmp_path / "checkpoints" / "10" / "state" / "d").iterdir()
+    raw = bytearray(index.read_bytes())
+    raw[len(raw) // 3] ^= 0xFF
+    index.write_bytes(bytes(raw))
+    stray = []
+    monkeypatch.setattr(sys, "unraisablehook", stray.append)
+    with pytest.raises(ValueError, match=r"checkpoint 10 in .* cannot be read: its"):
+        load(tmp_path)
+    time.sleep(0.2)
+    gc.collect()
+    assert not stray, [f"{u.exc_type.__name__}: {u.exc_value}" for u in stray]
 
 
 def test_resume_continues_where_an_uninterrupted_run_would(tmp_path):

@@ -20,11 +20,13 @@ asynchronous: training continues while orbax writes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import hashlib
 import json
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -224,6 +226,57 @@ def _unreadable(path: Path) -> Path | None:
     return None
 
 
+class _SettlingLoop(asyncio.SelectorEventLoop):
+    """An event loop that, when closed, first cancels the tasks still
+    pending on it and lets them finish (what ``asyncio.run`` does)."""
+
+    def close(self) -> None:
+        pending = [t for t in asyncio.all_tasks(self) if not t.done()]
+        if pending and not self.is_running() and not self.is_closed():
+            for task in pending:
+                task.cancel()
+            self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        super().close()
+
+
+_READING = threading.Lock()  # one policy swap at a time
+
+
+class _SettlingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _SettlingLoop()
+
+
+def _read(restore: Callable[[], Any]) -> tuple[Any, BaseException | None]:
+    """``(restore(), None)``, or ``(None, error)`` when orbax cannot read.
+
+    orbax runs a restore's reads as asyncio tasks on a fresh event loop that
+    it closes without cancelling them. When one read fails (a damaged file),
+    the others stay pending on TensorStore futures, and when those complete
+    (in TensorStore's threads, at any later time) they report "Event loop
+    is closed" as unraisable exceptions far from the failure (in pytest, a
+    later test fails). So while reading, new event loops cancel and settle
+    their pending tasks before they close.
+    """
+    with _READING:
+        previous = _swap_policy(_SettlingPolicy())
+        try:
+            return restore(), None
+        except Exception as e:
+            return None, e
+        finally:
+            _swap_policy(previous)
+
+
+def _swap_policy(policy: Any) -> Any:
+    """Installs ``policy``; returns the one it replaces."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # policies, in 3.14
+        previous = asyncio.get_event_loop_policy()
+        asyncio.set_event_loop_policy(policy)
+    return previous
+
+
 @contextlib.contextmanager
 def io_errors(what: str, directory: Path):
     """Maps a full disk / no permission while writing to :class:`DiskFullError`
@@ -398,15 +451,16 @@ class Checkpointer:
                 continue
             if meta["tree"] != signature:
                 raise CheckpointMismatchError(_mismatch_message(step, meta, signature))
-            try:
-                state = self._manager.restore(
+            state, error = _read(
+                lambda step=step: self._manager.restore(
                     step,
                     args=ocp.args.Composite(state=ocp.args.StandardRestore(target)),
                 )["state"]
-            except Exception as e:
-                if _permission_problem(e):
+            )
+            if error is not None:
+                if _permission_problem(error):
                     raise self._permission_error(step) from None
-                self._set_aside(step, f"{type(e).__name__}: {str(e)[:200]}")
+                self._set_aside(step, f"{type(error).__name__}: {str(error)[:200]}")
                 continue
             problem = _verify(state, meta, self.n_arms)
             if problem:
@@ -535,6 +589,20 @@ def _mismatch_message(step: int, meta: dict[str, Any], signature: list) -> str:
 # ---------------------------------------------------------------- load
 
 
+def _restore_on_one_device(path: Path) -> Any:
+    """The state item at ``path`` on one local device, whatever the layout
+    it was saved from."""
+    layout = ocp.StandardCheckpointHandler().metadata(path)
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+        getattr(layout, "tree", layout),
+    )
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(
+        path, ocp.args.StandardRestore(target)
+    )
+
+
 def read_state(
     directory: Path, step: int | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -543,7 +611,9 @@ def read_state(
 
     Raises:
       FileNotFoundError: no such checkpoint.
-      ValueError: it fails its digests or its metadata is inconsistent.
+      ValueError: it fails its digests, its files cannot be read (damaged),
+        or its metadata is inconsistent.
+      PermissionError: its files cannot be read for lack of permission.
     """
     directory = Path(directory).absolute()
     steps = finalized_steps(directory)
@@ -565,16 +635,19 @@ def read_state(
     problem = _meta_problem(meta, step)
     if problem:
         raise ValueError(f"checkpoint {step} in {directory}: {problem}.")
-    # Restored onto one local device whatever the layout it was saved from.
-    layout = ocp.StandardCheckpointHandler().metadata(path / "state")
-    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-        getattr(layout, "tree", layout),
-    )
-    tree = ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(
-        path / "state", ocp.args.StandardRestore(target)
-    )
+    tree, error = _read(lambda: _restore_on_one_device(path / "state"))
+    if error is not None:
+        if _permission_problem(error):
+            raise PermissionError(
+                f"cannot read checkpoint {step}: permission denied under {path}. "
+                f"Fix the permissions (e.g. chmod -R u+rwX {path})."
+            )
+        raise ValueError(
+            f"checkpoint {step} in {directory} cannot be read: its files are "
+            f"damaged or incomplete ({type(error).__name__}: {str(error)[:200]}). "
+            f"Load another step (it has {steps}) or restore the directory from a "
+            "copy."
+        )
     tree = jax.tree.map(np.asarray, tree)
     n_arms = len(meta["config"].get("arms", [None]))
     problem = _verify(tree, meta, n_arms)

@@ -1093,7 +1093,8 @@ def load(workdir: str | Path, step: int | None = None) -> Loaded:
 
     Raises:
       FileNotFoundError: no such run or checkpoint.
-      ValueError: the checkpoint fails its digests (corrupt).
+      ValueError: the checkpoint fails its digests or its files cannot be
+        read (damaged).
 
     Example:
       >>> run = load(workdir)  # doctest: +SKIP
