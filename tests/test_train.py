@@ -6,6 +6,7 @@ import gc
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -507,21 +508,45 @@ def test_load_refuses_a_changed_byte(tmp_path):
         load(tmp_path)
 
 
-def test_load_of_a_damaged_index_fails_clearly_and_leaves_no_stray_reads(
-    tmp_path, monkeypatch
+@pytest.fixture(scope="module")
+def ten_steps(tmp_path_factory):
+    work = tmp_path_factory.mktemp("ten_steps")
+    _fit(work, steps=10)
+    return work
+
+
+def _flip(f):
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 3] ^= 0xFF
+    f.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(
+    "where, damage",
+    [
+        ("d", _flip),
+        ("d", lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])),
+        ("d", lambda f: f.write_bytes(b"")),
+        ("manifest.ocdbt", Path.unlink),
+        ("_METADATA", lambda f: f.write_bytes(b"")),
+    ],
+    ids=["index_flipped", "index_truncated", "index_empty", "no_manifest", "no_tree"],
+)
+def test_load_of_damaged_files_fails_clearly_and_leaves_no_stray_reads(
+    ten_steps, tmp_path, monkeypatch, where, damage
 ):
     # The tree index (state/d/*, outside ocdbt.process_*) is read before any
-    # array: damaging it fails every read, and orbax leaves the others
+    # array: damaging it fails every read, and orbax leaves the other reads
     # pending on a closed event loop unless bnlab settles them.
-    _fit(tmp_path, steps=10)
-    (index,) = (tmp_path / "checkpoints" / "10" / "state" / "d").iterdir()
-    raw = bytearray(index.read_bytes())
-    raw[len(raw) // 3] ^= 0xFF
-    index.write_bytes(bytes(raw))
+    work = tmp_path / "run"
+    shutil.copytree(ten_steps, work)
+    state = work / "checkpoints" / "10" / "state"
+    (target,) = (state / where).iterdir() if where == "d" else (state / where,)
+    damage(target)
     stray = []
     monkeypatch.setattr(sys, "unraisablehook", stray.append)
     with pytest.raises(ValueError, match=r"checkpoint 10 in .* cannot be read: its"):
-        load(tmp_path)
+        load(work)
     time.sleep(0.2)
     gc.collect()
     assert not stray, [f"{u.exc_type.__name__}: {u.exc_value}" for u in stray]

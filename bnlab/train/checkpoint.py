@@ -26,6 +26,7 @@ import errno
 import hashlib
 import json
 import os
+import signal
 import threading
 import warnings
 from collections.abc import Callable, Iterable
@@ -228,7 +229,9 @@ def _unreadable(path: Path) -> Path | None:
 
 class _SettlingLoop(asyncio.SelectorEventLoop):
     """An event loop that, when closed, first cancels the tasks still
-    pending on it and lets them finish (what ``asyncio.run`` does)."""
+    pending on it and lets them finish (what ``asyncio.run`` does), and
+    drops callbacks that arrive after it closed (a TensorStore read that
+    completes after its task was cancelled) instead of raising."""
 
     def close(self) -> None:
         pending = [t for t in asyncio.all_tasks(self) if not t.done()]
@@ -237,6 +240,16 @@ class _SettlingLoop(asyncio.SelectorEventLoop):
                 task.cancel()
             self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         super().close()
+
+    def call_soon(self, callback, *args, context=None):
+        if self.is_closed():
+            return None
+        return super().call_soon(callback, *args, context=context)
+
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        if self.is_closed():
+            return None
+        return super().call_soon_threadsafe(callback, *args, context=context)
 
 
 _READING = threading.Lock()  # one policy swap at a time
@@ -255,8 +268,9 @@ def _read(restore: Callable[[], Any]) -> tuple[Any, BaseException | None]:
     the others stay pending on TensorStore futures, and when those complete
     (in TensorStore's threads, at any later time) they report "Event loop
     is closed" as unraisable exceptions far from the failure (in pytest, a
-    later test fails). So while reading, new event loops cancel and settle
-    their pending tasks before they close.
+    later test fails). So while reading, new event loops are
+    :class:`_SettlingLoop` s: they cancel and settle their pending tasks
+    before they close, and drop callbacks that arrive after.
     """
     with _READING:
         previous = _swap_policy(_SettlingPolicy())
@@ -275,6 +289,35 @@ def _swap_policy(policy: Any) -> Any:
         previous = asyncio.get_event_loop_policy()
         asyncio.set_event_loop_policy(policy)
     return previous
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT and SIGTERM that arrive inside the block are delivered when it
+    ends (main thread only; elsewhere a no-op, signals go to the main thread).
+
+    orbax's save starts background threads that wait on each other; an
+    exception raised by a signal handler in the middle (``KeyboardInterrupt``,
+    the CLI's SIGTERM) leaves some waiting for a signal that never comes, and
+    the process then hangs at exit instead of stopping.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler is not None:  # None: set outside Python, cannot be restored
+            previous[sig] = handler
+            signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 @contextlib.contextmanager
@@ -355,7 +398,10 @@ class Checkpointer:
             "digests": digests,
         }
         meta["meta_digest"] = _meta_digest(meta)
-        with io_errors(f"writing checkpoint {step}", self.directory):
+        with (
+            io_errors(f"writing checkpoint {step}", self.directory),
+            _signals_deferred(),
+        ):
             saved = self._manager.save(
                 step,
                 args=ocp.args.Composite(
