@@ -227,6 +227,15 @@ def _unreadable(path: Path) -> Path | None:
     return None
 
 
+def _permission_error(directory: Path, step: int) -> RunDirError:
+    path = _unreadable(directory / str(step)) or directory / str(step)
+    return RunDirError(
+        f"cannot read checkpoint {step}: permission denied on {path}. Fix the "
+        f"permissions (e.g. chmod -R u+rwX {directory}) and run again; "
+        "nothing was moved."
+    )
+
+
 class _SettlingLoop(asyncio.SelectorEventLoop):
     """An event loop that, when closed, first cancels the tasks still
     pending on it and lets them finish (what ``asyncio.run`` does), and
@@ -434,7 +443,7 @@ class Checkpointer:
             )["meta"]
         except Exception as e:  # orbax raises many types for corrupt files
             if _permission_problem(e):
-                raise self._permission_error(step) from None
+                raise _permission_error(self.directory, step) from None
             raise ValueError(f"{type(e).__name__}: {str(e)[:200]}") from None
         problem = _meta_problem(meta, step)
         if problem:
@@ -505,7 +514,7 @@ class Checkpointer:
             )
             if error is not None:
                 if _permission_problem(error):
-                    raise self._permission_error(step) from None
+                    raise _permission_error(self.directory, step) from None
                 self._set_aside(step, f"{type(error).__name__}: {str(error)[:200]}")
                 continue
             problem = _verify(state, meta, self.n_arms)
@@ -517,15 +526,7 @@ class Checkpointer:
 
     def _check_readable(self, step: int) -> None:
         if _unreadable(self.directory / str(step)) is not None:
-            raise self._permission_error(step)
-
-    def _permission_error(self, step: int) -> RunDirError:
-        path = _unreadable(self.directory / str(step)) or self.directory / str(step)
-        return RunDirError(
-            f"cannot read checkpoint {step}: permission denied on {path}. Fix the "
-            f"permissions (e.g. chmod -R u+rwX {self.directory}) and run again; "
-            "nothing was moved."
-        )
+            raise _permission_error(self.directory, step)
 
     def _set_aside(self, step: int, why: str) -> None:
         """Moves checkpoint ``step`` to ``corrupt/<step>[.<n>]`` (a new name,
@@ -659,7 +660,7 @@ def read_state(
       FileNotFoundError: no such checkpoint.
       ValueError: it fails its digests, its files cannot be read (damaged),
         or its metadata is inconsistent.
-      PermissionError: its files cannot be read for lack of permission.
+      RunDirError: its files cannot be read for lack of permission.
     """
     directory = Path(directory).absolute()
     steps = finalized_steps(directory)
@@ -684,10 +685,7 @@ def read_state(
     tree, error = _read(lambda: _restore_on_one_device(path / "state"))
     if error is not None:
         if _permission_problem(error):
-            raise PermissionError(
-                f"cannot read checkpoint {step}: permission denied under {path}. "
-                f"Fix the permissions (e.g. chmod -R u+rwX {path})."
-            )
+            raise _permission_error(directory, step)
         raise ValueError(
             f"checkpoint {step} in {directory} cannot be read: its files are "
             f"damaged or incomplete ({type(error).__name__}: {str(error)[:200]}). "
