@@ -23,6 +23,8 @@ QUICK = ROOT / "experiments" / "results" / "quick"
 # quick runs of the lecture's claims with fresh seeds (--first-seed N)
 REPLICAS = sorted((ROOT / "experiments" / "results").glob("quick-first-seed-*"))
 BENCH = ROOT / "benchmarks" / "results"
+if str(ROOT) not in sys.path:  # experiments/ is imported from the tree
+    sys.path.insert(0, str(ROOT))
 
 
 def _load(path: Path) -> dict:
@@ -30,14 +32,12 @@ def _load(path: Path) -> dict:
 
 
 def _fmt(v) -> str:
-    sys.path.insert(0, str(ROOT))
     from experiments.report import measured
 
     return measured(v)
 
 
 def _verdicts(directory: Path) -> list[dict]:
-    sys.path.insert(0, str(ROOT))
     from experiments.reproduce import EXPERIMENTS
 
     return [
@@ -50,7 +50,6 @@ def _verdicts(directory: Path) -> list[dict]:
 def quick_transcript() -> str:
     """What ``bnlab reproduce --quick`` printed (stdout) for the committed
     quick run, rebuilt from its verdicts by the same function."""
-    sys.path.insert(0, str(ROOT))
     from experiments.reproduce import summary_line
 
     verdicts = _verdicts(QUICK)
@@ -118,7 +117,6 @@ def _reproduction() -> list[str]:
 def _agreement() -> list[str]:
     """The lecture's claims: the full run's verdict next to each quick run's
     (the committed one and the fresh-seed replicas)."""
-    sys.path.insert(0, str(ROOT))
     from experiments.reproduce import LECTURE
 
     runs = [("full", RESULTS), ("quick", QUICK), *((d.name, d) for d in REPLICAS)]
