@@ -491,23 +491,6 @@ def test_checkpoints_restore_with_plain_orbax_by_name(tmp_path):
         load(tmp_path, step=7)
 
 
-def test_load_refuses_a_changed_byte(tmp_path):
-    _fit(tmp_path, steps=10)
-    files = [
-        f
-        for f in (tmp_path / "checkpoints" / "10" / "state").rglob("*")
-        if f.is_file() and "/d/" in str(f)
-    ]
-    big = max(files, key=lambda f: f.stat().st_size)
-    raw = bytearray(big.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    big.write_bytes(bytes(raw))
-    with pytest.raises(
-        ValueError, match=r"checkpoint 10 in .*(SHA-256|cannot be read)"
-    ):
-        load(tmp_path)
-
-
 @pytest.fixture(scope="module")
 def ten_steps(tmp_path_factory):
     work = tmp_path_factory.mktemp("ten_steps")
@@ -515,10 +498,26 @@ def ten_steps(tmp_path_factory):
     return work
 
 
-def _flip(f):
+def _flip(f, at=1 / 3):
+    """Inverts the byte at fraction ``at`` of file ``f``."""
     raw = bytearray(f.read_bytes())
-    raw[len(raw) // 3] ^= 0xFF
+    raw[int(len(raw) * at)] ^= 0xFF
     f.write_bytes(bytes(raw))
+
+
+def test_load_refuses_a_changed_byte(ten_steps, tmp_path):
+    work = tmp_path / "run"
+    shutil.copytree(ten_steps, work)
+    files = [
+        f
+        for f in (work / "checkpoints" / "10" / "state").rglob("*")
+        if f.is_file() and "/d/" in str(f)
+    ]
+    _flip(max(files, key=lambda f: f.stat().st_size), at=0.5)
+    with pytest.raises(
+        ValueError, match=r"checkpoint 10 in .*(SHA-256|cannot be read)"
+    ):
+        load(work)
 
 
 @pytest.mark.parametrize(
