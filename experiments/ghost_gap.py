@@ -30,7 +30,6 @@ import optax
 import bnlab.linen
 from bnlab.models import set_gates
 from experiments import protocol as P
-from experiments.norm_batch_size import NormMLP, bn
 
 NAME = "ghost_gap"
 CLAIM = (
@@ -41,6 +40,8 @@ CLAIM = (
 RATIO = 16
 SB_LRS = (0.01, 0.03, 0.1)
 MARGIN = 0.01
+# what every tuned arm reports, per seed, at its lr chosen on validation
+REPORT = {"test": "test_accuracy", "train": "trainset_accuracy"}
 CRITERIA = [
     P.Criterion(
         "gap_exists",
@@ -96,21 +97,6 @@ HISTORY = [
 ]
 
 
-def tuned_at(result, steps: list[int], where: dict) -> P.Tuned:
-    """:func:`protocol.tune` on the evaluations at ``steps`` only."""
-    grid, val = P.grid_by_hparams(result, "val_accuracy", "lr", where)
-    _, test = P.grid_by_hparams(result, "test_accuracy", "lr", where)
-    _, train = P.grid_by_hparams(result, "trainset_accuracy", "lr", where)
-    at, _ = result.curve("val_accuracy")
-    rows = [list(at).index(s) for s in steps]
-    window = val[rows]
-    score = np.where(np.all(np.isfinite(window), axis=0), window.mean(0), -np.inf)
-    by_value = score.mean(axis=1)
-    i = int(P.best_by(by_value))
-    report = {"test": test[rows][:, i].mean(0), "train": train[rows][:, i].mean(0)}
-    return P.Tuned(grid[i], grid, by_value.tolist(), report, i)
-
-
 def share_ci(small, large, ghost, n_boot: int = 4000) -> P.Measured:
     """Share of the gap ``small - large`` that ``ghost`` closes: the ratio of
     the mean paired differences, with a percentile bootstrap interval over
@@ -131,11 +117,11 @@ def run(ctx: P.Context) -> P.Outcome:
     steps = ctx.steps(1200, 2400, smoke=32)
     every = steps // RATIO  # LB at `every` steps has seen SB's epochs
     n_train_eval = ctx.pick(2000, 5000)
-    model = NormMLP(
+    model = P.NormMLP(
         (width,) * depth,
         10,
         norms=(
-            bn(0.9),
+            P.bn(0.9),
             functools.partial(bnlab.linen.BatchNorm, momentum=0.9, ghost_size=small),
         ),
     )
@@ -162,12 +148,16 @@ def run(ctx: P.Context) -> P.Outcome:
         every,
     )
     end = [steps - steps // 8, steps]  # the plateau window of every arm
+
+    def tuned_at(result, at, norm):  # lr chosen on the evaluations at `at`
+        return P.tune(result, report=REPORT, where={"norm": norm}, steps=at)
+
     arms = {
-        "SB": tuned_at(sb, end, {"norm": 1.0}),
-        "LB, equal epochs": tuned_at(lb, [every], {"norm": 1.0}),
-        "LB + ghost BN, equal epochs": tuned_at(lb, [every], {"norm": 2.0}),
-        "LB, equal updates": tuned_at(lb, end, {"norm": 1.0}),
-        "LB + ghost BN, equal updates": tuned_at(lb, end, {"norm": 2.0}),
+        "SB": tuned_at(sb, end, 1.0),
+        "LB, equal epochs": tuned_at(lb, [every], 1.0),
+        "LB + ghost BN, equal epochs": tuned_at(lb, [every], 2.0),
+        "LB, equal updates": tuned_at(lb, end, 1.0),
+        "LB + ghost BN, equal updates": tuned_at(lb, end, 2.0),
     }
     test = {k: t.report["test"] for k, t in arms.items()}
     train = {k: t.report["train"] for k, t in arms.items()}

@@ -4,7 +4,7 @@ batch statistics (the gradient flows through them) suppresses them; the same
 network evaluated with fixed population statistics has them back.
 
 A 3-layer ReLU MLP (He init) with and without BN before every activation
-(a per-arm gate of :class:`experiments.norm_batch_size.NormMLP`: arms of one
+(a per-arm gate of :class:`experiments.protocol.NormMLP`: arms of one
 seed start from the same weights), SGD with momentum 0.9, batch 128. Both
 networks train at the same lr: the top eigenvalue of an SGD run is bounded
 by its lr (about ``2 (1 + momentum) / lr`` at the edge of stability), so a
@@ -32,7 +32,6 @@ import optax
 from bnlab.diagnostics import lanczos_eigenvalues
 from bnlab.models import set_gates
 from experiments import protocol as P
-from experiments.norm_batch_size import NormMLP, bn
 
 NAME = "hessian"
 CLAIM = (
@@ -133,8 +132,8 @@ def run(ctx: P.Context) -> P.Outcome:
     data = ctx.data
     x, y = jnp.asarray(data.x_train[-n:]), jnp.asarray(data.y_train[-n:])
     stats_x = jnp.asarray(data.x_train[:n_stats])
-    model = NormMLP((width,) * depth, 10, norms=(bn(0.9),))
-    twin = NormMLP((width,) * depth, 10, norms=(bn(0.0),))
+    model = P.NormMLP((width,) * depth, 10, norms=(P.bn(0.9),))
+    twin = P.NormMLP((width,) * depth, 10, norms=(P.bn(0.0),))
     result = ctx.fit(
         "arms",
         model,

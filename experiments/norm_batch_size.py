@@ -3,24 +3,22 @@ Wu & He 2018, arXiv:1803.08494, Fig. 1): BN degrades when it normalizes over
 very few examples; LayerNorm and GroupNorm, which do not normalize over the
 batch, do not.
 
-A ReLU MLP (He init) whose normalization before every activation is a
-per-arm gate (:class:`NormMLP`: BN, LayerNorm or GroupNorm), so the three
-norms and their learning rates are arms of one program per batch size. Every
-batch size trains for the SAME number of steps (the effect of seeing fewer
-examples hits every norm alike; what differs between norms is BN's), SGD with
-momentum 0.9; each (norm, batch size) gets its own lr grid of the same size,
-chosen on validation. BN is evaluated with population statistics (PreciseBN:
-recomputed from the final weights over a fixed training subset, for every
-arm, at the last two evaluation points), so that running averages that lag at
-tiny batches do not confound the result; its running-average accuracy is
-reported too. The drop of a norm is its accuracy at the large batch minus at
-the small one, per seed; the criteria judge BN's drop minus LayerNorm's
-(GroupNorm's), paired by seed.
+A ReLU MLP (He init) whose normalization before every activation is a per-arm
+gate (:class:`experiments.protocol.NormMLP`: BN, LayerNorm or GroupNorm), so
+the three norms and their learning rates are arms of one program per batch
+size. Every batch size trains for the SAME number of steps (the effect of
+seeing fewer examples hits every norm alike; what differs between norms is
+BN's), SGD with momentum 0.9; each (norm, batch size) gets its own lr grid of
+the same size, chosen on validation. BN is evaluated with population
+statistics (PreciseBN: recomputed from the final weights over a fixed
+training subset, for every arm, at the last two evaluation points), so that
+running averages that lag at tiny batches do not confound the result; its
+running-average accuracy is reported too. The drop of a norm is its accuracy
+at the large batch minus at the small one, per seed; the criteria judge BN's
+drop minus LayerNorm's (GroupNorm's), paired by seed.
 """
 
 from __future__ import annotations
-
-import functools
 
 import flax.linen as nn
 import jax
@@ -28,8 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import bnlab.linen
-from bnlab.models import kernel_init, set_gates
+from bnlab.models import set_gates
 from bnlab.train import load
 from experiments import protocol as P
 
@@ -117,49 +114,6 @@ def stateless(cls, **kw):
     return make
 
 
-class NormMLP(nn.Module):
-    """Dense -> norm -> ReLU layers whose norm is a per-arm gate.
-
-    The gate ``gates/norm`` (set per arm with ``set_gates(v, norm=code)`` in
-    ``post_init``) is 0 for no normalization or ``k`` for ``norms[k - 1]``;
-    every candidate is computed and the gate selects one exactly (no mix),
-    so arms of one seed start from the same weights. Leaner than
-    :class:`bnlab.models.VariantMLP` (no BN-after, dropout or layer gates),
-    which matters on CPU. The input of each activation is sown as
-    ``intermediates/act_input_<i>``.
-
-    Attributes:
-      widths: hidden widths.
-      num_outputs: classes.
-      norms: factories called with ``use_running_average``.
-      init_scheme: ``"he"`` (ReLU) or ``"lecun"``.
-    """
-
-    widths: tuple[int, ...]
-    num_outputs: int = 10
-    norms: tuple = ()
-    init_scheme: str = "he"
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        code = self.variable("gates", "norm", lambda: jnp.zeros((), jnp.float32)).value
-        k_init = kernel_init(self.init_scheme)
-        x = x.reshape((x.shape[0], -1))
-        for i, width in enumerate(self.widths):
-            h = nn.Dense(width, kernel_init=k_init)(x)
-            out = h
-            for j, make in enumerate(self.norms):
-                normed = make(use_running_average=not train)(h)
-                out = jnp.where(code == j + 1, normed, out)
-            self.sow("intermediates", f"act_input_{i}", out)
-            x = nn.relu(out)
-        return nn.Dense(self.num_outputs, kernel_init=k_init)(x)
-
-
-def bn(momentum: float = 0.9):
-    return functools.partial(bnlab.linen.BatchNorm, momentum=momentum)
-
-
 def models(width: int, depth: int, momentum: float = 0.9):
     """``(model, twin)``: the twin has BN momentum 0, so one training-mode
     call on a batch writes that batch's exact statistics as the running ones
@@ -167,11 +121,11 @@ def models(width: int, depth: int, momentum: float = 0.9):
 
     def make(m):
         norms = (
-            bn(m),
+            P.bn(m),
             stateless(nn.LayerNorm),
             stateless(nn.GroupNorm, num_groups=8),
         )
-        return NormMLP((width,) * depth, 10, norms=norms)
+        return P.NormMLP((width,) * depth, 10, norms=norms)
 
     return make(momentum), make(0.0)
 

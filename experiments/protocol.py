@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import time
 import warnings
@@ -29,19 +30,27 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import bnlab.linen
 from bnlab import data as bn_data
+from bnlab.models import kernel_init
 from bnlab.train import fit
 
 __all__ = [
     "Context",
     "Criterion",
     "Measured",
+    "NormMLP",
     "Outcome",
+    "Tuned",
     "best_by",
+    "bn",
+    "dataset_sha256",
+    "grid_by_hparams",
     "judge",
     "make_accuracy",
     "mean_ci",
@@ -51,10 +60,15 @@ __all__ = [
     "select_arms",
     "steps_ratio",
     "steps_to",
+    "t975",
+    "tune",
     "usable_rate",
 ]
 
 VALIDATION = 0.1
+# The validation split's permutation seed (Dataset.with_validation), fixed
+# and independent of the training seeds; recorded in every verdict.
+VALIDATION_SEED = 0
 # t(0.975, n - 1) for n = 2..30 (the 95 % two-sided Student-t quantiles)
 _T975 = {
     1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365,
@@ -300,12 +314,32 @@ class Context:
         """Steps between evaluations at this scale."""
         return smoke if self.smoke else self.pick(quick, full)
 
+    @property
+    def dataset(self) -> str:
+        """The :func:`bnlab.data.load` name of this scale's dataset."""
+        return "fashion_mnist_small" if self.quick else "fashion_mnist"
+
     @functools.cached_property
     def images(self) -> bn_data.Dataset:
         """Images ``(N, H, W, 1)``: the shipped 14x14 subset (quick) or
         Fashion-MNIST 28x28 (full), with the validation split carved out."""
-        name = "fashion_mnist_small" if self.quick else "fashion_mnist"
-        return bn_data.load(name).with_validation(VALIDATION)
+        return bn_data.load(self.dataset).with_validation(
+            VALIDATION, seed=VALIDATION_SEED
+        )
+
+    def data_provenance(self) -> dict[str, Any] | None:
+        """The data this experiment used, for its verdict: the dataset's name,
+        the SHA-256 of its arrays after the split (:func:`dataset_sha256`)
+        and the split's fraction and seed; None if it loaded no dataset (its
+        inputs are generated from its seeds)."""
+        if "images" not in self.__dict__:  # the cached property never ran
+            return None
+        return {
+            "name": self.dataset,
+            "sha256": dataset_sha256(self.images),
+            "validation": VALIDATION,
+            "validation_seed": VALIDATION_SEED,
+        }
 
     @functools.cached_property
     def data(self) -> bn_data.Dataset:
@@ -367,6 +401,30 @@ class Context:
         fig.savefig(self.out / f"{stem}.png", dpi=110)
         plt.close(fig)
         return f"{stem}.png"
+
+
+def dataset_sha256(ds: bn_data.Dataset) -> str:
+    """SHA-256 of a dataset's arrays as training sees them: train, validation
+    and test images and labels in that order, each with its dtype and shape
+    (so a changed split, dtype or scaling changes it); ``num_classes`` too.
+
+    Example:
+      >>> x = np.zeros((4, 2), np.float32)
+      >>> y = np.arange(4, dtype=np.int32)
+      >>> ds = bn_data.Dataset(x, y, x, y, num_classes=4)
+      >>> dataset_sha256(ds) == dataset_sha256(ds._replace(y_test=y[::-1]))
+      False
+    """
+    h = hashlib.sha256(f"num_classes={ds.num_classes};".encode())
+    for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+        a = getattr(ds, name)
+        if a is None:
+            h.update(f"{name}=None;".encode())
+            continue
+        a = np.ascontiguousarray(a)
+        h.update(f"{name}={a.dtype.str}{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def per_arm(result, key: str, reduce: Callable | None = None) -> np.ndarray:
@@ -481,14 +539,15 @@ class Tuned:
       value: the chosen value of the hyper-parameter (e.g. the lr).
       grid: every value tried.
       val: per value, the validation score it was chosen on (mean over seeds).
-      report: per seed, the reported metric at the chosen value.
+      report: per seed, the reported metric at the chosen value (or a dict
+        of them by label: :func:`tune`'s ``report``).
       index: position of ``value`` in ``grid``.
     """
 
     value: float
     grid: list[float]
     val: list[float]
-    report: np.ndarray
+    report: np.ndarray | dict[str, np.ndarray]
     index: int
 
     def text(self) -> str:
@@ -501,21 +560,98 @@ def tune(
     result,
     hp: str = "lr",
     select: str = "val_accuracy",
-    report: str = "test_accuracy",
+    report: str | dict[str, str] = "test_accuracy",
     last: int = 3,
     where: dict | None = None,
+    steps: Sequence[int] | None = None,
 ) -> Tuned:
     """Chooses ``hp`` on validation and reports the test metric there.
 
     Scores are the mean of the last ``last`` evaluations (a plateau, not one
-    noisy snapshot), averaged over seeds; an arm that stopped (non-finite)
-    scores -inf. Arms are ``hp`` values x seeds (those matching ``where``).
+    noisy snapshot), or of the evaluations at ``steps`` when given, averaged
+    over seeds; an arm that stopped (non-finite there) scores -inf. Arms are
+    ``hp`` values x seeds (those matching ``where``). ``report`` is a record
+    key (``Tuned.report``: per seed, its mean over the same evaluations) or
+    ``{label: key}`` (``Tuned.report``: ``{label: per seed}``).
+
+    Example:
+      >>> from bnlab.train.arms import Arm
+      >>> from bnlab.train.loop import FitResult
+      >>> arms = [Arm(0, 0, {"lr": 0.1}), Arm(1, 0, {"lr": 1.0})]
+      >>> records = [
+      ...     {"step": 1, "arm": 0, "val_accuracy": 0.5, "test_accuracy": 0.4},
+      ...     {"step": 1, "arm": 1, "val_accuracy": 0.7, "test_accuracy": 0.6},
+      ... ]
+      >>> t = tune(FitResult({}, arms, records, [None, None], 1), last=1)
+      >>> t.value, t.report.tolist()
+      (1.0, [0.6])
     """
     grid, val = grid_by_hparams(result, select, hp, where)
-    _, rep = grid_by_hparams(result, report, hp, where)
-    window = val[-last:]
+    if steps is None:
+        rows: Any = slice(-last, None)
+    else:
+        at, _ = result.curve(select)
+        rows = [list(at).index(s) for s in steps]
+    window = val[rows]
     score = np.where(np.all(np.isfinite(window), axis=0), window.mean(axis=0), -np.inf)
     by_value = score.mean(axis=1)
     i = int(best_by(by_value))
-    reported = np.mean(rep[-last:, i, :], axis=0)
+
+    def at_best(key: str) -> np.ndarray:
+        _, rep = grid_by_hparams(result, key, hp, where)
+        return np.mean(rep[rows][:, i, :], axis=0)
+
+    reported = (
+        {label: at_best(key) for label, key in report.items()}
+        if isinstance(report, dict)
+        else at_best(report)
+    )
     return Tuned(grid[i], grid, by_value.tolist(), reported, i)
+
+
+# ------------------------------------------------------- shared model
+
+
+def bn(momentum: float = 0.9) -> Callable:
+    """A :class:`bnlab.linen.BatchNorm` factory with this momentum (a norm of
+    :class:`NormMLP`)."""
+    return functools.partial(bnlab.linen.BatchNorm, momentum=momentum)
+
+
+class NormMLP(nn.Module):
+    """Dense -> norm -> ReLU layers whose norm is a per-arm gate.
+
+    The gate ``gates/norm`` (set per arm with ``set_gates(v, norm=code)`` in
+    ``post_init``) is 0 for no normalization or ``k`` for ``norms[k - 1]``;
+    every candidate is computed and the gate selects one exactly (no mix),
+    so arms of one seed start from the same weights. Leaner than
+    :class:`bnlab.models.VariantMLP` (no BN-after, dropout or layer gates),
+    which matters on CPU. The input of each activation is sown as
+    ``intermediates/act_input_<i>``.
+
+    Attributes:
+      widths: hidden widths.
+      num_outputs: classes.
+      norms: factories called with ``use_running_average``.
+      init_scheme: ``"he"`` (ReLU) or ``"lecun"``.
+    """
+
+    widths: tuple[int, ...]
+    num_outputs: int = 10
+    norms: tuple = ()
+    init_scheme: str = "he"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        code = self.variable("gates", "norm", lambda: jnp.zeros((), jnp.float32)).value
+        k_init = kernel_init(self.init_scheme)
+        x = x.reshape((x.shape[0], -1))
+        for i, width in enumerate(self.widths):
+            h = nn.Dense(width, kernel_init=k_init)(x)
+            out = h
+            for j, make in enumerate(self.norms):
+                normed = make(use_running_average=not train)(h)
+                out = jnp.where(code == j + 1, normed, out)
+            self.sow("intermediates", f"act_input_{i}", out)
+            x = nn.relu(out)
+        return nn.Dense(self.num_outputs, kernel_init=k_init)(x)

@@ -135,31 +135,40 @@ def options(
 # -------------------------------------------------------------- provenance
 
 
-def provenance() -> dict[str, Any]:
+# Untracked files here change what runs (a new module, a stray copy that
+# shadows one), so they make the tree dirty; untracked files elsewhere (notes)
+# do not, nor run outputs under experiments/results (an interrupted run there
+# leaves untracked verdicts that its resumption would otherwise call dirty).
+CODE_PATHS = ("bnlab", "experiments", ":(exclude)experiments/results")
+
+
+def provenance(root: str | Path | None = None) -> dict[str, Any]:
     """The code that produced a result: git commit and whether the tree had
-    uncommitted changes (or, outside a checkout, the bnlab version)."""
+    uncommitted changes (or, outside a checkout, the bnlab version).
+
+    ``dirty`` counts a change to any tracked file and any untracked (not
+    ignored) file under :data:`CODE_PATHS`; ``root`` is the checkout (this
+    one by default)."""
     import bnlab
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[1] if root is None else Path(root)
     out: dict[str, Any] = {"bnlab": bnlab.__version__, "commit": None, "dirty": None}
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=10
         )
+
+    try:
+        commit = git("rev-parse", "HEAD")
         if commit.returncode == 0:
             out["commit"] = commit.stdout.strip()
-            status = subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=root,
-                capture_output=True,
-                text=True,
-                timeout=10,
+            tracked = git("status", "--porcelain", "--untracked-files=no")
+            code = git(
+                "status", "--porcelain", "--untracked-files=all", "--", *CODE_PATHS
             )
-            out["dirty"] = bool(status.stdout.strip())
+            if tracked.returncode == 0 and code.returncode == 0:
+                out["dirty"] = bool(tracked.stdout.strip() or code.stdout.strip())
     except (OSError, subprocess.SubprocessError):
         pass
     return out
@@ -354,7 +363,7 @@ def _run(opts: Options, progress: Any, show: Callable[[str], None]) -> list[dict
             verdict = verdict_of(module, ctx, outcome, time.perf_counter() - t0)
             verdict["command"] = f"{opts.command} --only {name}"
             verdict["environment"] = env
-            verdict["provenance"] = prov
+            verdict["provenance"] = {**prov, "data": ctx.data_provenance()}
             _records(directory, outcome.records)
             _write(directory, verdict)
             state = f"{verdict['seconds']:.0f} s"

@@ -3,7 +3,7 @@ landscape smoother: along the gradient the loss varies less, the gradient
 changes less, and the effective beta-smoothness is smaller.
 
 A 4-layer ReLU MLP (He init) with and without BN before every activation
-(a per-arm gate of :class:`experiments.norm_batch_size.NormMLP`, so both
+(a per-arm gate of :class:`experiments.protocol.NormMLP`, so both
 networks and both learning rates are arms of one program and arms of one
 seed start from the same weights), plain SGD at lr 0.1 and (control) 0.3,
 batch 128. Both networks train at the same lr, as in the paper's figure:
@@ -28,7 +28,6 @@ import optax
 from bnlab.diagnostics import landscape_probe
 from bnlab.models import set_gates
 from experiments import protocol as P
-from experiments.norm_batch_size import NormMLP, bn
 
 NAME = "smoothness"
 CLAIM = (
@@ -113,7 +112,7 @@ def run(ctx: P.Context) -> P.Outcome:
     n = ctx.pick(256, 512)
     data = ctx.data
     x, y = jnp.asarray(data.x_train[-n:]), jnp.asarray(data.y_train[-n:])
-    model = NormMLP((width,) * depth, 10, norms=(bn(0.9),))
+    model = P.NormMLP((width,) * depth, 10, norms=(P.bn(0.9),))
     settings = [{"bn": float(b), "lr": lr} for b in (0, 1) for lr in LRS]
     result = ctx.fit(
         "arms",
