@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from bnlab import data as bnlab_data
 from experiments import protocol, reproduce
 from tests.test_multihost import ROOT
 
@@ -66,10 +67,11 @@ def test_every_experiment_runs_and_writes_its_outputs(smoke):
         d = out / v["experiment"]
         module = __import__(f"experiments.{v['experiment']}", fromlist=["x"])
         assert [c["id"] for c in v["checks"]] == [c.id for c in module.CRITERIA]
-        assert v["verdict"] == ("REPORT" if not module.CRITERIA else v["verdict"])
-        assert v["verdict"] in ("PASS", "FAIL", "REPORT")
+        _assert_verdict_follows_its_checks(v)
         assert json.loads((d / "verdict.json").read_text())["claim"] == v["claim"]
         assert v["provenance"]["bnlab"] and v["seeds"] == [0, 1]
+        data = v["provenance"]["data"]  # None: no dataset (generated inputs)
+        assert data is None or len(data["sha256"]) == 64
         for line in (d / "metrics.jsonl").read_text().splitlines():
             json.loads(line)
         for fig in v["figures"]:
@@ -92,6 +94,47 @@ def test_every_experiment_runs_and_writes_its_outputs(smoke):
         assert line.startswith(v["verdict"])
         if v["verdict"] == "FAIL":
             assert "needs" in line  # a FAIL names the check and its numbers
+
+
+def _assert_verdict_follows_its_checks(v):
+    """REPORT without criteria, else PASS iff every check passes; and each
+    check's pass is what its recorded interval and threshold give."""
+    passes = [c["pass"] for c in v["checks"]]
+    expected = "REPORT" if not passes else "PASS" if all(passes) else "FAIL"
+    assert v["verdict"] == expected, (v["experiment"], v["verdict"], passes)
+    for c in v["checks"]:
+        m = c["measured"]
+        lo, hi = m["ci"]
+        if m["value"] is None or lo is None or hi is None:
+            continue  # a non-finite number is recorded as null
+        crit = protocol.Criterion(
+            c["id"], c["quantity"], c["op"], c["threshold"], c["source"]
+        )
+        measured = protocol.Measured(m["value"], lo, hi)
+        assert c["pass"] == protocol.judge(crit, measured, "full"), c
+
+
+def test_the_verdict_check_can_fail():
+    check = {
+        "id": "a",
+        "quantity": "q",
+        "op": ">=",
+        "threshold": 1.0,
+        "source": "s",
+        "measured": {"value": 1.5, "ci": [1.2, 1.8]},
+        "pass": True,
+    }
+    ok = {"experiment": "x", "verdict": "PASS", "checks": [check]}
+    _assert_verdict_follows_its_checks(ok)
+    _assert_verdict_follows_its_checks({**ok, "verdict": "REPORT", "checks": []})
+    for bad in (
+        {**ok, "verdict": "FAIL"},  # every check passes
+        {**ok, "verdict": "REPORT"},  # it has checks
+        {**ok, "checks": [{**check, "measured": {"value": 1.0, "ci": [0.5, 1.5]}}]},
+        {**ok, "verdict": "REPORT", "checks": [{**check, "pass": False}]},
+    ):
+        with pytest.raises(AssertionError):
+            _assert_verdict_follows_its_checks(bad)
 
 
 def test_a_second_run_recomputes_nothing(smoke, monkeypatch):
@@ -346,3 +389,122 @@ def test_reproduce_on_eight_devices_gives_the_numbers_of_one(tmp_path):
         np.testing.assert_allclose(
             a["measured"]["per_seed"], b["measured"]["per_seed"], atol=1e-3
         )
+
+
+def _git(repo, *args):
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
+def test_provenance_dirty_counts_untracked_code(tmp_path):
+    repo = tmp_path / "repo"
+    for f in ("bnlab/a.py", "experiments/b.py", "README.md", ".gitignore"):
+        (repo / f).parent.mkdir(parents=True, exist_ok=True)
+        (repo / f).write_text("__pycache__/\n" if f == ".gitignore" else "x\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "init")
+    head = _git(repo, "rev-parse", "HEAD")
+
+    def dirty():
+        prov = reproduce.provenance(repo)
+        assert prov["commit"] == head
+        return prov["dirty"]
+
+    assert dirty() is False
+    untracked = {
+        "experiments/new.py": True,  # a new module changes what runs
+        "bnlab/sub/deep/c.py": True,  # in a new directory too
+        "notes.txt": False,  # outside the code
+        "experiments/results/quick/verdict.json": False,  # a run's output
+        "bnlab/__pycache__/a.pyc": False,  # ignored
+    }
+    for f, expected in untracked.items():
+        path = repo / f
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("y\n")
+        assert dirty() is expected, f
+        path.unlink()
+    assert dirty() is False
+    (repo / "README.md").write_text("changed\n")  # any tracked change counts
+    assert dirty() is True
+
+
+def test_provenance_outside_a_checkout(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    (tmp_path / "plain").mkdir()
+    prov = reproduce.provenance(tmp_path / "plain")
+    assert prov["commit"] is None and prov["dirty"] is None and prov["bnlab"]
+
+
+def _probe(uses_data):
+    """A stand-in experiment module: one criterion, no training."""
+    import types
+
+    module = types.ModuleType("probe")
+    module.NAME = "probe"
+    module.CLAIM = "a probe"
+    module.CRITERIA = [protocol.Criterion("c", "q", ">=", 0.0, "s")]
+
+    def run(ctx):
+        n = len(ctx.data.x_train) if uses_data else 1
+        return protocol.Outcome({"c": protocol.Measured(n, n, n)})
+
+    module.run = run
+    return module
+
+
+def test_each_verdict_records_the_data_it_used(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "experiments._probe_data", _probe(True))
+    monkeypatch.setitem(sys.modules, "experiments._probe_none", _probe(False))
+    opts = reproduce.Options(
+        ["_probe_data", "_probe_none"], tmp_path / "out", "quick", [0, 1]
+    )
+    with_data, without = reproduce.run(opts, show=lambda s: None)
+    assert with_data["provenance"]["data"] == {
+        "name": "fashion_mnist_small",
+        # dataset_sha256 of the shipped subset split with VALIDATION 0.1 and
+        # seed 0 (9000 train, 1000 validation, 2000 test images)
+        "sha256": "e2fcf08e6576c83aebe0bde613052fc55e52698a4be91eac3ed4082eeff1e833",
+        "validation": 0.1,
+        "validation_seed": 0,
+    }
+    assert without["provenance"]["data"] is None  # it loaded no dataset
+    stored = json.loads((tmp_path / "out/_probe_data/verdict.json").read_text())
+    assert stored["provenance"] == with_data["provenance"]
+    assert {"commit", "dirty", "bnlab"} <= set(stored["provenance"])
+
+    # the seed recorded is the one the split used: another seed, another hash
+    monkeypatch.setattr(protocol, "VALIDATION_SEED", 1)
+    ctx = protocol.Context("x", tmp_path / "ctx", "quick", [0])
+    assert ctx.data_provenance() is None
+    assert len(ctx.data.x_val) == 1000
+    data = ctx.data_provenance()
+    assert data["validation_seed"] == 1
+    assert data["sha256"] != with_data["provenance"]["data"]["sha256"]
+    assert data["sha256"] == protocol.dataset_sha256(
+        bnlab_data.load("fashion_mnist_small").with_validation(0.1, seed=1)
+    )
+
+
+def test_dataset_sha256_sees_every_array_and_the_split():
+    x = np.arange(24, dtype=np.float32).reshape(6, 4)
+    y = np.arange(6, dtype=np.int32)
+    ds = bnlab_data.Dataset(x, y, x[:2], y[:2], num_classes=6)
+    digest = protocol.dataset_sha256(ds)
+    assert digest == protocol.dataset_sha256(ds._replace(x_train=x.copy()))
+    changed = [
+        ds._replace(x_train=x + np.float32(1)),
+        ds._replace(y_test=y[:2][::-1].copy()),
+        ds._replace(x_train=x.astype(np.float64)),  # same values, other dtype
+        ds._replace(num_classes=7),
+        ds.with_validation(0.5, seed=0),
+        ds.with_validation(0.5, seed=1),
+    ]
+    digests = [digest] + [protocol.dataset_sha256(d) for d in changed]
+    assert len(set(digests)) == len(digests)
