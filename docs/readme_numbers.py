@@ -1,19 +1,22 @@
-"""The README's generated sections, from the committed results.
+"""The generated sections of docs/reproduction.md, from the committed results.
 
-    python docs/readme_numbers.py          # rewrite README.md's sections
+    python docs/readme_numbers.py          # rewrite docs/reproduction.md's sections
     python docs/readme_numbers.py --check  # exit 1 if they differ
 
 Sections: between ``<!-- quick:begin -->`` / ``<!-- quick:end -->`` the
 transcript of the committed quick run (``experiments/results/quick/``, as
 ``bnlab reproduce --quick`` printed it); between ``numbers:begin`` /
-``numbers:end`` the full run's verdicts and the benchmarks. tests/test_readme.py
-fails if the README differs from this output, so every number there comes
-from a file a command wrote.
+``numbers:end`` the full run's verdicts and the quick runs' agreement with
+it; between ``benchmarks:begin`` / ``benchmarks:end`` the benchmarks.
+tests/test_docs.py fails if the guide differs from this output, so every
+number there comes from a file a command wrote. (The README quotes none of
+them, so re-running an experiment never rewrites it.)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +26,9 @@ QUICK = ROOT / "experiments" / "results" / "quick"
 # quick runs of the lecture's claims with fresh seeds (--first-seed N)
 REPLICAS = sorted((ROOT / "experiments" / "results").glob("quick-first-seed-*"))
 BENCH = ROOT / "benchmarks" / "results"
+GUIDE = ROOT / "docs" / "reproduction.md"
+# the full run's report, as a link from the guide
+REPORT_LINK = os.path.relpath(RESULTS / "REPORT.md", GUIDE.parent)
 if str(ROOT) not in sys.path:  # experiments/ is imported from the tree
     sys.path.insert(0, str(ROOT))
 
@@ -95,7 +101,7 @@ def _reproduction() -> list[str]:
         what = what.replace("|", "\\|")  # inside a table cell
         name = v["experiment"]
         out.append(
-            f"| [{name}](experiments/results/cpu/REPORT.md#{name}) | "
+            f"| [{name}]({REPORT_LINK}#{name}) | "
             f"{v['verdict']} | {what} | {v['seconds']:.0f} s |"
         )
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
@@ -216,33 +222,37 @@ def _speed() -> list[str]:
 
 
 def render() -> str:
-    return "\n".join([*_reproduction(), "", *_agreement(), "", *_speed()]) + "\n"
+    """The full run's verdicts and the quick runs' agreement with it."""
+    return "\n".join([*_reproduction(), "", *_agreement()]) + "\n"
 
 
-SECTIONS = {"quick": quick_transcript, "numbers": render}
+def benchmarks() -> str:
+    return "\n".join(_speed()) + "\n"
 
 
-def rewrite(readme: str) -> str:
-    """``readme`` with every generated section replaced by its render."""
+SECTIONS = {"quick": quick_transcript, "numbers": render, "benchmarks": benchmarks}
+
+
+def rewrite(text: str) -> str:
+    """``text`` with every generated section replaced by its render."""
     import re
 
     for name, fn in SECTIONS.items():
         body = fn()
         if not body.endswith("\n"):
             body += "\n"
-        readme = re.sub(
+        text = re.sub(
             rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)",
             lambda m, body=body: m.group(1) + body + m.group(2),
-            readme,
+            text,
             flags=re.S,
         )
-    return readme
+    return text
 
 
 if __name__ == "__main__":
-    path = ROOT / "README.md"
-    text = path.read_text()
+    text = GUIDE.read_text()
     new = rewrite(text)
     if "--check" in sys.argv:
         sys.exit(0 if new == text else 1)
-    path.write_text(new)
+    GUIDE.write_text(new)
