@@ -86,14 +86,19 @@ class Config:
       optimizer: sgd | momentum | adam.
       lr: peak learning rate.
       momentum: SGD momentum (optimizer=momentum).
-      weight_decay: decoupled (AdamW-style) weight decay; 0 disables.
+      weight_decay: decoupled weight decay (AdamW-style, arXiv:1711.05101):
+        each step adds ``-lr_t * weight_decay * w`` to the optimizer's update
+        ``-lr_t * direction`` (``lr_t`` the scheduled rate; the decay enters
+        neither momentum nor Adam's moments), for parameters with ``ndim >
+        1`` only (kernels; not biases or BN scale / bias). 0 disables.
       schedule: constant | step | cosine.
       warmup_steps: linear warm-up steps before the schedule.
       step_every: step schedule: multiply the lr by ``step_factor`` every N.
       step_factor: see ``step_every``.
       batch_size: global batch size (all devices and processes).
       steps: total training steps.
-      seed: PRNG seed (init, shuffling).
+      seed: PRNG seed of the initialization and the batch order; the data
+        split does not depend on it (every seed sees the same test set).
       parallel: single | pmap | shard_map | jit (data parallel over devices).
       bn_momentum: BN running-statistics momentum (Flax convention).
       bn_epsilon: BN epsilon.
