@@ -27,7 +27,13 @@ from bnlab.checks import (
     check_renorm_bounds,
     output_dtype,
 )
-from bnlab.collectives import AxisName, gather_across, match_varying, sum_across
+from bnlab.collectives import (
+    AxisName,
+    gather_across,
+    match_varying,
+    sum_across,
+    sync_size,
+)
 from bnlab.stats import (
     BatchStats,
     Moments,
@@ -45,6 +51,14 @@ __all__ = [
 ]
 
 Axes = int | Sequence[int]
+
+# The one message for renorm together with ghost_size, from the function and
+# from both modules (``str.format`` with ``fn`` and ``ghost_size``).
+RENORM_WITH_GHOST = (
+    "{fn}: renorm=True and ghost_size={ghost_size!r} cannot be combined (batch "
+    "renormalization is implemented for whole batches, not ghost batches). "
+    "Set renorm=False or ghost_size=None."
+)
 
 
 # --------------------------------------------------------------- algorithm
@@ -361,6 +375,8 @@ def _batch_norm(
     )
     if ghost_size is not None and train:  # ghost batches exist only in training
         check_ghost(ghost_size, x.shape, layout)
+    if train:  # the statistics axis, checked here to name the caller
+        sync_size(axis_name, axis_index_groups, fn=fn)
     real_dtype = _real_dtype(x)
     check_momentum(momentum, fn=fn)  # a traced one: guarded in ema_update
     epsilon_traced = check_epsilon(epsilon, real_dtype, fn=fn)
@@ -499,6 +515,7 @@ def batch_moments(
     """
     fn = "batch_moments"
     x, mask, layout = check_input(x, axis=axis, mask=mask, fn=fn, complex_ok=False)
+    sync_size(axis_name, axis_index_groups, fn=fn)  # its errors name batch_moments
     check_count(
         shape=x.shape,
         layout=layout,
@@ -560,7 +577,9 @@ def variant_batch_norm(
       True
     """
     if renorm and ghost_size is not None:
-        raise ValueError("batch_norm: renorm and ghost_size cannot be combined.")
+        raise ValueError(
+            RENORM_WITH_GHOST.format(fn="variant_batch_norm", ghost_size=ghost_size)
+        )
     if renorm and common.get("train"):
         return batch_renorm(x, stats, scale, bias, r_max=r_max, d_max=d_max, **common)
     return batch_norm(

@@ -40,18 +40,30 @@ def _names(axis_name: AxisName) -> tuple[Any, ...]:
 
 
 def sync_size(
-    axis_name: AxisName | None, axis_index_groups: Sequence[Sequence[int]] | None
+    axis_name: AxisName | None,
+    axis_index_groups: Sequence[Sequence[int]] | None,
+    fn: str | None = None,
 ) -> int:
     """How many devices share one set of statistics (static, at trace time).
+
+    Args:
+      axis_name: the statistics axis (or axes), or None.
+      axis_index_groups: device groups of ``axis_name``, or None.
+      fn: the function the user called (e.g. ``"batch_moments"``), to open
+        the error messages with; None: the messages name no caller.
+
+    Returns:
+      The number of devices in one group (1 without ``axis_name``).
 
     Raises:
       ValueError: when ``axis_name`` is not bound by an enclosing ``pmap``,
         ``shard_map`` or ``vmap``, or the groups are malformed.
     """
+    prefix = f"{fn}: " if fn else ""
     if axis_name is None:
         if axis_index_groups is not None:
             raise ValueError(
-                "batch_norm: axis_index_groups was given without axis_name; "
+                f"{prefix}axis_index_groups was given without axis_name; "
                 "pass the axis_name the groups index into."
             )
         return 1
@@ -61,7 +73,7 @@ def sync_size(
             size *= int(lax.axis_size(name))
         except NameError:
             raise ValueError(
-                f"batch_norm: axis_name={name!r} is not bound here. Call it inside "
+                f"{prefix}axis_name={name!r} is not bound here. Call it inside "
                 f"jax.pmap(..., axis_name={name!r}), jax.vmap(..., axis_name={name!r}) "
                 f"or jax.shard_map over a mesh with an axis {name!r}; under jax.jit "
                 "on sharded arrays pass axis_name=None (XLA inserts the reduction)."
@@ -72,7 +84,7 @@ def sync_size(
     flat = sorted(i for g in groups for i in g)
     if flat != list(range(size)) or len({len(g) for g in groups}) != 1:
         raise ValueError(
-            f"batch_norm: axis_index_groups={groups} must split the {size} indices "
+            f"{prefix}axis_index_groups={groups} must split the {size} indices "
             f"of axis {axis_name!r} into groups of equal size, each index once, "
             "e.g. [[0, 1], [2, 3]] for 4 devices."
         )

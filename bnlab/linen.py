@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnlab.batch_norm import batch_moments
+from bnlab.batch_norm import RENORM_WITH_GHOST, batch_moments
 from bnlab.checks import feature_layout
 from bnlab.modules import as_float_input, layer_batch_norm
 from bnlab.stats import BatchStats
@@ -144,6 +144,17 @@ class BatchNorm(nn.BatchNorm):
     d_max: float = 5.0
     frozen: bool = False
     freeze_affine: bool = False
+
+    def __post_init__(self) -> None:
+        # At construction, as bnlab.nnx.BatchNorm: not first at apply, after
+        # an init that cannot see the conflict (init runs neither variant).
+        if self.renorm and self.ghost_size is not None:
+            raise ValueError(
+                RENORM_WITH_GHOST.format(
+                    fn="bnlab.linen.BatchNorm", ghost_size=self.ghost_size
+                )
+            )
+        super().__post_init__()
 
     @nn.compact
     def __call__(

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from bnlab.batch_norm import RENORM_WITH_GHOST
 from bnlab.modules import layer_batch_norm
 from bnlab.stats import BatchStats
 
@@ -85,11 +86,13 @@ class BatchNorm(nnx.BatchNorm):
         rngs: nnx.Rngs,
         **flax_kwargs: Any,
     ):
-        super().__init__(num_features, rngs=rngs, **flax_kwargs)
         if renorm and ghost_size is not None:
             raise ValueError(
-                "bnlab.nnx.BatchNorm: renorm and ghost_size cannot be combined."
+                RENORM_WITH_GHOST.format(
+                    fn="bnlab.nnx.BatchNorm", ghost_size=ghost_size
+                )
             )
+        super().__init__(num_features, rngs=rngs, **flax_kwargs)
         self.convention = convention
         self.ghost_size = ghost_size
         self.renorm = renorm

@@ -13,6 +13,8 @@ all the values each BN layer saw, as if concatenated.
 from __future__ import annotations
 
 import functools
+import inspect
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -85,15 +87,42 @@ def precise_stats(
     return _to_batch_stats(variables["batch_stats"], total, ())
 
 
-@functools.lru_cache(maxsize=64)
+# owner -> {function: jitted moment collector}, the owner held weakly: a
+# collector lives exactly as long as the caller's ``apply_fn`` (repeated calls,
+# e.g. one per checkpoint, reuse its compilation) and keeps nothing alive.
+# Neither an LRU of jitted closures nor ``jax.jit`` with ``apply_fn`` static:
+# both hold the function (and all it closes over: model, arrays) strongly.
+_COLLECTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _collector(apply_fn: Callable) -> Callable:
-    """The jitted moment collector of ``apply_fn``, compiled once per
-    function (repeated calls, e.g. one per checkpoint, do not recompile)."""
-    return jax.jit(
-        lambda v, b: apply_fn(v, b, mutable=[MOMENTS_COLLECTION, "batch_stats"])[1].get(
-            MOMENTS_COLLECTION, {}
-        )
-    )
+    """The jitted moment collector of ``apply_fn`` (see ``_COLLECTORS``)."""
+    # A bound method (e.g. ``model.apply``) is a new object at each access:
+    # key it by its owner and its function, not by itself.
+    if inspect.ismethod(apply_fn):
+        owner, func = apply_fn.__self__, apply_fn.__func__
+    else:
+        owner, func = apply_fn, None
+    try:
+        owner_ref = weakref.ref(owner)
+        per_owner = _COLLECTORS.setdefault(owner, {})
+    except TypeError:  # not weakly referenceable: compiled for this call only
+        return jax.jit(functools.partial(_moments, apply_fn))
+    if func not in per_owner:
+
+        def collect(variables: dict[str, Any], batch: Any) -> Any:
+            target = owner_ref()
+            return _moments(
+                target if func is None else func.__get__(target), variables, batch
+            )
+
+        per_owner[func] = jax.jit(collect)
+    return per_owner[func]
+
+
+def _moments(apply_fn: Callable, variables: dict[str, Any], batch: Any) -> Any:
+    updates = apply_fn(variables, batch, mutable=[MOMENTS_COLLECTION, "batch_stats"])[1]
+    return updates.get(MOMENTS_COLLECTION, {})
 
 
 def _is_moments(x: Any) -> bool:
