@@ -23,12 +23,10 @@ import signal
 import sys
 import tempfile
 import threading
-import time
 import warnings
 from pathlib import Path
-from typing import Any
 
-__all__ = ["EXIT_CODES", "Progress", "main"]
+__all__ = ["EXIT_CODES", "main"]
 
 EXIT_CODES = {
     0: "success",
@@ -70,99 +68,6 @@ def _results():
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C so that the same
     cleanup runs (the checkpoint in flight is finished, files closed)."""
-
-
-class Progress:
-    """A rich progress bar on a terminal; a plain line per 10% otherwise.
-
-    One object serves ``bnlab train`` (``__call__`` with fit's progress
-    dict) and ``bnlab reproduce`` (``experiment`` for the outer level and
-    ``steps`` for the training inside it). Shows steps/s measured after
-    compilation, the ETA, the last records' train loss and accuracy.
-    """
-
-    def __init__(self, stream=None, label: str = "train", total_experiments: int = 0):
-        self.stream = stream if stream is not None else _terminal()
-        self.tty = self.stream.isatty()
-        self.label = label
-        self.last_decile = -1
-        self.last_draw = 0.0
-        self._bar = None
-        if self.tty:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
-            from rich.progress import Progress as RichProgress
-
-            self._bar = RichProgress(
-                TextColumn("{task.description:<28}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-                console=Console(file=self.stream),
-            )
-            self._outer = None
-            if total_experiments:
-                self._outer = self._bar.add_task(
-                    "experiments", total=total_experiments, info=""
-                )
-            self._task = self._bar.add_task(label, total=None, info="compiling...")
-            self._bar.start()
-
-    @staticmethod
-    def _info(p: dict[str, Any]) -> str:
-        parts = []
-        if p.get("rate"):
-            parts.append(f"{p['rate']:.0f} steps/s")
-        if p.get("eta") is not None:
-            parts.append(f"ETA {time.strftime('%M:%S', time.gmtime(p['eta']))}")
-        if p.get("train_loss") is not None:
-            parts.append(f"loss {p['train_loss']:.4f}")
-        for key, short in (("val_accuracy", "val acc"), ("test_accuracy", "test acc")):
-            if p.get(key) is not None:
-                parts.append(f"{short} {p[key]:.3f}")
-        return "  ".join(parts)
-
-    def __call__(self, p: dict[str, Any]) -> None:
-        """fit's ``on_progress``."""
-        done, total = p["step"], p["total"]
-        now = time.monotonic()
-        if self._bar is not None:
-            if now - self.last_draw > 0.1 or done == total:
-                self._bar.update(
-                    self._task,
-                    completed=done,
-                    total=total,
-                    info=self._info(p),
-                    description=p.get("label", self.label),
-                )
-                self.last_draw = now
-        elif int(done / total * 10) > self.last_decile:
-            self.last_decile = int(done / total * 10)
-            print(
-                f"{p.get('label', self.label)} step {done}/{total} {self._info(p)}",
-                file=self.stream,
-                flush=True,
-            )
-
-    def experiment(self, name: str, done: int) -> None:
-        """The outer level of ``bnlab reproduce``: experiment ``done + 1``."""
-        self.last_decile = -1
-        if self._bar is not None and self._outer is not None:
-            self._bar.update(
-                self._outer, completed=done, description=f"experiments ({name})"
-            )
-
-    def line(self, text: str) -> None:
-        """A message above the bar (stderr)."""
-        if self._bar is not None:
-            self._bar.console.print(text, highlight=False)
-        else:
-            print(text, file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
 
 
 def _plain(text: str) -> str:
@@ -288,7 +193,7 @@ def _guarded(command: str, run) -> int:
 def _mapped(command: str, run) -> int:
     from bnlab.data import DatasetError
     from bnlab.train import CheckpointMismatchError, ConfigError, NonFiniteError
-    from bnlab.train.rundir import DiskFullError, RunDirError
+    from bnlab.train.rundir import RunDirError, WriteError
 
     try:
         run()
@@ -296,7 +201,7 @@ def _mapped(command: str, run) -> int:
         return _fail(2, command, f"config error: {e}")
     except NonFiniteError as e:
         return _fail(3, command, str(e))
-    except DiskFullError as e:
+    except WriteError as e:
         return _fail(6, command, str(e))
     except (RunDirError, CheckpointMismatchError) as e:
         return _fail(4, command, str(e))
@@ -370,6 +275,8 @@ def _train(args: argparse.Namespace) -> int:
         f"parallel={config.parallel})",
         file=_terminal(),
     )
+    from bnlab.train.progress import Progress
+
     progress = None if args.quiet else Progress(_terminal())
     try:
         code = _guarded(
@@ -444,6 +351,8 @@ def _reproduce(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         return _fail(2, "reproduce", str(e))
+    from bnlab.train.progress import Progress
+
     progress = (
         None
         if args.quiet

@@ -21,6 +21,7 @@ from bnlab.data.sources import (
     load_idx_dataset,
     read_idx,
     synthetic_regression,
+    validation_indices,
     validation_size,
 )
 
@@ -43,5 +44,6 @@ __all__ = [
     "read",
     "read_idx",
     "synthetic_regression",
+    "validation_indices",
     "validation_size",
 ]

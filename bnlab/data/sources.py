@@ -85,16 +85,24 @@ class Dataset(NamedTuple):
                 "this Dataset already has validation arrays; pass validation=None "
                 "to use them."
             )
-        n = len(self.x_train)
-        k = validation_size(n, fraction)
-        perm = np.random.default_rng([seed, 1729]).permutation(n)
-        val, train = np.sort(perm[:k]), np.sort(perm[k:])
+        train, val = validation_indices(len(self.x_train), fraction, seed)
         return self._replace(
             x_train=self.x_train[train],
             y_train=self.y_train[train],
             x_val=self.x_train[val],
             y_val=self.y_train[val],
         )
+
+
+def validation_indices(
+    n: int, fraction: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, validation)`` example indices (sorted) of ``n`` examples:
+    ``fraction`` of them, drawn by a fixed permutation of ``seed``
+    (independent of any training seed)."""
+    k = validation_size(n, fraction)
+    perm = np.random.default_rng([seed, 1729]).permutation(n)
+    return np.sort(perm[k:]), np.sort(perm[:k])
 
 
 def validation_size(n: int, fraction: float) -> int:

@@ -8,7 +8,12 @@ from bnlab.train.config import PRESETS, Config, ConfigError, load_config
 from bnlab.train.loop import DATA_AXIS, FitResult, Loaded, fit, load
 from bnlab.train.model import nnx_update
 from bnlab.train.presets import build_model, build_optimizer, fit_config
-from bnlab.train.rundir import DiskFullError, RunDirError
+from bnlab.train.rundir import (
+    DiskFullError,
+    RunDirError,
+    WriteError,
+    WritePermissionError,
+)
 from bnlab.train.step import TrainState
 
 __all__ = [
@@ -25,6 +30,8 @@ __all__ = [
     "NonFiniteError",
     "RunDirError",
     "TrainState",
+    "WriteError",
+    "WritePermissionError",
     "build_model",
     "build_optimizer",
     "fit",

@@ -14,11 +14,13 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import math
+import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,15 +31,24 @@ import optax
 
 from bnlab import parallel as bn_parallel
 from bnlab.data import pipeline
-from bnlab.data.sources import Dataset, validation_size
-from bnlab.train.arms import Arm, make_arms, stacked
+from bnlab.data.sources import Dataset
+from bnlab.train.arms import Arm, arm_map, make_arms, stacked
 from bnlab.train.checkpoint import (
     Checkpointer,
     NonFiniteError,
     finalized_steps,
     read_state,
 )
-from bnlab.train.model import model_fns
+from bnlab.train.evaluate import Evaluator
+from bnlab.train.model import ModelFns, model_fns
+from bnlab.train.options import (
+    Evaluation,
+    Placement,
+    RunLength,
+    Training,
+    check_workdir,
+)
+from bnlab.train.progress import Progress
 from bnlab.train.rundir import (
     METRICS_FILE,
     RunLock,
@@ -47,11 +58,12 @@ from bnlab.train.rundir import (
     rewrite_records,
     write_json,
 )
+from bnlab.train.splits import Splits, fingerprint, length, make_splits, read
 from bnlab.train.step import (
     Interval,
     TrainState,
+    check_outputs,
     default_loss,
-    make_arm_eval,
     make_arm_init,
     make_arm_step,
     metric_names,
@@ -64,7 +76,7 @@ DATA_AXIS = bn_parallel.DATA
 # step gathers its rows there; larger ones are read by the host per step.
 DEVICE_DATA_BYTES = 2**30
 # Keys of the run configuration that may change between a run and its resume.
-RUN_LENGTH_KEYS = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints")
+RUN_LENGTH_KEYS = tuple(f.name for f in dataclasses.fields(RunLength))
 _RESERVED = ("opt_state", "step", "rng", "stopped_at", "interval")
 
 
@@ -104,103 +116,23 @@ class FitResult(NamedTuple):
         return np.asarray(steps), out
 
 
-# ------------------------------------------------------------------- data
-
-
-class _Splits(NamedTuple):
-    """Training data as arrays (in memory) or sources (streamed)."""
-
-    train: Any  # (x, y) arrays or a Source
-    val: Any | None
-    test: Any | None
-    num_classes: int
-    in_memory: bool
-
-
-def _splits(data: Any, validation: float | None) -> _Splits:
-    if isinstance(data, Dataset):
-        ds = data
-        if validation is not None:
-            ds = ds.with_validation(validation)
-        val = None if ds.x_val is None else (ds.x_val, ds.y_val)
-        test = None if ds.x_test is None else (ds.x_test, ds.y_test)
-        return _Splits((ds.x_train, ds.y_train), val, test, int(ds.num_classes), True)
-    if isinstance(data, pipeline.StreamingDataset):
-        train, val = data.train, data.val
-        if validation is not None:
-            if val is not None:
-                raise ValueError(
-                    "this StreamingDataset already has a validation source; pass "
-                    "validation=None to use it."
-                )
-            n = len(train)
-            k = validation_size(n, validation)
-            perm = np.random.default_rng([0, 1729]).permutation(n)
-            val = pipeline.Subset(train, np.sort(perm[:k]))
-            train = pipeline.Subset(train, np.sort(perm[k:]))
-        return _Splits(train, val, data.test, int(data.num_classes), False)
-    raise TypeError(
-        f"data must be a bnlab.data.Dataset (arrays in memory) or a "
-        f"bnlab.data.StreamingDataset (sources read by index), got "
-        f"{type(data).__name__}."
-    )
-
-
-def _length(split: Any) -> int:
-    return len(split[0]) if isinstance(split, tuple) else len(split)
-
-
-def _read(split: Any, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if isinstance(split, tuple):
-        return split[0][indices], split[1][indices]
-    return pipeline.read(split, indices)
-
-
-def _fingerprint(split: Any) -> str:
-    """A cheap identity of the training data (its labels and up to 256
-    evenly spaced examples), checked when a run resumes."""
-    n = _length(split)
-    rows = np.unique(np.linspace(0, n - 1, min(n, 256)).astype(np.int64))
-    x, y = _read(split, rows)
-    h = hashlib.sha256(str(n).encode())
-    h.update(np.ascontiguousarray(x).view(np.uint8).reshape(-1))
-    h.update(np.ascontiguousarray(y).view(np.uint8).reshape(-1))
-    return h.hexdigest()[:16]
-
-
-# ------------------------------------------------------------- arguments
-
-
-def _positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive integer.")
-    return int(value)
-
-
-def _as_optimizer(optimizer: Any) -> Callable[[dict], optax.GradientTransformation]:
-    if isinstance(optimizer, optax.GradientTransformation):
-        return lambda hp: optimizer
-    if callable(optimizer):
-        return optimizer
-    raise TypeError(
-        "optimizer must be an optax.GradientTransformation or a function of the "
-        "arm's hyper-parameters returning one, e.g. lambda hp: optax.sgd(hp['lr'])."
-    )
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _Plan:
     """Everything :func:`fit` derives from its arguments before any work."""
 
-    fns: Any
+    fns: ModelFns
     arms: list[Arm]
     hp: dict[str, np.ndarray]
-    splits: _Splits
+    splits: Splits
     loss_fn: Callable
     metrics: list[str]
     layout: bn_parallel.ArmsLayout
     config: dict
     on_device: bool
+    run_length: RunLength
+    training: Training
+    evaluation: Evaluation
+    placement: Placement
 
 
 # -------------------------------------------------------------------- fit
@@ -240,6 +172,7 @@ def fit(
     batch_order: Callable[[int, int], np.ndarray] | None = None,
     config: Mapping[str, Any] | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    quiet: bool = False,
 ) -> FitResult:
     """Trains (or resumes) every arm of a model in ``workdir``.
 
@@ -306,10 +239,12 @@ def fit(
         with running statistics: records ``trainset_*``.
       eval_batch_stats: also evaluate the test set with each batch's own
         statistics: records ``test_batch_stats_*``.
-      steps_per_call: steps per compiled call (scanned); default: up to the
-        next evaluation or checkpoint, at most 100 (1 for streamed data).
-      unroll: ``lax.scan``'s unroll (``True`` for small conv nets on XLA:CPU,
-        which runs convolutions slowly inside loops).
+      steps_per_call: steps per compiled call (a ``lax.scan``); default:
+        chosen by fit and recorded in ``config.json`` under ``execution``: on
+        XLA:CPU a model with convolutions runs one compiled step per call
+        (XLA:CPU runs convolutions several times slower inside loops), other
+        models up to 100 steps per call (1 for streamed data).
+      unroll: ``lax.scan``'s unroll (compiles longer; rarely needed).
       batch_order: ``(seed, step) -> example indices (batch_size,)`` of the
         training set for an arm's step (e.g. non-i.i.d. batches); it must be
         a pure function of its arguments, so that a resumed run reads the
@@ -318,9 +253,13 @@ def fit(
       config: your own description of the run (JSON), recorded in
         ``config.json``; a resume must agree on it.
       on_progress: called after every compiled call with ``step``,
-        ``total``, ``rate`` (steps/s after compilation, or None), ``eta``
-        and the last record's means over arms (``train_loss``,
-        ``val_accuracy`` / ``test_accuracy`` when present).
+        ``total``, ``rate`` (steps/s after compilation, or None), ``eta``,
+        ``evaluated`` (whether the step was an evaluation) and the last
+        record's means over arms (``train_loss``, ``val_accuracy`` /
+        ``test_accuracy`` when present); and with ``{"event": text}`` when
+        the run compiles or resumes. Default: a progress bar on stderr
+        (a terminal), else one line per evaluation.
+      quiet: show no progress (when ``on_progress`` is None).
 
     Returns:
       A :class:`FitResult`.
@@ -328,7 +267,8 @@ def fit(
     Raises:
       ValueError / TypeError: before any work, for arguments that cannot run.
       RunDirError: the run directory is in use, unusable, or replaced while
-        running; DiskFullError: the disk is full (earlier checkpoints kept).
+        running; WriteError (DiskFullError, WritePermissionError): a
+        checkpoint or record could not be written (earlier ones kept).
       CheckpointMismatchError: the checkpoints belong to another model or
         configuration; nothing is moved.
       NonFiniteError: every arm's loss became NaN/Inf (names the steps).
@@ -352,94 +292,152 @@ def fit(
       >>> len(result.arms), result.step
       (4, 20)
     """
-    plan = _plan(
-        model,
-        data,
+    run_length = RunLength.make(steps, eval_every, checkpoint_every, keep_checkpoints)
+    training = Training.make(
         optimizer=optimizer,
-        steps=steps,
-        batch_size=batch_size,
-        seeds=seeds,
-        hparams=hparams,
-        eval_every=eval_every,
-        checkpoint_every=checkpoint_every,
-        keep_checkpoints=keep_checkpoints,
-        validation=validation,
         loss=loss,
+        batch_size=batch_size,
+        rng_streams=rng_streams,
+        train_kwargs=train_kwargs,
+        post_init=post_init,
+        batch_order=batch_order,
+    )
+    evaluation = Evaluation.make(
+        batch_size=eval_batch_size,
+        train_examples=eval_train,
+        batch_stats=eval_batch_stats,
+        at_start=eval_at_start,
+        probe=probe,
+    )
+    placement = Placement.make(
         parallel=parallel,
         mesh=mesh,
         devices=devices,
         bn_group_size=bn_group_size,
-        eval_train=eval_train,
-        eval_batch_size=eval_batch_size,
         steps_per_call=steps_per_call,
+        unroll=unroll,
+    )
+    if on_progress is not None and not callable(on_progress):
+        raise TypeError("on_progress must be a function of one dict, or None.")
+    workdir = check_workdir(workdir)
+    plan = _plan(
+        model,
+        make_splits(data, validation),
+        make_arms(seeds, hparams),
+        validation=validation,
         config=config,
+        run_length=run_length,
+        training=training,
+        evaluation=evaluation,
+        placement=placement,
     )
-    workdir = Path(workdir).absolute()
     leader = jax.process_index() == 0
-    if leader:
-        check_run_dir(workdir)
-    lock = RunLock(workdir) if leader else None
+    shown = None
+    if on_progress is None and not quiet and leader:
+        shown = on_progress = Progress(label=workdir.name or "fit")
+    with _one_run_per_process():
+        if leader:
+            check_run_dir(workdir)
+        lock = RunLock(workdir) if leader else None
+        try:
+            return _Run(plan, workdir, lock, on_progress).train()
+        finally:
+            if lock is not None:
+                lock.release()
+            if shown is not None:
+                shown.close()
+
+
+_RUNNING = threading.Lock()
+
+
+@contextlib.contextmanager
+def _one_run_per_process() -> Iterator[None]:
+    """One :func:`fit` at a time in a process: orbax's checkpointing and
+    the signal handling around a save are process-wide, and two runs in
+    two threads interfere (a failed save, a false "checkpoints
+    disappeared")."""
+    if not _RUNNING.acquire(blocking=False):
+        raise RuntimeError(
+            "another fit is running in this process (in another thread); run fits "
+            "one after the other, or in separate processes."
+        )
     try:
-        return _Run(
-            plan,
-            workdir,
-            lock,
-            optimizer=_as_optimizer(optimizer),
-            probe=probe,
-            train_kwargs=train_kwargs,
-            post_init=post_init,
-            rng_streams=tuple(rng_streams),
-            eval_at_start=eval_at_start,
-            eval_batch_size=eval_batch_size,
-            eval_train=eval_train,
-            eval_batch_stats=eval_batch_stats,
-            unroll=unroll,
-            batch_order=batch_order,
-            on_progress=on_progress,
-        ).train()
+        yield
     finally:
-        if lock is not None:
-            lock.release()
+        _RUNNING.release()
 
 
-def _plan(model, data, **kw) -> _Plan:
-    steps = _positive("steps", kw["steps"])
-    batch_size = _positive("batch_size", kw["batch_size"])
-    eval_every = _positive("eval_every", kw["eval_every"] or max(steps // 10, 1))
-    checkpoint_every = _positive(
-        "checkpoint_every", kw["checkpoint_every"] or eval_every
-    )
-    keep = _positive("keep_checkpoints", kw["keep_checkpoints"])
-    _positive("eval_batch_size", kw["eval_batch_size"])
-    if kw["steps_per_call"] is not None:
-        _positive("steps_per_call", kw["steps_per_call"])
-    if isinstance(kw["eval_train"], bool) or int(kw["eval_train"]) < 0:
-        raise ValueError(f"eval_train={kw['eval_train']!r} must be >= 0.")
-    _as_optimizer(kw["optimizer"])
+def _trace(what: str, fn: Callable, *args: Any) -> Any:
+    """``jax.eval_shape(fn, *args)``, an error naming ``what`` to fix."""
+    try:
+        return jax.eval_shape(fn, *args)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError):
+        raise
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
+        raise type(e)(f"{what}: {type(e).__name__}: {e}") from None
+
+
+def _check_optimizer(training: Training, params: Any, hp: dict) -> None:
+    """Builds, initializes and applies the optimizer on abstract values:
+    a problem shows now, named, not inside the compiled step."""
+
+    def one_update(hp, params):
+        tx = training.optimizer(hp)
+        state = tx.init(params)
+        return tx.update(params, state, params)[0]
+
+    try:
+        _trace("optimizer", one_update, hp, params)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError):
+        raise TypeError(
+            "optimizer: optax checks some arguments in Python (e.g. a schedule's "
+            "peak value), which an arm's traced hyper-parameter cannot pass. Scale "
+            "a unit schedule instead: lambda hp: optax.sgd(lambda step: hp['lr'] * "
+            "optax.warmup_cosine_decay_schedule(0.0, 1.0, 50, 500)(step)), or give "
+            "the value as a Python number outside hparams."
+        ) from None
+
+
+def _plan(
+    model: Any,
+    splits: Splits,
+    arms: list[Arm],
+    *,
+    validation: float | None,
+    config: Mapping[str, Any] | None,
+    run_length: RunLength,
+    training: Training,
+    evaluation: Evaluation,
+    placement: Placement,
+) -> _Plan:
     fns = model_fns(model)
-    arms = make_arms(kw["seeds"], kw["hparams"])
-    splits = _splits(data, kw["validation"])
-    n_train = _length(splits.train)
-    if n_train == 0:
-        raise ValueError("the training split has no examples.")
-    if batch_size > n_train:
+    n_train = length(splits.train)
+    if training.batch_size > n_train:
         warnings.warn(
-            f"batch_size={batch_size} is larger than the training set ({n_train} "
-            "examples): each batch repeats examples.",
+            f"batch_size={training.batch_size} is larger than the training set "
+            f"({n_train} examples): each batch repeats examples.",
             UserWarning,
             stacklevel=3,
         )
-    loss_fn = kw["loss"] or default_loss(splits.num_classes)
+    if config is not None and not isinstance(config, Mapping):
+        raise TypeError("config must be a dict describing the run (JSON).")
     layout = bn_parallel.arms_layout(
         len(arms),
-        batch_size,
-        style=kw["parallel"],
-        mesh=kw["mesh"],
-        devices=kw["devices"],
-        bn_group_size=kw["bn_group_size"],
+        training.batch_size,
+        style=placement.parallel,
+        mesh=placement.mesh,
+        devices=placement.devices,
+        bn_group_size=placement.bn_group_size,
     )
-    x0, y0 = _read(splits.train, np.arange(min(2, n_train)))
-    variables = jax.eval_shape(fns.init, jax.random.key(0), jnp.asarray(x0))
+    x0, y0 = read(splits.train, np.arange(min(2, n_train)))
+    x0 = jnp.asarray(x0)
+    variables = _trace(
+        "model (initializing on data's training examples)",
+        fns.init,
+        jax.random.key(0),
+        x0,
+    )
     clash = sorted(set(variables) & set(_RESERVED))
     if clash:
         raise ValueError(
@@ -448,48 +446,74 @@ def _plan(model, data, **kw) -> _Plan:
         )
     if "params" not in variables:
         raise ValueError("the model has no 'params' collection: nothing to train.")
-    outputs = jax.eval_shape(
-        lambda v, x: fns.apply(v, x, False, None, None)[0], variables, jnp.asarray(x0)
+    outputs = _trace(
+        "model (applying it to data's training examples)",
+        lambda v, x: fns.apply(v, x, False, None, None)[0],
+        variables,
+        x0,
     )
-    metrics = metric_names(loss_fn, outputs, jax.ShapeDtypeStruct(y0.shape, y0.dtype))
+    targets = jax.ShapeDtypeStruct(y0.shape, y0.dtype)
+    if training.loss is None:
+        check_outputs(outputs, targets, splits.num_classes)
+    loss_fn = training.loss or default_loss(splits.num_classes)
+    try:
+        metrics = metric_names(loss_fn, outputs, targets)
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
+        raise type(e)(
+            f"loss: on the model's outputs {jax.tree.map(jnp.shape, outputs)} and "
+            f"data's targets of shape {y0.shape}: {type(e).__name__}: {e}"
+        ) from None
+    hp = stacked(arms)
+    one_hp = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in hp}
+    _check_optimizer(training, variables["params"], one_hp)
+    jax.eval_shape(  # post_init and the optimizer's state, traced
+        make_arm_init(fns, training.optimizer, metrics, x0, training.post_init),
+        jax.ShapeDtypeStruct((), jnp.uint32),
+        one_hp,
+    )
+    if evaluation.probe is not None:
+        probed = _trace("probe", evaluation.probe, variables, one_hp)
+        if not all(
+            isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(probed)
+        ):
+            raise TypeError("probe: it must return a pytree of arrays or numbers.")
     on_device = False
     if splits.in_memory:
         x, y = splits.train
         on_device = (x.nbytes + y.nbytes) <= DEVICE_DATA_BYTES
-    if kw["config"] is not None and not isinstance(kw["config"], Mapping):
-        raise TypeError("config must be a dict describing the run (JSON).")
     run_config = {
         "model": f"{fns.kind}:{fns.name}",
+        "model_digest": hashlib.sha256(fns.description.encode()).hexdigest()[:16],
         "arms": [{"seed": a.seed, "hparams": a.hparams} for a in arms],
-        "batch_size": batch_size,
-        "validation": kw["validation"],
+        "batch_size": training.batch_size,
+        "validation": validation,
         "data": {
             "train": n_train,
-            "val": None if splits.val is None else _length(splits.val),
-            "test": None if splits.test is None else _length(splits.test),
+            "val": None if splits.val is None else length(splits.val),
+            "test": None if splits.test is None else length(splits.test),
             "num_classes": splits.num_classes,
-            "fingerprint": _fingerprint(splits.train),
+            "sha256": fingerprint(splits),
         },
         "metrics": metrics,
         "parallel_style": layout.style,
-        "steps": steps,
-        "eval_every": eval_every,
-        "checkpoint_every": checkpoint_every,
-        "keep_checkpoints": keep,
-        "config": _jsonable(dict(kw["config"] or {})),
+        **dataclasses.asdict(run_length),
+        "config": _jsonable(dict(config or {})),
     }
-    run_config["_steps_per_call"] = kw["steps_per_call"] or (100 if on_device else 1)
     run_config = json.loads(json.dumps(run_config))  # as it reads back from disk
     return _Plan(
         fns,
         arms,
-        stacked(arms),
+        hp,
         splits,
         loss_fn,
         metrics,
         layout,
         run_config,
         on_device,
+        run_length,
+        training,
+        evaluation,
+        placement,
     )
 
 
@@ -498,6 +522,8 @@ def _jsonable(x: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
+    if isinstance(x, (set, frozenset)):  # in an order that does not vary by run
+        return sorted((_jsonable(v) for v in x), key=json.dumps)
     if isinstance(x, (np.integer,)):
         return int(x)
     if isinstance(x, (np.floating,)):
@@ -507,36 +533,13 @@ def _jsonable(x: Any) -> Any:
     return repr(x)
 
 
-def arm_map(fn: Callable, in_axes: Any = 0) -> Callable:
-    """``jax.vmap(fn, in_axes)`` over the leading (arm) axis, except that one
-    arm (a static size of 1, e.g. one arm per device) is computed unbatched
-    and given its axis back: XLA:CPU runs batched matmuls of batch 1 slower
-    than plain ones (``python -m benchmarks.train_loop``: fit went from 0.49x
-    to 0.75x of a minimal loop with this)."""
-    mapped = jax.vmap(fn, in_axes=in_axes)
-
-    def call(*args):
-        axes = in_axes if isinstance(in_axes, tuple) else (in_axes,) * len(args)
-        sizes = {
-            leaf.shape[0]
-            for a, ax in zip(args, axes, strict=True)
-            if ax is not None
-            for leaf in jax.tree.leaves(a)
-        }
-        if sizes != {1}:
-            return mapped(*args)
-        squeezed = [
-            a if ax is None else jax.tree.map(lambda v: v[0], a)
-            for a, ax in zip(args, axes, strict=True)
-        ]
-        return jax.tree.map(lambda v: v[None], fn(*squeezed))
-
-    return call
-
-
-def make_chunk(arm_step: Callable, *, gather: bool, unroll: int | bool = 1) -> Callable:
+def make_chunk(
+    arm_step: Callable, *, gather: bool, unroll: int | bool = 1, scan: bool = True
+) -> Callable:
     """The steps between two evaluation or checkpoint points as one function
-    of the arm-stacked state: ``lax.scan`` over steps of ``vmap`` over arms.
+    of the arm-stacked state: ``lax.scan`` over steps of ``vmap`` over arms
+    (with ``scan=False``: exactly one step, no loop, for a Python loop of
+    compiled steps).
 
     With ``gather``: ``chunk(state, hparams, x_all, y_all, idx)`` with the
     whole training set on the device and ``idx`` the example indices
@@ -544,13 +547,19 @@ def make_chunk(arm_step: Callable, *, gather: bool, unroll: int | bool = 1) -> C
     examples themselves ``(steps, arms, batch, ...)``.
     """
     vstep = arm_map(arm_step)
+
+    def run(body, state, xs):
+        if scan:
+            return jax.lax.scan(body, state, xs, unroll=unroll)[0]
+        return body(state, jax.tree.map(lambda a: a[0], xs))[0]
+
     if gather:
 
         def chunk(state, hp, x_all, y_all, idx):
             def body(st, idx_t):
                 return vstep(st, x_all[idx_t], y_all[idx_t], hp), None
 
-            return jax.lax.scan(body, state, idx, unroll=unroll)[0]
+            return run(body, state, idx)
 
         return chunk
 
@@ -558,7 +567,7 @@ def make_chunk(arm_step: Callable, *, gather: bool, unroll: int | bool = 1) -> C
         def body(st, batch):
             return vstep(st, *batch, hp), None
 
-        return jax.lax.scan(body, state, (xs, ys), unroll=unroll)[0]
+        return run(body, state, (xs, ys))
 
     return streamed
 
@@ -595,25 +604,55 @@ def _from_tree(tree: dict, like: TrainState) -> TrainState:
     )
 
 
-class _Run:
-    """One call of :func:`fit`: everything it sets up, then the loop."""
+def _has_convolution(fns: ModelFns, variables: Any, x: Any) -> bool:
+    """Whether the model's forward pass convolves (its jaxpr, traced)."""
+    jaxpr = jax.make_jaxpr(lambda v, x: fns.apply(v, x, False, None, None)[0])(
+        variables, x
+    )
 
-    def __init__(self, plan: _Plan, workdir: Path, lock: RunLock | None, **kw):
-        self.plan = plan
-        self.workdir = workdir
-        self.lock = lock
-        self.leader = jax.process_index() == 0
-        self.kw = kw
-        self.metrics_path = workdir / METRICS_FILE
-        c = plan.config
-        self.steps, self.eval_every = c["steps"], c["eval_every"]
-        self.checkpoint_every = c["checkpoint_every"]
-        self.n = len(plan.arms)
-        n_train, batch, custom = (
-            _length(plan.splits.train),
-            c["batch_size"],
-            kw["batch_order"],
-        )
+    def walk(jp) -> bool:
+        for eqn in jp.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                return True
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                if walk(sub):
+                    return True
+        return False
+
+    return walk(jaxpr.jaxpr)
+
+
+def _execution(plan: _Plan) -> dict[str, Any]:
+    """How the steps between two evaluation or checkpoint points run: a
+    ``lax.scan`` of up to ``steps_per_call`` steps per compiled call (few
+    host round trips: fastest for MLPs everywhere), or one compiled call per
+    step from a Python loop (XLA:CPU runs convolutions inside loops several
+    times slower than outside them, jax-ml/jax#12868: a small CNN took 32 ms
+    per step in a scan vs 2.8 ms per step in a loop of jitted steps)."""
+    placement = plan.placement
+    backend = jax.default_backend()
+    x0, _ = read(plan.splits.train, np.arange(min(2, length(plan.splits.train))))
+    variables = jax.eval_shape(plan.fns.init, jax.random.key(0), jnp.asarray(x0))
+    conv = backend == "cpu" and _has_convolution(plan.fns, variables, jnp.asarray(x0))
+    if placement.steps_per_call is not None:
+        spc, why = placement.steps_per_call, "steps_per_call given"
+        scan = not (conv and spc == 1)
+    elif conv:
+        spc, scan, why = 1, False, "convolutions on XLA:CPU run faster outside loops"
+    else:
+        spc = 100 if plan.on_device else 1
+        scan, why = True, "few host round trips"
+    return {"backend": backend, "steps_per_call": spc, "scan": scan, "why": why}
+
+
+class _Batches:
+    """Each arm's batches (a pure function of its seed and the step) and
+    the compiled training of the steps between two boundaries."""
+
+    def __init__(self, plan: _Plan, execution: dict[str, Any]):
+        self.plan, self.layout = plan, plan.layout
+        n_train, batch = length(plan.splits.train), plan.training.batch_size
+        custom = plan.training.batch_order
         # per seed: step -> the arm's example indices (batch,)
         self.orders = {
             a.seed: (
@@ -625,21 +664,155 @@ class _Run:
             )
             for a in plan.arms
         }
+        self.scan = execution["scan"]
+        training = plan.training
+        step_fn = make_arm_step(
+            plan.fns,
+            training.optimizer,
+            plan.loss_fn,
+            style=self.layout.style,
+            axis_name=self.layout.grad_axis,
+            average_axis=self.layout.average_axis,
+            rng_streams=training.rng_streams if plan.fns.kind == "linen" else (),
+            train_kwargs=training.train_kwargs,
+        )
+        chunk = make_chunk(
+            step_fn,
+            gather=plan.on_device,
+            unroll=plan.placement.unroll,
+            scan=self.scan,
+        )
+        self.hp = self.layout.put_arms(plan.hp)
+        if plan.on_device:
+            self.compiled = self.layout.compile(chunk, n_arms=2, n_replicated=2)
+            self.data = self.layout.put_replicated(
+                tuple(map(np.asarray, plan.splits.train))
+            )
+        else:
+            self.compiled = self.layout.compile(chunk, n_arms=2, n_replicated=0)
+            self.data = ()
+
+    def indices(self, a: int, b: int) -> np.ndarray:
+        """Example indices ``(steps a..b-1, arms, batch)``, int32."""
+        per_seed = {
+            s: np.stack([order(i) for i in range(a, b)])
+            for s, order in self.orders.items()
+        }
+        return np.stack([per_seed[arm.seed] for arm in self.plan.arms], axis=1).astype(
+            np.int32
+        )
+
+    def _call(self, state: TrainState, a: int, b: int) -> TrainState:
+        idx = self.indices(a, b)
+        if self.plan.on_device:
+            return self.compiled(state, self.hp, *self.data, self.layout.put_chunk(idx))
+        batch = read(self.plan.splits.train, idx)
+        return self.compiled(state, self.hp, *self.layout.put_chunk(batch))
+
+    def train(self, state: TrainState, a: int, b: int) -> TrainState:
+        """The state after steps ``a..b-1``."""
+        if self.scan:
+            return self._call(state, a, b)
+        for i in range(a, b):
+            state = self._call(state, i, i + 1)
+        return state
+
+
+def _boundaries(
+    start: int, run_length: RunLength, steps_per_call: int
+) -> Iterator[int]:
+    """Ends of the compiled calls after ``start``: multiples of one length
+    (so one program serves them all, plus the tail's), the largest divisor
+    of ``gcd(eval_every, checkpoint_every)`` not above ``steps_per_call``;
+    every evaluation and checkpoint step is one. They depend only on the
+    step, so a resumed run makes the same calls. Lazy: a long run does not
+    hold a list of them."""
+    period = math.gcd(run_length.eval_every, run_length.checkpoint_every)
+    size = max(d for d in range(1, min(period, steps_per_call) + 1) if period % d == 0)
+    first = (start // size + 1) * size
+    return itertools.chain(range(first, run_length.steps, size), [run_length.steps])
+
+
+class _Records:
+    """``metrics.jsonl`` of a run: records appended as evaluations finish,
+    the run directory's identity checked before every write, and records a
+    restart drops kept in ``metrics.jsonl.dropped`` (never lost)."""
+
+    def __init__(self, workdir: Path, lock: RunLock | None):
+        self.path = workdir / METRICS_FILE
+        self.lock = lock
         self.last: dict[str, Any] = {}
+
+    def _check(self) -> None:
+        if self.lock is not None:
+            self.lock.check()
+
+    def keep_until(self, step: int) -> None:
+        """Keeps the records up to ``step`` (where the run resumes); later
+        ones (from after the checkpoint, or of an earlier run when ``step``
+        is 0) move to ``metrics.jsonl.dropped`` with a warning."""
+        if self.lock is None:
+            return
+        self._check()
+        records = read_records(self.path)
+        kept = [r for r in records if r["step"] <= step]
+        dropped = [r for r in records if r["step"] > step]
+        if dropped:
+            aside = self.path.with_name(self.path.name + ".dropped")
+            for r in dropped:
+                append_record(aside, r)
+            warnings.warn(
+                f"{self.path}: {len(dropped)} record(s) after step {step} (where "
+                f"this run {'resumes' if step else 'starts'}) are kept in {aside}.",
+                UserWarning,
+                stacklevel=4,
+            )
+        rewrite_records(self.path, kept)  # also drops lines kept in .bad
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        self.last = _summary(records)
+        if self.lock is None:
+            return
+        self._check()
+        for r in records:
+            append_record(self.path, r)
+
+
+class _Run:
+    """One call of :func:`fit`: set up, restore or start, then the loop."""
+
+    def __init__(
+        self,
+        plan: _Plan,
+        workdir: Path,
+        lock: RunLock | None,
+        on_progress: Callable[[dict[str, Any]], None] | None,
+    ):
+        self.plan = plan
+        self.workdir = workdir
+        self.lock = lock
+        self.records = _Records(workdir, lock)
+        self.progress = on_progress
+        self.n = len(plan.arms)
         self.warned_stopped: set[int] = set()
+        self.warned: set[str] = set()
+
+    def _event(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress({"event": text})
 
     # ------------------------------------------------------------ build
 
     def _init_fn(self):
-        plan, kw = self.plan, self.kw
-        x0, _ = _read(plan.splits.train, np.arange(min(2, _length(plan.splits.train))))
+        plan = self.plan
+        x0, _ = read(plan.splits.train, np.arange(min(2, length(plan.splits.train))))
         return jax.vmap(
             make_arm_init(
                 plan.fns,
-                kw["optimizer"],
+                plan.training.optimizer,
                 plan.metrics,
                 jnp.asarray(x0),
-                kw["post_init"],
+                plan.training.post_init,
             )
         )
 
@@ -670,50 +843,48 @@ class _Run:
 
     # ------------------------------------------------------------ resume
 
+    def _warn_once(self, key: str, text: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            warnings.warn(text, UserWarning, stacklevel=6)
+
     def _check_meta(self, meta: dict) -> bool:
         saved = meta.get("config", {})
         now = self.plan.config
-        same = all(
-            saved.get(k) == now.get(k)
+        ignored = (*RUN_LENGTH_KEYS, "execution")
+        if any(
+            saved.get(k) != now.get(k)
             for k in set(now) | set(saved)
-            if k not in RUN_LENGTH_KEYS and not k.startswith("_")
-        )
-        if not same:
+            if k not in ignored and not k.startswith("_")
+        ):
             return False
-        old_steps = saved.get("steps")
-        if old_steps != now["steps"] and not getattr(self, "_warned_steps", False):
-            self._warned_steps = True
-            warnings.warn(
-                f"resuming a {old_steps}-step run with steps={now['steps']}: a "
-                "learning-rate schedule that depends on the run length now follows "
+        if saved.get("steps") != now["steps"]:
+            self._warn_once(
+                "steps",
+                f"resuming a {saved.get('steps')}-step run with steps={now['steps']}: "
+                "a learning-rate schedule that depends on the run length now follows "
                 "the new total, so the run differs from either length trained from "
                 "scratch.",
-                UserWarning,
-                stacklevel=5,
             )
         devices = {
             "devices": self.plan.layout.devices,
             "processes": jax.process_count(),
         }
         saved_devices = {k: meta.get(k) for k in devices}
-        if saved_devices != devices and not getattr(self, "_warned_devices", False):
-            self._warned_devices = True
-            warnings.warn(
+        if saved_devices != devices:
+            self._warn_once(
+                "devices",
                 f"resuming on {devices} where the checkpoint was written on "
                 f"{saved_devices}: reductions may run in another order, so results "
                 "can differ from an uninterrupted run by float rounding.",
-                UserWarning,
-                stacklevel=5,
             )
         return True
 
     def _restore(self, ckpt: Checkpointer, fresh: TrainState) -> TrainState | None:
-        target = self._abstract()
-        restored = ckpt.restore_latest(target, self._check_meta)
+        restored = ckpt.restore_latest(self._abstract(), self._check_meta)
         if restored is None:
             return None
-        tree, _ = restored
-        state = _from_tree(tree, fresh)
+        state = _from_tree(restored[0], fresh)
         if self.plan.layout.style == "pmap":
             state = self.plan.layout.put_arms(jax.device_get(state))
         return state
@@ -724,35 +895,31 @@ class _Run:
         plan = self.plan
         fresh = self._fresh()
         ckpt = Checkpointer(
-            self.workdir / "checkpoints", plan.config["keep_checkpoints"], self.n
+            self.workdir / "checkpoints", plan.run_length.keep_checkpoints, self.n
         )
         try:
             state = self._restore(ckpt, fresh)
             start = 0 if state is None else int(self._host_scalar(state.step))
-            if state is None:
-                state = fresh
-                if self.leader:
-                    rewrite_records(self.metrics_path, [])
-            if start >= self.steps:
+            if start >= plan.run_length.steps:
                 warnings.warn(
-                    f"{self.workdir} already holds step {start} >= steps={self.steps}: "
-                    "nothing to train, no file was changed; pass a larger steps to "
-                    "continue the run.",
+                    f"{self.workdir} already holds step {start} >= steps="
+                    f"{plan.run_length.steps}: nothing to train, no file was changed; "
+                    "pass a larger steps to continue the run.",
                     UserWarning,
                     stacklevel=3,
                 )
                 ckpt.close()
-                return self._result(
-                    state, read_records(self.metrics_path, keep_bad=False)
+                return self._result(state, read_records(self.records.path, False))
+            if start:
+                self._event(f"resumed from step {start} (its checkpoint verified)")
+            state = state if state is not None else fresh
+            self.records.keep_until(start)
+            execution = _execution(plan)
+            if self.lock is not None:
+                write_json(
+                    self.workdir / "config.json", plan.config | {"execution": execution}
                 )
-            if self.leader:
-                if start:
-                    kept = [
-                        r for r in read_records(self.metrics_path) if r["step"] <= start
-                    ]
-                    rewrite_records(self.metrics_path, kept)
-                write_json(self.workdir / "config.json", plan.config)
-            state = self._loop(ckpt, state, start)
+            state = self._loop(ckpt, state, start, execution)
         except BaseException:
             # finish (or abandon) the save in flight; the error that stopped
             # the run is the one to report
@@ -760,7 +927,7 @@ class _Run:
                 ckpt.close()
             raise
         ckpt.close()
-        return self._result(state, read_records(self.metrics_path))
+        return self._result(state, read_records(self.records.path))
 
     def _host_scalar(self, arr) -> int:
         host = self.plan.layout.host(arr)
@@ -773,104 +940,65 @@ class _Run:
             host.variables, self.plan.arms, records, stopped, int(host.step[0])
         )
 
-    def _boundaries(self, start: int) -> list[int]:
-        """Ends of the compiled calls: multiples of one length (so one
-        program serves them all, plus the tail's), the largest divisor of
-        ``gcd(eval_every, checkpoint_every)`` not above ``steps_per_call``;
-        every evaluation and checkpoint step is one. They depend only on the
-        step, so a resumed run makes the same calls."""
-        spc = self.plan.config["_steps_per_call"]
-        period = math.gcd(self.eval_every, self.checkpoint_every)
-        length = max(d for d in range(1, min(period, spc) + 1) if period % d == 0)
-        ends = list(range((start // length + 1) * length, self.steps, length))
-        return [*ends, self.steps]
-
-    def _loop(self, ckpt: Checkpointer, state: TrainState, start: int) -> TrainState:
-        plan, kw = self.plan, self.kw
-        layout = plan.layout
-        step_fn = make_arm_step(
-            plan.fns,
-            kw["optimizer"],
-            plan.loss_fn,
-            style=layout.style,
-            axis_name=layout.grad_axis,
-            average_axis=layout.average_axis,
-            rng_streams=kw["rng_streams"] if plan.fns.kind == "linen" else (),
-            train_kwargs=kw["train_kwargs"],
-        )
-        chunk = make_chunk(step_fn, gather=plan.on_device, unroll=kw["unroll"])
-        if plan.on_device:
-            compiled = layout.compile(chunk, n_arms=2, n_replicated=2)
-            x_all, y_all = layout.put_replicated(
-                tuple(map(np.asarray, plan.splits.train))
-            )
-
-            def run_chunk(state, a, b):
-                return compiled(
-                    state, hp, x_all, y_all, layout.put_chunk(self._indices(a, b))
-                )
-
-        else:
-            compiled = layout.compile(chunk, n_arms=2, n_replicated=0)
-
-            def run_chunk(state, a, b):
-                xs, ys = _read(plan.splits.train, self._indices(a, b))
-                return compiled(state, hp, *layout.put_chunk((xs, ys)))
-
-        hp = layout.put_arms(plan.hp)
+    def _loop(
+        self, ckpt: Checkpointer, state: TrainState, start: int, execution: dict
+    ) -> TrainState:
+        plan, layout, run_length = self.plan, self.plan.layout, self.plan.run_length
+        batches = _Batches(plan, execution)
         reset = layout.compile(
             lambda st: st._replace(interval=jax.tree.map(jnp.zeros_like, st.interval)),
             n_arms=1,
             n_replicated=0,
         )
-        evaluator = _Evaluator(plan, kw, layout)
-        if start == 0 and kw["eval_at_start"]:
-            self._record(0, state, evaluator, rate=None, hp=hp)
+        evaluator = Evaluator(
+            plan.splits, plan.loss_fn, plan.fns, plan.evaluation, layout
+        )
+        if start == 0 and plan.evaluation.at_start:
+            self._record(0, state, evaluator, None, batches.hp)
+        self._event(
+            "compiling the training step"
+            + (" (a scan of steps)" if execution["scan"] else "")
+        )
         t_ready = rate = None
-        done_at_ready = start
-        prev = start
-        for stop in self._boundaries(start):
-            state = run_chunk(state, prev, stop)
+        done_at_ready = prev = start
+        for stop in _boundaries(start, run_length, execution["steps_per_call"]):
+            state = batches.train(state, prev, stop)
             prev = stop
-            self._check_stopped(state, stop)  # waits for the chunk
+            self._check_stopped(state)  # waits for the steps
             if t_ready is None:
                 t_ready, done_at_ready = time.perf_counter(), stop
             elif stop > done_at_ready:
                 rate = (stop - done_at_ready) / max(time.perf_counter() - t_ready, 1e-9)
-            if stop % self.eval_every == 0 or stop == self.steps:
-                self._record(stop, state, evaluator, rate, hp)
+            evaluated = run_length.is_eval(stop)
+            if evaluated:
+                self._record(stop, state, evaluator, rate, batches.hp)
                 state = reset(state)
-            if stop % self.checkpoint_every == 0 or stop == self.steps:
-                if self.lock is not None:
-                    self.lock.check()
-                tree = _state_tree(state)
-                if layout.style == "pmap":
-                    tree = layout.host(tree)
-                meta = {
-                    "config": plan.config,
-                    "devices": layout.devices,
-                    "processes": jax.process_count(),
-                }
-                ckpt.save(stop, tree, meta)
-            if kw["on_progress"] is not None:
-                eta = None if rate is None else (self.steps - stop) / rate
-                kw["on_progress"](
-                    {"step": stop, "total": self.steps, "rate": rate, "eta": eta}
-                    | self.last
+            if run_length.is_checkpoint(stop):
+                self._save(ckpt, stop, state)
+            if self.progress is not None:
+                eta = None if rate is None else (run_length.steps - stop) / rate
+                self.progress(
+                    {"step": stop, "total": run_length.steps, "rate": rate, "eta": eta}
+                    | {"evaluated": evaluated}
+                    | self.records.last
                 )
         return state
 
-    def _indices(self, a: int, b: int) -> np.ndarray:
-        """Example indices ``(steps a..b-1, arms, batch)``, int32."""
-        per_seed = {
-            s: np.stack([order(i) for i in range(a, b)])
-            for s, order in self.orders.items()
+    def _save(self, ckpt: Checkpointer, step: int, state: TrainState) -> None:
+        if self.lock is not None:
+            self.lock.check()
+        layout = self.plan.layout
+        tree = _state_tree(state)
+        if layout.style == "pmap":
+            tree = layout.host(tree)
+        meta = {
+            "config": self.plan.config,
+            "devices": layout.devices,
+            "processes": jax.process_count(),
         }
-        return np.stack([per_seed[arm.seed] for arm in self.plan.arms], axis=1).astype(
-            np.int32
-        )
+        ckpt.save(step, tree, meta)
 
-    def _check_stopped(self, state: TrainState, step: int) -> None:
+    def _check_stopped(self, state: TrainState) -> None:
         stopped = np.asarray(self.plan.layout.host(state.stopped_at))
         new = [
             (i, int(s))
@@ -899,43 +1027,51 @@ class _Run:
 
     def _record(self, step, state, evaluator, rate, hp) -> None:
         plan = self.plan
-        view = plan.layout.eval_view(state)
         interval = plan.layout.host(state.interval)
         stopped = np.asarray(plan.layout.host(state.stopped_at))
-        evals = evaluator(view, plan.layout.eval_view(hp))
-        records = []
-        for i, arm in enumerate(plan.arms):
-            alive = stopped[i] < 0
-            count = int(interval.count[i])
-            r: dict[str, Any] = {
-                "step": step,
-                "arm": i,
-                "seed": arm.seed,
-                "hparams": arm.hparams,
-            }
+        evals = evaluator(
+            plan.layout.eval_view(state).variables, plan.layout.eval_view(hp)
+        )
+        self.records.append(
+            [
+                _arm_record(
+                    step, arm, interval, stopped[i] < 0, stopped[i], evals, rate
+                )
+                | {"arm": i}
+                for i, arm in enumerate(plan.arms)
+            ]
+        )
 
-            def mean(total, alive=alive, count=count):
-                return float(total) / count if alive and count else None
 
-            r["train_loss"] = mean(interval.loss[i])
-            for m in plan.metrics:
-                r[f"train_{m}"] = mean(interval.metrics[m][i])
-            for key, values in evals.items():
-                if key == "probe":
-                    r["probe"] = (
-                        jax.tree.map(lambda a, i=i: np.asarray(a[i]).tolist(), values)
-                        if alive
-                        else None
-                    )
-                else:
-                    r[key] = float(values[i]) if alive else None
-            r["stopped_at"] = None if alive else int(stopped[i])
-            r["steps_per_sec"] = rate
-            records.append(r)
-        if self.leader:
-            for r in records:
-                append_record(self.metrics_path, r)
-        self.last = _summary(records)
+def _arm_record(step, arm, interval, alive, stopped, evals, rate) -> dict[str, Any]:
+    """One arm's record: train means since the last record, evaluations."""
+    i = arm.index
+    count = int(interval.count[i])
+
+    def mean(total):
+        return float(total) / count if alive and count else None
+
+    r: dict[str, Any] = {
+        "step": step,
+        "arm": i,
+        "seed": arm.seed,
+        "hparams": arm.hparams,
+        "train_loss": mean(interval.loss[i]),
+    }
+    for m, totals in interval.metrics.items():
+        r[f"train_{m}"] = mean(totals[i])
+    for key, values in evals.items():
+        if key == "probe":
+            r["probe"] = (
+                jax.tree.map(lambda a: np.asarray(a[i]).tolist(), values)
+                if alive
+                else None
+            )
+        else:
+            r[key] = float(values[i]) if alive else None
+    r["stopped_at"] = None if alive else int(stopped)
+    r["steps_per_sec"] = rate
+    return r
 
 
 def _checked_order(order, seed: int, step: int, *, batch: int, n: int) -> np.ndarray:
@@ -960,104 +1096,6 @@ def _summary(records: list[dict]) -> dict[str, Any]:
         values = [r[key] for r in records if r.get(key) is not None]
         out[key] = float(np.mean(values)) if values else None
     return out
-
-
-class _Evaluator:
-    """Validation, test (and training-subset) metrics of every arm with
-    running statistics, summed on the device, read back once. Every set is
-    cut into padded batches of one size, so one compiled function serves
-    them all."""
-
-    def __init__(self, plan: _Plan, kw: dict, layout: bn_parallel.ArmsLayout):
-        self.plan, self.layout = plan, layout
-        splits = {}
-        if plan.splits.val is not None:
-            splits["val"] = plan.splits.val
-        if plan.splits.test is not None:
-            splits["test"] = plan.splits.test
-        if kw["eval_train"]:
-            n_train = _length(plan.splits.train)
-            n = min(int(kw["eval_train"]), n_train)
-            perm = np.random.default_rng([0, 4242]).permutation(n_train)
-            splits["trainset"] = _read(plan.splits.train, np.sort(perm[:n]))
-        self.size = min(
-            kw["eval_batch_size"], max(map(_length, splits.values()), default=1)
-        )
-        self.sets = {}
-        for name, split in splits.items():
-            n = _length(split)
-            chunks = [(i, min(i + self.size, n)) for i in range(0, n, self.size)]
-            if isinstance(split, tuple):  # in memory: on the device once
-                self.sets[name] = (n, [self._padded(split, i, j) for i, j in chunks])
-            else:
-                self.sets[name] = (n, [(split, i, j) for i, j in chunks])
-        arm_eval = make_arm_eval(plan.fns, plan.loss_fn)
-        self.fn = layout.compile_eval(
-            arm_map(arm_eval, in_axes=(0, None, None, None)), 1
-        )
-        self.batch_stats = None
-        if kw["eval_batch_stats"] and "test" in splits:
-            split = splits["test"]
-            n = _length(split)
-            bs_eval = make_arm_eval(plan.fns, plan.loss_fn, batch_stats=True)
-            self.batch_stats = (
-                n,
-                layout.compile_eval(arm_map(bs_eval, in_axes=(0, None, None, None)), 1),
-                [
-                    layout.put_eval(
-                        (*_read(split, np.arange(i, j)), np.ones(j - i, bool))
-                    )
-                    for i, j in (
-                        (i, min(i + self.size, n)) for i in range(0, n, self.size)
-                    )
-                ],
-            )
-        self.probe = None
-        if kw["probe"] is not None:
-            self.probe = layout.compile_eval(jax.vmap(kw["probe"]), 2)
-
-    def _padded(self, split, i: int, j: int):
-        x, y = _read(split, np.arange(i, j))
-        pad = self.size - (j - i)
-        valid = np.arange(self.size) < (j - i)
-        if pad:
-            x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)])
-            y = np.concatenate([y, np.repeat(y[:1], pad, axis=0)])
-        return self.layout.put_eval((np.asarray(x), np.asarray(y), valid))
-
-    @staticmethod
-    def _sum(fn, variables, batches):
-        total_loss = totals = None
-        for batch in batches:
-            loss, metrics = fn(variables, *batch)
-            if total_loss is None:
-                total_loss, totals = loss, metrics
-            else:
-                total_loss = total_loss + loss
-                totals = jax.tree.map(jnp.add, totals, metrics)
-        return total_loss, totals
-
-    def __call__(self, state: TrainState, hp) -> dict[str, Any]:
-        variables = state.variables
-        out = {}
-        for name, (n, batches) in self.sets.items():
-            batches = [  # streamed sets are read now
-                self._padded(*b) if len(b) == 3 and not hasattr(b[0], "shape") else b
-                for b in batches
-            ]
-            loss, totals = self._sum(self.fn, variables, batches)
-            out[f"{name}_loss"] = np.asarray(loss) / n
-            for m, v in totals.items():
-                out[f"{name}_{m}"] = np.asarray(v) / n
-        if self.batch_stats is not None:
-            n, fn, batches = self.batch_stats
-            loss, totals = self._sum(fn, variables, batches)
-            out["test_batch_stats_loss"] = np.asarray(loss) / n
-            for m, v in totals.items():
-                out[f"test_batch_stats_{m}"] = np.asarray(v) / n
-        if self.probe is not None:
-            out["probe"] = jax.tree.map(np.asarray, self.probe(variables, hp))
-        return out
 
 
 # ------------------------------------------------------------------- load
@@ -1093,8 +1131,10 @@ def load(workdir: str | Path, step: int | None = None) -> Loaded:
 
     Raises:
       FileNotFoundError: no such run or checkpoint.
-      ValueError: the checkpoint fails its digests or its files cannot be
-        read (damaged).
+      ValueError: the checkpoint fails its digests, misses an array, or its
+        files cannot be read (damaged).
+      RunDirError: a file of the checkpoint cannot be read for lack of
+        permission.
 
     Example:
       >>> run = load(workdir)  # doctest: +SKIP

@@ -17,7 +17,8 @@ vmap over arms and save with orbax under their own names (``params``,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -40,12 +41,22 @@ class ModelFns(NamedTuple):
         input variables.
       kind: ``"linen"`` or ``"nnx"``.
       name: the model's class name (for messages and ``config.json``).
+      description: the model's fields as text (a Linen module's repr, an NNX
+        model's abstract repr, without memory addresses): a resumed run
+        checks it, so a changed field (a BN momentum, an activation) is not
+        resumed from another model's checkpoints.
     """
 
     init: Callable[[jax.Array, jax.Array], dict]
     apply: Callable[..., tuple[Any, dict]]
     kind: str
     name: str
+    description: str
+
+
+def _describe(obj: Any) -> str:
+    """``repr(obj)`` without memory addresses (which change every run)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(obj))
 
 
 def model_fns(model: Any) -> ModelFns:
@@ -100,7 +111,7 @@ def _linen(model) -> ModelFns:
         )
         return out, {**variables, **updates}
 
-    return ModelFns(init, apply, "linen", type(model).__name__)
+    return ModelFns(init, apply, "linen", type(model).__name__, _describe(model))
 
 
 # -------------------------------------------------------------------- NNX
@@ -165,7 +176,7 @@ def _nnx(factory: Callable[[Any], Any]) -> ModelFns:
                 new[name] = _keys_to_raw(_str_keys(nnx.to_pure_dict(group)))
         return out, new
 
-    return ModelFns(init, apply, "nnx", type(abstract).__name__)
+    return ModelFns(init, apply, "nnx", type(abstract).__name__, _describe(abstract))
 
 
 _GROUP_NAMES = ("params", "batch_stats", "rngs", "state")
@@ -202,19 +213,19 @@ def _keys_to_raw(tree: Any) -> Any:
 
 
 def _raw_to_keys(tree: Any, template: Any) -> Any:
-    return jax.tree.map(
-        lambda a, t: jax.random.wrap_key_data(a) if _is_key(t) else a, tree, template
-    )
+    """Raw key data back to typed keys (of the template's implementation),
+    other leaves as arrays of the template's dtype."""
 
+    def leaf(a, t):
+        if _is_key(t):
+            # a concrete key names its implementation; an abstract one
+            # (eval_shape of the model) has the default one
+            impl = jax.random.key_impl(t) if isinstance(t, jax.Array) else None
+            return jax.random.wrap_key_data(jnp.asarray(a, jnp.uint32), impl=impl)
+        return jnp.asarray(a, t.dtype)
 
-def example_input(x: Any, n: int = 2) -> jax.Array:
-    """The first ``n`` rows of ``x`` as the example batch of ``init``."""
-    return jnp.asarray(x[:n])
-
-
-def collections(variables: dict) -> Sequence[str]:
-    """The variable collections of a model, ``params`` first."""
-    return ["params", *sorted(k for k in variables if k != "params")]
+    # the template's leaves decide (a value may be a list, e.g. [1.0, 2.0])
+    return jax.tree.map(lambda t, a: leaf(a, t), template, tree)
 
 
 def nnx_update(module: Any, variables: dict) -> Any:
@@ -237,9 +248,6 @@ def nnx_update(module: Any, variables: dict) -> Any:
         state = nnx.state(module, group_filter)
         template = nnx.to_pure_dict(state)
         pure = _restore_keys(variables[name], template)
-        pure = jax.tree.map(
-            lambda t, a: jnp.asarray(a, jnp.result_type(t)), template, pure
-        )
         nnx.replace_by_pure_dict(state, _raw_to_keys(pure, template))
         nnx.update(module, state)
     return module

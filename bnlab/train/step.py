@@ -24,11 +24,13 @@ __all__ = [
     "Interval",
     "LossFn",
     "TrainState",
+    "check_outputs",
     "default_loss",
     "loss_and_metrics",
-    "make_arm_eval",
     "make_arm_init",
+    "make_arm_outputs",
     "make_arm_step",
+    "make_split_metrics",
     "metric_names",
 ]
 
@@ -93,9 +95,53 @@ def default_loss(num_classes: int) -> LossFn:
         return cross_entropy
 
     def mse(outputs, targets):
-        return jnp.mean((outputs[:, 0] - targets) ** 2), {}
+        if outputs.ndim == targets.ndim + 1 and outputs.shape[-1] == 1:
+            outputs = outputs[..., 0]
+        if outputs.shape != targets.shape:
+            raise ValueError(
+                f"the default squared-error loss needs outputs of the targets' shape "
+                f"{targets.shape} (or with a last axis of 1), got {outputs.shape}."
+            )
+        return jnp.mean((outputs - targets.astype(outputs.dtype)) ** 2), {}
 
     return mse
+
+
+def check_outputs(outputs: Any, targets: Any, num_classes: int) -> None:
+    """Raises before any work if the default loss cannot compare the model's
+    ``outputs`` with the ``targets`` (abstract shapes of one batch)."""
+    if not hasattr(outputs, "shape"):
+        raise TypeError(
+            f"model: it returns a {type(outputs).__name__}, but the default loss "
+            "needs one array (logits or predictions); return one, or pass a loss= "
+            "that takes what the model returns."
+        )
+    batch = targets.shape[0]
+    if num_classes:
+        if not jnp.issubdtype(targets.dtype, jnp.integer) or targets.ndim != 1:
+            raise ValueError(
+                f"data: the default classification loss needs integer labels of "
+                f"shape (examples,), got {targets.dtype} of shape "
+                f"(examples, {', '.join(map(str, targets.shape[1:]))}); flatten them "
+                "(y.reshape(-1)) or pass a loss= that takes them."
+            )
+        if outputs.shape != (batch, num_classes):
+            raise ValueError(
+                f"model: it returns outputs of shape {outputs.shape} for a batch of "
+                f"{batch}, but data has num_classes={num_classes}: the default "
+                f"cross-entropy needs ({batch}, {num_classes}) logits. Make the "
+                "model's last layer that wide (or fix data.num_classes, or pass a "
+                "loss=)."
+            )
+        return
+    want = targets.shape
+    if outputs.shape != want and outputs.shape != (*want, 1):
+        raise ValueError(
+            f"model: it returns outputs of shape {outputs.shape} for targets of shape "
+            f"{want} (data.num_classes=0: regression); the default squared error "
+            f"needs outputs of shape {want} or {(*want, 1)}. Change the model's "
+            "output, the targets' shape, or pass a loss=."
+        )
 
 
 def loss_and_metrics(loss_fn: LossFn, outputs, targets) -> tuple[jax.Array, dict]:
@@ -151,7 +197,16 @@ def make_arm_init(
         init_key, run_key = jax.random.split(jax.random.key(seed))
         variables = fns.init(init_key, example_x)
         if post_init is not None:
+            given = variables
             variables = post_init(variables, hparams)
+            if not isinstance(variables, dict) or jax.tree.structure(
+                variables
+            ) != jax.tree.structure(given):
+                raise TypeError(
+                    f"post_init returned {type(variables).__name__} of another "
+                    "structure; it must return the variables it was given (the same "
+                    "collections and arrays), changed."
+                )
         return TrainState(
             variables,
             optimizer(hparams).init(variables["params"]),
@@ -255,32 +310,28 @@ def make_arm_step(
     return step
 
 
-def make_arm_eval(
-    fns: ModelFns, loss_fn: LossFn, batch_stats: bool = False
-) -> Callable[[dict, Any, Any, Any], tuple[jax.Array, dict]]:
-    """``evaluate(variables, x, y, valid) -> (sum of losses, {metric: sum})``
-    of one arm on one batch, over the examples where ``valid`` is True.
+def make_arm_outputs(fns: ModelFns, batch_stats: bool = False) -> Callable:
+    """``outputs(variables, x)`` of one arm in inference mode (running
+    statistics), or with ``batch_stats`` normalized by the batch's own."""
 
-    With running statistics (inference mode, the default) each example's
-    loss is the loss of a batch of that one example, so padded batches of one
-    fixed size serve every evaluation set (one compilation); the loss must be
-    a mean over examples, as losses are. With ``batch_stats`` the batch is
-    normalized with its own statistics and must not be padded (``valid`` all
-    True): the sums are the batch mean times its size.
-    """
+    def outputs(variables, x):
+        return fns.apply(variables, x, batch_stats, None, None)[0]
 
-    def per_example(out, y):
-        return loss_and_metrics(loss_fn, out[None], y[None])
+    return outputs
 
-    def evaluate(variables, x, y, valid):
-        out, _ = fns.apply(variables, x, batch_stats, None, None)
-        if batch_stats:
-            loss, metrics = loss_and_metrics(loss_fn, out, y)
-            n = jnp.sum(valid.astype(jnp.float32))
-            return loss * n, {k: v * n for k, v in metrics.items()}
-        losses, metrics = jax.vmap(per_example)(out, y)
-        zero = jnp.zeros((), jnp.float32)
-        total = lambda v: jnp.sum(jnp.where(valid, v, zero))  # noqa: E731
-        return total(losses), {k: total(v) for k, v in metrics.items()}
 
-    return evaluate
+def make_split_metrics(loss_fn: LossFn, n: int) -> Callable:
+    """``metrics(outputs, targets) -> (loss, {metric: value})`` of a whole
+    evaluation split from its batches: the batches' outputs and targets
+    (tuples, batch after batch, padding at the end) are joined, cut to the
+    split's ``n`` examples, and given to the loss once. So a metric that is
+    not a mean over examples (balanced accuracy, F1, AUC) is computed on the
+    split as a whole, as the loss function defines it."""
+
+    def metrics(outputs: tuple, targets: tuple):
+        join = lambda *a: jnp.concatenate(a)[:n]  # noqa: E731
+        return loss_and_metrics(
+            loss_fn, jax.tree.map(join, *outputs), jax.tree.map(join, *targets)
+        )
+
+    return metrics
