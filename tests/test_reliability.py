@@ -124,6 +124,38 @@ def _rewrite_state(workdir, step, edit):
 # ------------------------------------------------------- checkpoint contents
 
 
+def _drop_leaf(run_copy, step, leaf="('params', 'Dense_1', 'kernel')"):
+    meta = run_copy / "checkpoints" / str(step) / "state" / "_METADATA"
+    body = json.loads(meta.read_text())
+    del body["tree_metadata"][leaf]
+    meta.write_text(json.dumps(body))  # still valid JSON
+
+
+def test_a_checkpoint_missing_an_array_never_loads(run_copy):
+    # One leaf removed from orbax's _METADATA: load() returned the variables
+    # without params/Dense_1/kernel. The digests cover the set of arrays.
+    _drop_leaf(run_copy, 30)
+    with pytest.raises(ValueError, match=r"checkpoint 30 .*missing.*Dense_1/kernel"):
+        load(run_copy, step=30)
+    msgs = _resume(run_copy)
+    assert any(
+        "checkpoint 30" in m and "falling back to checkpoint 20" in m for m in msgs
+    )
+
+
+def test_a_damaged_sharding_file_gets_one_verdict(run_copy):
+    # fit restored it with its own shardings ("nothing to train") while load
+    # and plain orbax refused it: now every reader refuses it.
+    (run_copy / "checkpoints" / "30" / "state" / "_sharding").write_text("{]")
+    with pytest.raises(ValueError, match=r"checkpoint 30 .*damaged"):
+        load(run_copy, step=30)
+    msgs = _resume(run_copy, steps=30)
+    assert any(
+        "checkpoint 30" in m and "falling back to checkpoint 20" in m for m in msgs
+    )
+    assert _restart_point(run_copy)[-1] == 30
+
+
 def test_a_changed_value_that_still_decodes_is_caught_by_its_digest(run_copy):
     def flip(tree):
         k = tree["params"]["Dense_0"]["kernel"]
@@ -505,14 +537,14 @@ def test_disk_full_is_one_clear_error_and_keeps_earlier_checkpoints(tmp_path, si
 def test_disk_full_while_writing_metrics(tmp_path, monkeypatch):
     import errno
 
-    real_open = open
+    real_open = os.open
 
-    def full(path, mode="r", *a, **k):
-        if str(path).endswith("metrics.jsonl") and "a" in mode:
+    def full(path, flags, *a, **k):
+        if str(path).endswith("metrics.jsonl") and flags & os.O_APPEND:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_open(path, mode, *a, **k)
+        return real_open(path, flags, *a, **k)
 
-    monkeypatch.setattr("builtins.open", full)
+    monkeypatch.setattr(rundir.os, "open", full)
     with pytest.raises(DiskFullError, match="disk full"):
         rundir.append_record(tmp_path / "metrics.jsonl", {"step": 1})
 
@@ -547,34 +579,58 @@ def test_an_unreadable_checkpoint_is_exit_4_and_nothing_moves(run_copy, monkeypa
     assert not (run_copy / "corrupt").exists()
 
 
-@pytest.mark.skipif(
-    shutil.which("setpriv") is None or os.geteuid() != 0,
-    reason="needs root and setpriv",
-)
-def test_chmod_000_on_a_checkpoint_as_an_ordinary_user(tmp_path):
-    # Root reads through chmod 000: run the CLI as 'nobody' on a world-writable
-    # copy of a run whose newest checkpoint is unreadable.
+def _as_nobody(args: list[str], home: Path) -> list[str]:
+    del home
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *args]
+
+
+@pytest.fixture
+def nobody_dir():
+    """A world-writable directory under /tmp where 'nobody' can run this
+    checkout's Python (root reads through chmod 000, so permission failures
+    need another user). Skips where nobody cannot (not root, no setpriv, or
+    the checkout or interpreter is private, e.g. a clone under /root)."""
     import tempfile
 
+    if shutil.which("setpriv") is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv")
     base = Path(tempfile.mkdtemp(prefix="bnlab-perm-"))  # /tmp: others may enter
     os.chmod(base, 0o777)
-    request_cleanup = base
+    home = base / "home"
+    home.mkdir(mode=0o777)
+    probe = _run(
+        _as_nobody([sys.executable, "-c", "import bnlab.train"], home),
+        env=_env(HOME=str(home), TMPDIR=str(home)),
+        cwd=base,
+    )
+    if probe.returncode != 0:
+        shutil.rmtree(base, ignore_errors=True)
+        pytest.skip(
+            "nobody cannot run this checkout's Python (a private directory): "
+            + probe.stderr.strip()[-200:]
+        )
+    yield base
+    subprocess.run(["chmod", "-R", "u+rwX", str(base)], check=False)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _trained_for_nobody(base: Path) -> Path:
     work = base / "run"
     first = _run(
         _cli(work, "--config", "digits", "--quiet", *[f"--set={s}" for s in SHORT])
     )
     assert first.returncode == 0, first.stderr
     subprocess.run(["chmod", "-R", "a+rwX", str(work)], check=True)
+    return work
+
+
+def test_chmod_000_on_a_checkpoint_as_an_ordinary_user(nobody_dir):
+    work = _trained_for_nobody(nobody_dir)
     os.chmod(work / "checkpoints" / "30", 0)
-    home = base / "home"
-    home.mkdir(mode=0o777)
+    home = nobody_dir / "home"
     run = _run(
-        [
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            *_cli(
+        _as_nobody(
+            _cli(
                 work,
                 "--config",
                 "digits",
@@ -583,24 +639,34 @@ def test_chmod_000_on_a_checkpoint_as_an_ordinary_user(tmp_path):
                 "--steps",
                 "40",
             ),
-        ],
+            home,
+        ),
         env=_env(HOME=str(home), TMPDIR=str(home)),
     )
-    if (
-        "Permission denied" in run.stderr
-        and "python" in run.stderr.lower()
-        and run.returncode == 126
-    ):
-        pytest.skip("the interpreter is not readable by nobody")
-    try:
-        assert run.returncode == 4, run.stderr[-3000:]
-        assert "permission denied" in run.stderr
-        _one_error_line(run.stderr)
-        assert not (work / "corrupt").exists()
-        assert (work / "checkpoints" / "30").is_dir()
-    finally:
-        os.chmod(work / "checkpoints" / "30", 0o755)
-        shutil.rmtree(request_cleanup, ignore_errors=True)
+    assert run.returncode == 4, run.stderr[-3000:]
+    assert "permission denied" in run.stderr
+    _one_error_line(run.stderr)
+    assert not (work / "corrupt").exists()
+    assert (work / "checkpoints" / "30").is_dir()
+
+
+@pytest.mark.parametrize("where", ["30/meta", "30"])
+def test_load_of_an_unreadable_checkpoint_is_a_run_dir_error(nobody_dir, where):
+    # bnlab.train.load read meta/ without the permission mapping: 'not found'
+    # (ValueError) instead of the documented RunDirError.
+    work = _trained_for_nobody(nobody_dir)
+    os.chmod(work / "checkpoints" / where, 0)
+    home = nobody_dir / "home"
+    code = (
+        "import sys\nfrom bnlab.train import load\ntry:\n    load(sys.argv[1])\n"
+        "except Exception as e:\n    print(type(e).__name__, e)"
+    )
+    run = _run(
+        _as_nobody([sys.executable, "-c", code, str(work)], home),
+        env=_env(HOME=str(home), TMPDIR=str(home)),
+    )
+    assert run.stdout.startswith("RunDirError"), run.stdout + run.stderr[-2000:]
+    assert "permission denied" in run.stdout
 
 
 # --------------------------------------------------------------- signals

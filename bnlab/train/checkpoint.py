@@ -5,8 +5,9 @@ Layout of ``<workdir>/checkpoints/<step>/``:
 - ``state/``: one ``StandardSave`` item, the training state as the model's
   own tree, every leaf with a leading axis of arms: ``params``,
   ``batch_stats`` (and any other model collection), ``opt_state``, ``step``,
-  ``rng``, ``stopped_at``, ``interval``. Plain orbax restores it by name:
-  ``orbax.checkpoint.StandardCheckpointer().restore(".../checkpoints/100/state")``.
+  ``rng``, ``stopped_at``, ``interval``. Plain orbax restores it by name
+  from an absolute path (orbax refuses relative ones):
+  ``StandardCheckpointer().restore(Path("run/checkpoints/100/state").absolute())``.
 - ``meta/``: a ``JsonSave`` item: the run's configuration and arms, the tree
   layout, and a SHA-256 of every leaf of every arm (and of the metadata).
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -37,7 +37,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bnlab.train.rundir import DiskFullError, RunDirError
+from bnlab.train.rundir import (
+    DiskFullError,
+    RunDirError,
+    WritePermissionError,
+    os_error_kind,
+)
 
 __all__ = [
     "FORMAT",
@@ -175,44 +180,6 @@ def finalized_steps(directory: Path) -> list[int]:
 # -------------------------------------------------------------- errors
 
 
-def _is_disk_full(e: BaseException) -> bool:
-    while e is not None:
-        text = str(e)
-        if (
-            getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
-            or "No space left" in text
-            or "RESOURCE_EXHAUSTED" in text
-        ):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def _permission_problem(e: BaseException) -> bool:
-    while e is not None:
-        if isinstance(e, PermissionError) or getattr(e, "errno", None) in (
-            errno.EACCES,
-            errno.EPERM,
-            errno.EROFS,
-        ):
-            return True
-        if "Permission denied" in str(e) or "PERMISSION_DENIED" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def _missing(e: BaseException) -> bool:
-    while e is not None:
-        if (
-            isinstance(e, FileNotFoundError)
-            or getattr(e, "errno", None) == errno.ENOENT
-        ):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
 def _unreadable(path: Path) -> Path | None:
     """The first file or directory under ``path`` this process cannot read."""
     if not os.access(path, os.R_OK | os.X_OK):
@@ -331,22 +298,24 @@ def _signals_deferred():
 
 @contextlib.contextmanager
 def io_errors(what: str, directory: Path):
-    """Maps a full disk / no permission while writing to :class:`DiskFullError`
-    (exit 6): one line, earlier checkpoints are kept."""
+    """Maps a full disk / no permission while writing to a
+    :class:`bnlab.train.WriteError` (exit 6): one line, earlier checkpoints
+    are kept; a directory gone to :class:`RunDirError`."""
     try:
         yield
     except (OSError, RuntimeError, ValueError) as e:
-        if _is_disk_full(e):
+        kind = os_error_kind(e)
+        if kind == "disk_full":
             raise DiskFullError(
                 f"disk full while {what} in {directory}; earlier checkpoints are "
                 "kept. Free space and run the same command again to resume."
             ) from None
-        if _permission_problem(e):
-            raise DiskFullError(
+        if kind == "permission":
+            raise WritePermissionError(
                 f"permission denied while {what} in {directory}; earlier "
                 "checkpoints are kept. Fix the permissions and run again to resume."
             ) from None
-        if _missing(e):
+        if kind == "missing":
             raise RunDirError(
                 f"{directory} disappeared while {what} (deleted or moved while this "
                 "run was using it); stopping so that nothing is written elsewhere."
@@ -436,19 +405,7 @@ class Checkpointer:
           ValueError: unreadable, or not consistent (a corrupt checkpoint).
           RunDirError: permission denied.
         """
-        self._check_readable(step)
-        try:
-            meta = self._manager.restore(
-                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-            )["meta"]
-        except Exception as e:  # orbax raises many types for corrupt files
-            if _permission_problem(e):
-                raise _permission_error(self.directory, step) from None
-            raise ValueError(f"{type(e).__name__}: {str(e)[:200]}") from None
-        problem = _meta_problem(meta, step)
-        if problem:
-            raise ValueError(problem)
-        return meta
+        return read_meta(self.directory, step)
 
     def restore_latest(
         self,
@@ -486,6 +443,11 @@ class Checkpointer:
             s for s, m in metas.items() if isinstance(m, dict) and s not in usable
         ]
         if foreign and not usable:
+            newest = metas[max(foreign)]
+            if newest["tree"] != signature:  # the most specific account
+                raise CheckpointMismatchError(
+                    _mismatch_message(max(foreign), newest, signature)
+                )
             raise CheckpointMismatchError(
                 f"{self.directory} holds checkpoints {foreign} of another run "
                 "configuration (a different model, data, arms or hyper-parameters); "
@@ -506,6 +468,10 @@ class Checkpointer:
                 continue
             if meta["tree"] != signature:
                 raise CheckpointMismatchError(_mismatch_message(step, meta, signature))
+            problem = _layout_problem(self.directory / str(step) / "state", meta)
+            if problem:
+                self._set_aside(step, problem)
+                continue
             state, error = _read(
                 lambda step=step: self._manager.restore(
                     step,
@@ -513,7 +479,7 @@ class Checkpointer:
                 )["state"]
             )
             if error is not None:
-                if _permission_problem(error):
+                if os_error_kind(error) == "permission":
                     raise _permission_error(self.directory, step) from None
                 self._set_aside(step, f"{type(error).__name__}: {str(error)[:200]}")
                 continue
@@ -523,10 +489,6 @@ class Checkpointer:
                 continue
             return state, meta
         return None
-
-    def _check_readable(self, step: int) -> None:
-        if _unreadable(self.directory / str(step)) is not None:
-            raise _permission_error(self.directory, step)
 
     def _set_aside(self, step: int, why: str) -> None:
         """Moves checkpoint ``step`` to ``corrupt/<step>[.<n>]`` (a new name,
@@ -586,6 +548,13 @@ class Checkpointer:
 def _verify(state: Any, meta: dict[str, Any], n_arms: int) -> str | None:
     digests, finite = _digests(state, n_arms)
     saved = meta["digests"]
+    if set(digests) != set(saved):
+        missing = sorted(set(saved) - set(digests))
+        extra = sorted(set(digests) - set(saved))
+        return (
+            f"its arrays are not the ones saved (missing {missing[:5]}, unknown "
+            f"{extra[:5]})"
+        )
     bad = sorted(p for p, d in digests.items() if saved.get(p) != d)
     if bad:
         return (
@@ -650,6 +619,57 @@ def _restore_on_one_device(path: Path) -> Any:
     )
 
 
+def read_meta(directory: Path, step: int) -> dict[str, Any]:
+    """The checked metadata of checkpoint ``step`` in ``directory``: the one
+    reader of ``meta/`` for resume and :func:`bnlab.train.load`.
+
+    Raises:
+      RunDirError: a file or directory of the checkpoint cannot be read for
+        lack of permission (nothing is moved).
+      ValueError: unreadable otherwise, or inconsistent (damaged).
+    """
+    path = Path(directory) / str(step)
+    if _unreadable(path) is not None:
+        raise _permission_error(Path(directory), step)
+    meta, error = _read(
+        lambda: ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path / "meta")
+    )
+    if error is not None:
+        if os_error_kind(error) == "permission":
+            raise _permission_error(Path(directory), step) from None
+        raise ValueError(
+            f"its metadata cannot be read ({type(error).__name__}: {str(error)[:200]})"
+        )
+    problem = _meta_problem(meta, step)
+    if problem:
+        raise ValueError(problem)
+    return meta
+
+
+def _layout_problem(path: Path, meta: dict[str, Any]) -> str | None:
+    """What orbax's own record of the state item (``_METADATA``,
+    ``_sharding``) gets wrong against the saved tree, or None: a file that
+    plain orbax needs is damaged, or an array is missing from it."""
+    layout, error = _read(lambda: ocp.StandardCheckpointHandler().metadata(path))
+    if error is not None:
+        return (
+            "its files are damaged or incomplete (orbax cannot read its layout: "
+            f"{type(error).__name__}: {str(error)[:200]})"
+        )
+    tree = getattr(layout, "tree", layout)
+    saved = {p: tuple(shape) for p, shape, _ in meta["tree"]}
+    found = {p: tuple(m.shape) for p, m in _leaves(tree)}
+    if found != saved:
+        missing = sorted(set(saved) - set(found))
+        other = sorted(p for p in set(saved) & set(found) if saved[p] != found[p])
+        return (
+            "its files are damaged or incomplete (orbax's record of its arrays "
+            f"does not match the saved tree: missing {missing[:5]}, other shapes "
+            f"{other[:5]}, unknown {sorted(set(found) - set(saved))[:5]})"
+        )
+    return None
+
+
 def read_state(
     directory: Path, step: int | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -674,17 +694,18 @@ def read_state(
         )
     path = directory / str(step)
     try:
-        meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path / "meta")
-    except Exception as e:  # orbax raises many types for unreadable files
-        raise ValueError(
-            f"checkpoint {step} in {directory}: its metadata cannot be read ({e})."
-        ) from None
-    problem = _meta_problem(meta, step)
+        meta = read_meta(directory, step)
+    except ValueError as e:
+        raise ValueError(f"checkpoint {step} in {directory}: {e}.") from None
+    problem = _layout_problem(path / "state", meta)
     if problem:
-        raise ValueError(f"checkpoint {step} in {directory}: {problem}.")
+        raise ValueError(
+            f"checkpoint {step} in {directory} cannot be read: {problem}. Load "
+            f"another step (it has {steps}) or restore the directory from a copy."
+        )
     tree, error = _read(lambda: _restore_on_one_device(path / "state"))
     if error is not None:
-        if _permission_problem(error):
+        if os_error_kind(error) == "permission":
             raise _permission_error(directory, step)
         raise ValueError(
             f"checkpoint {step} in {directory} cannot be read: its files are "

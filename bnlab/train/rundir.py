@@ -26,9 +26,12 @@ __all__ = [
     "DiskFullError",
     "RunDirError",
     "RunLock",
+    "WriteError",
+    "WritePermissionError",
     "append_record",
     "check_run_dir",
     "lock_run_dir",
+    "os_error_kind",
     "read_records",
     "rewrite_records",
     "write_json",
@@ -43,9 +46,48 @@ class RunDirError(OSError):
     path and what to do."""
 
 
-class DiskFullError(RunDirError):
-    """Writing a checkpoint or record failed for lack of space (or
-    permission); earlier checkpoints are kept."""
+class WriteError(RunDirError):
+    """Writing a checkpoint or record failed (exit 6 in the CLI); earlier
+    checkpoints and records are kept, and the same command resumes once the
+    cause is fixed."""
+
+
+class DiskFullError(WriteError):
+    """No space left (or over quota) while writing a checkpoint or record."""
+
+
+class WritePermissionError(WriteError, PermissionError):
+    """No permission to write a checkpoint or record (or a read-only file
+    system)."""
+
+
+def os_error_kind(e: BaseException | None) -> str | None:
+    """What an error from the OS, orbax or TensorStore (or anything in its
+    chain of causes) means for a run: ``"disk_full"``, ``"permission"``,
+    ``"missing"`` (a file or directory is gone), ``"link"`` (a symbolic link
+    where a file was expected), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        code = getattr(e, "errno", None)
+        text = str(e)
+        if code in (errno.ENOSPC, errno.EDQUOT) or (
+            "No space left" in text or "RESOURCE_EXHAUSTED" in text
+        ):
+            return "disk_full"
+        if (
+            isinstance(e, PermissionError)
+            or code in (errno.EACCES, errno.EPERM, errno.EROFS)
+            or "Permission denied" in text
+            or "PERMISSION_DENIED" in text
+        ):
+            return "permission"
+        if code == errno.ELOOP:
+            return "link"
+        if isinstance(e, FileNotFoundError) or code == errno.ENOENT:
+            return "missing"
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def check_run_dir(workdir: Path) -> None:
@@ -201,32 +243,44 @@ def _line(record: dict[str, Any]) -> str:
 
 
 def _write_error(path: Path, e: OSError) -> RunDirError | None:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    kind = os_error_kind(e)
+    if kind == "disk_full":
         return DiskFullError(
             f"disk full while writing {path}; earlier records and checkpoints "
             "are kept. Free space and run the same command again to resume."
         )
-    if e.errno == errno.ENOENT:
+    if kind == "missing":
         return RunDirError(
             f"cannot write {path}: its directory is gone (deleted or moved while "
             "this run was using it); stopping so that nothing is written elsewhere."
         )
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return DiskFullError(
-            f"cannot write {path}: {e.strerror}; earlier records and checkpoints "
-            "are kept. Fix the permissions and run the same command again."
+    if kind == "permission":
+        return WritePermissionError(
+            f"cannot write {path}: {e.strerror or 'permission denied'}; earlier "
+            "records and checkpoints are kept. Fix the permissions and run the "
+            "same command again."
+        )
+    if kind == "link":
+        return RunDirError(
+            f"{path} is a symbolic link; bnlab does not write through links. "
+            "Move it away and run again."
         )
     return None
 
 
 def append_record(path: Path, record: dict[str, Any]) -> None:
-    """Appends one JSON line and flushes it to disk.
+    """Appends one JSON line and flushes it to disk (never through a
+    symbolic link).
 
     Raises:
-      DiskFullError: no space (or no permission) to write it.
+      WriteError: no space or no permission to write it.
+      RunDirError: ``path`` is a symbolic link, or its directory is gone.
     """
     try:
-        with open(path, "a") as f:
+        fd = os.open(
+            path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666
+        )
+        with os.fdopen(fd, "a") as f:
             f.write(_line(record))
             f.flush()
             os.fsync(f.fileno())
@@ -290,7 +344,7 @@ def rewrite_records(path: Path, records: list[dict[str, Any]]) -> None:
     The file keeps its permissions.
 
     Raises:
-      DiskFullError: no space (or no permission) to write it.
+      WriteError: no space or no permission to write it.
     """
     _atomic_write(path, "".join(_line(r) for r in records))
 
@@ -299,7 +353,7 @@ def write_json(path: Path, value: Any) -> None:
     """``path`` holds ``value`` as JSON, replaced atomically.
 
     Raises:
-      DiskFullError: no space (or no permission) to write it.
+      WriteError: no space or no permission to write it.
     """
     _atomic_write(path, json.dumps(value, indent=1) + "\n")
 
