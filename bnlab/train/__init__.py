@@ -5,6 +5,7 @@ reads a run back. :func:`fit_config` is ``bnlab train``'s preset path."""
 from bnlab.train.arms import Arm, make_arms
 from bnlab.train.checkpoint import Checkpointer, CheckpointMismatchError, NonFiniteError
 from bnlab.train.config import PRESETS, Config, ConfigError, load_config
+from bnlab.train.early import EarlyStopping
 from bnlab.train.loop import DATA_AXIS, FitResult, Loaded, fit, load
 from bnlab.train.model import nnx_update
 from bnlab.train.presets import build_model, build_optimizer, fit_config
@@ -25,6 +26,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DiskFullError",
+    "EarlyStopping",
     "FitResult",
     "Loaded",
     "NonFiniteError",

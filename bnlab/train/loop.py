@@ -39,6 +39,7 @@ from bnlab.train.checkpoint import (
     finalized_steps,
     read_state,
 )
+from bnlab.train.early import EarlyStopping, Tracker
 from bnlab.train.evaluate import Evaluator
 from bnlab.train.model import ModelFns, model_fns
 from bnlab.train.options import (
@@ -77,7 +78,7 @@ DATA_AXIS = bn_parallel.DATA
 DEVICE_DATA_BYTES = 2**30
 # Keys of the run configuration that may change between a run and its resume.
 RUN_LENGTH_KEYS = tuple(f.name for f in dataclasses.fields(RunLength))
-_RESERVED = ("opt_state", "step", "rng", "stopped_at", "interval")
+_RESERVED = ("opt_state", "step", "rng", "stopped_at", "interval", "best")
 
 
 class FitResult(NamedTuple):
@@ -91,6 +92,10 @@ class FitResult(NamedTuple):
       stopped_at: per arm, None, or the step whose loss or state was not
         finite (the arm kept its last finite state).
       step: the step the run reached.
+      early_stopping: with ``early_stopping=``, per arm ``{"best",
+        "best_step", "done_at"}``; the best variables are ``best``.
+      best: with ``early_stopping=``, each arm's variables at its best
+        evaluation (leading axis of arms), else None.
     """
 
     variables: dict
@@ -98,6 +103,8 @@ class FitResult(NamedTuple):
     records: list[dict]
     stopped_at: list[int | None]
     step: int
+    early_stopping: list[dict] | None = None
+    best: dict | None = None
 
     def arm(self, i: int) -> dict:
         """The variables of arm ``i``, as ``model.apply`` takes them."""
@@ -133,6 +140,7 @@ class _Plan:
     training: Training
     evaluation: Evaluation
     placement: Placement
+    early_stopping: EarlyStopping | None
 
 
 # -------------------------------------------------------------------- fit
@@ -173,6 +181,7 @@ def fit(
     config: Mapping[str, Any] | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     quiet: bool = False,
+    early_stopping: EarlyStopping | None = None,
 ) -> FitResult:
     """Trains (or resumes) every arm of a model in ``workdir``.
 
@@ -260,6 +269,10 @@ def fit(
         the run compiles or resumes. Default: a progress bar on stderr
         (a terminal), else one line per evaluation.
       quiet: show no progress (when ``on_progress`` is None).
+      early_stopping: an :class:`EarlyStopping` rule: the run stops when
+        every arm's metric has stopped improving, and each arm's best
+        variables are kept in its checkpoints (``FitResult.best``,
+        ``load(workdir, best=True)``); resumes stop at the same step.
 
     Returns:
       A :class:`FitResult`.
@@ -317,6 +330,11 @@ def fit(
         steps_per_call=steps_per_call,
         unroll=unroll,
     )
+    if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
+        raise TypeError(
+            "early_stopping must be a bnlab.train.EarlyStopping, e.g. "
+            "EarlyStopping('val_loss', patience=5)."
+        )
     if on_progress is not None and not callable(on_progress):
         raise TypeError("on_progress must be a function of one dict, or None.")
     workdir = check_workdir(workdir)
@@ -330,6 +348,7 @@ def fit(
         training=training,
         evaluation=evaluation,
         placement=placement,
+        early_stopping=early_stopping,
     )
     leader = jax.process_index() == 0
     shown = None
@@ -410,6 +429,7 @@ def _plan(
     training: Training,
     evaluation: Evaluation,
     placement: Placement,
+    early_stopping: EarlyStopping | None,
 ) -> _Plan:
     fns = model_fns(model)
     n_train = length(splits.train)
@@ -477,6 +497,13 @@ def _plan(
             isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(probed)
         ):
             raise TypeError("probe: it must return a pytree of arrays or numbers.")
+    if early_stopping is not None:
+        keys = _record_keys(splits, metrics, evaluation)
+        if early_stopping.metric not in keys:
+            raise ValueError(
+                f"early_stopping: the records have no {early_stopping.metric!r}; "
+                f"follow one of {sorted(keys)}."
+            )
     on_device = False
     if splits.in_memory:
         x, y = splits.train
@@ -497,6 +524,7 @@ def _plan(
         "metrics": metrics,
         "parallel_style": layout.style,
         **dataclasses.asdict(run_length),
+        "early_stopping": None if early_stopping is None else early_stopping.config(),
         "config": _jsonable(dict(config or {})),
     }
     run_config = json.loads(json.dumps(run_config))  # as it reads back from disk
@@ -514,7 +542,20 @@ def _plan(
         training,
         evaluation,
         placement,
+        early_stopping,
     )
+
+
+def _record_keys(splits: Splits, metrics: list[str], evaluation: Evaluation) -> set:
+    """The numeric keys every record of the run has."""
+    names = ["train"] + [
+        k for k in ("val", "test") if splits.named().get(k) is not None
+    ]
+    if evaluation.train_examples:
+        names.append("trainset")
+    if evaluation.batch_stats and splits.test is not None:
+        names.append("test_batch_stats")
+    return {f"{n}_{m}" for n in names for m in ("loss", *metrics)}
 
 
 def _jsonable(x: Any) -> Any:
@@ -796,6 +837,9 @@ class _Run:
         self.n = len(plan.arms)
         self.warned_stopped: set[int] = set()
         self.warned: set[str] = set()
+        rule = plan.early_stopping
+        self.tracker = None if rule is None else Tracker(rule, self.n)
+        self.best = None  # with early stopping: each arm's best variables
 
     def _event(self, text: str) -> None:
         if self.progress is not None:
@@ -831,14 +875,16 @@ class _Run:
         seeds = np.zeros(self.n, np.uint32)
         shapes = jax.eval_shape(self._init_fn(), seeds, self.plan.hp)
         layout = self.plan.layout
+        tree = _state_tree(shapes)
+        if self.plan.early_stopping is not None:
+            tree["best"] = shapes.variables
         if layout.style == "pmap":
-            return _state_tree(shapes)
+            return tree
         sharding = jax.sharding.NamedSharding(
             layout.mesh, jax.sharding.PartitionSpec("arms")
         )
         return jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-            _state_tree(shapes),
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree
         )
 
     # ------------------------------------------------------------ resume
@@ -884,9 +930,13 @@ class _Run:
         restored = ckpt.restore_latest(self._abstract(), self._check_meta)
         if restored is None:
             return None
-        state = _from_tree(restored[0], fresh)
+        tree = restored[0]
+        state = _from_tree(tree, fresh)
+        best = tree.get("best")
         if self.plan.layout.style == "pmap":
             state = self.plan.layout.put_arms(jax.device_get(state))
+            best = None if best is None else self.plan.layout.put_arms(best)
+        self.best = best
         return state
 
     # ------------------------------------------------------------- train
@@ -900,6 +950,18 @@ class _Run:
         try:
             state = self._restore(ckpt, fresh)
             start = 0 if state is None else int(self._host_scalar(state.step))
+            if self.tracker is not None:
+                self.tracker.replay(
+                    [
+                        r
+                        for r in read_records(self.records.path, False)
+                        if r["step"] <= start
+                    ]
+                )
+            if self.tracker is not None and start and self.tracker.all_done:
+                self._event(f"stopped early at step {start} (early_stopping)")
+                ckpt.close()
+                return self._result(state, read_records(self.records.path, False))
             if start >= plan.run_length.steps:
                 warnings.warn(
                     f"{self.workdir} already holds step {start} >= steps="
@@ -913,6 +975,8 @@ class _Run:
             if start:
                 self._event(f"resumed from step {start} (its checkpoint verified)")
             state = state if state is not None else fresh
+            if self.tracker is not None and self.best is None:
+                self.best = jax.tree.map(jnp.copy, state.variables)
             self.records.keep_until(start)
             execution = _execution(plan)
             if self.lock is not None:
@@ -936,8 +1000,18 @@ class _Run:
     def _result(self, state: TrainState, records: list[dict]) -> FitResult:
         host = self.plan.layout.host(state)
         stopped = [None if s < 0 else int(s) for s in np.asarray(host.stopped_at)]
+        early = best = None
+        if self.tracker is not None:
+            early = self.tracker.summary()
+            best = self.plan.layout.host(self.best)
         return FitResult(
-            host.variables, self.plan.arms, records, stopped, int(host.step[0])
+            host.variables,
+            self.plan.arms,
+            records,
+            stopped,
+            int(host.step[0]),
+            early,
+            best,
         )
 
     def _loop(
@@ -952,6 +1026,17 @@ class _Run:
         )
         evaluator = Evaluator(
             plan.splits, plan.loss_fn, plan.fns, plan.evaluation, layout
+        )
+        keep_best = layout.compile(
+            lambda best, variables, improved: jax.tree.map(
+                lambda b, v: jnp.where(
+                    improved.reshape(improved.shape + (1,) * (v.ndim - 1)), v, b
+                ),
+                best,
+                variables,
+            ),
+            n_arms=3,
+            n_replicated=0,
         )
         if start == 0 and plan.evaluation.at_start:
             self._record(0, state, evaluator, None, batches.hp)
@@ -970,10 +1055,19 @@ class _Run:
             elif stop > done_at_ready:
                 rate = (stop - done_at_ready) / max(time.perf_counter() - t_ready, 1e-9)
             evaluated = run_length.is_eval(stop)
+            done = False
             if evaluated:
-                self._record(stop, state, evaluator, rate, batches.hp)
+                records = self._record(stop, state, evaluator, rate, batches.hp)
+                if self.tracker is not None:
+                    improved = np.zeros(self.n, bool)
+                    improved[self.tracker.update(records)] = True
+                    if improved.any():
+                        self.best = keep_best(
+                            self.best, state.variables, layout.put_arms(improved)
+                        )
+                    done = self.tracker.all_done
                 state = reset(state)
-            if run_length.is_checkpoint(stop):
+            if done or run_length.is_checkpoint(stop):
                 self._save(ckpt, stop, state)
             if self.progress is not None:
                 eta = None if rate is None else (run_length.steps - stop) / rate
@@ -982,6 +1076,9 @@ class _Run:
                     | {"evaluated": evaluated}
                     | self.records.last
                 )
+            if done:
+                self._event(f"stopped early at step {stop} (early_stopping)")
+                break
         return state
 
     def _save(self, ckpt: Checkpointer, step: int, state: TrainState) -> None:
@@ -989,6 +1086,8 @@ class _Run:
             self.lock.check()
         layout = self.plan.layout
         tree = _state_tree(state)
+        if self.tracker is not None:
+            tree["best"] = self.best
         if layout.style == "pmap":
             tree = layout.host(tree)
         meta = {
@@ -1025,22 +1124,20 @@ class _Run:
                 stacklevel=4,
             )
 
-    def _record(self, step, state, evaluator, rate, hp) -> None:
+    def _record(self, step, state, evaluator, rate, hp) -> list[dict[str, Any]]:
         plan = self.plan
         interval = plan.layout.host(state.interval)
         stopped = np.asarray(plan.layout.host(state.stopped_at))
         evals = evaluator(
             plan.layout.eval_view(state).variables, plan.layout.eval_view(hp)
         )
-        self.records.append(
-            [
-                _arm_record(
-                    step, arm, interval, stopped[i] < 0, stopped[i], evals, rate
-                )
-                | {"arm": i}
-                for i, arm in enumerate(plan.arms)
-            ]
-        )
+        records = [
+            _arm_record(step, arm, interval, stopped[i] < 0, stopped[i], evals, rate)
+            | {"arm": i}
+            for i, arm in enumerate(plan.arms)
+        ]
+        self.records.append(records)
+        return records
 
 
 def _arm_record(step, arm, interval, alive, stopped, evals, rate) -> dict[str, Any]:
@@ -1121,13 +1218,14 @@ class Loaded(NamedTuple):
     stopped_at: list[int | None]
 
 
-def load(workdir: str | Path, step: int | None = None) -> Loaded:
+def load(workdir: str | Path, step: int | None = None, *, best: bool = False) -> Loaded:
     """The variables of every arm of a run, verified, for your own code.
 
     Reads the newest finished checkpoint of ``workdir`` (or ``step``) with
     orbax, checks every array against the SHA-256 recorded when it was saved,
     and returns each arm's model variables (``params``, ``batch_stats``, ...)
-    as numpy arrays. No model is needed.
+    as numpy arrays. No model is needed. With ``best``: each arm's variables
+    at its best evaluation (a run with ``early_stopping``).
 
     Raises:
       FileNotFoundError: no such run or checkpoint.
@@ -1148,9 +1246,17 @@ def load(workdir: str | Path, step: int | None = None) -> Loaded:
     tree, meta = read_state(directory, step)
     config = meta["config"]
     arms = config.get("arms", [])
-    collections = [k for k in tree if k not in _RESERVED]
+    if best:
+        if "best" not in tree:
+            raise ValueError(
+                f"{workdir} was trained without early_stopping: it keeps no best "
+                "variables; load(workdir) gives the last ones."
+            )
+        source = tree["best"]
+    else:
+        source = {k: v for k, v in tree.items() if k not in _RESERVED}
     variables = [
-        {c: jax.tree.map(lambda a, i=i: a[i], tree[c]) for c in collections}
+        {c: jax.tree.map(lambda a, i=i: a[i], v) for c, v in source.items()}
         for i in range(len(arms))
     ]
     stopped = [None if s < 0 else int(s) for s in np.asarray(tree["stopped_at"])]
