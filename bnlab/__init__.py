@@ -39,6 +39,11 @@ _LAZY_SUBMODULES = (
 )
 
 
+def __dir__() -> list[str]:
+    # the public names, not the modules this file imports (importlib)
+    return sorted({*__all__, *_LAZY_SUBMODULES, "__version__"})
+
+
 def __getattr__(name: str):
     if name in _LAZY_SUBMODULES:
         return importlib.import_module(f"bnlab.{name}")

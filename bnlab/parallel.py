@@ -49,6 +49,10 @@ __all__ = [
 ]
 
 
+def __dir__() -> list[str]:
+    return sorted(__all__)  # not jax, np, ... (imported for this module's use)
+
+
 def check_style(style: str, axis_name: Any = None) -> None:
     """Raises ValueError for an unknown style or a missing/extra axis_name."""
     if style not in STYLES:

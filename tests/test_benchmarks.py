@@ -152,6 +152,7 @@ def check_rows(script, result):
         assert accuracy["bnlab"] < 1e-5 < 1e-2 < accuracy["flax_fast"]
 
 
+@pytest.mark.slow  # a subprocess
 def test_jaxpr_tools_examples_run():
     # benchmarks/ is outside the doctest paths: run its analysis examples here.
     from benchmarks import jaxpr_tools

@@ -172,6 +172,7 @@ def test_a_damaged_verdict_is_recomputed_not_trusted(smoke, tmp_path, damage):
     assert {k: again[k] for k in keep} == {k: original[k] for k in keep}
 
 
+@pytest.mark.slow  # a subprocess
 def test_two_runs_on_one_out_the_second_is_refused(tmp_path):
     from bnlab.train.rundir import lock_run_dir
 
@@ -183,6 +184,7 @@ def test_two_runs_on_one_out_the_second_is_refused(tmp_path):
     assert "in use by another bnlab run" in run.stderr and "Traceback" not in run.stderr
 
 
+@pytest.mark.slow  # a subprocess
 def test_options_are_checked_before_any_work(tmp_path):
     run = _cli("--smoke", "--only", "nope", "--out", str(tmp_path / "o"))
     assert run.returncode == 2 and "unknown experiment(s) ['nope']" in run.stderr
@@ -192,6 +194,7 @@ def test_options_are_checked_before_any_work(tmp_path):
     assert reproduce.options(first_seed=100).seeds == [100, 101, 102, 103, 104]
 
 
+@pytest.mark.slow  # a subprocess
 def test_missing_matplotlib_is_named_before_any_work(tmp_path):
     hide = tmp_path / "hide"
     hide.mkdir()
@@ -208,6 +211,7 @@ def test_missing_matplotlib_is_named_before_any_work(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # a subprocess
 def test_results_on_stdout_progress_on_stderr(tmp_path):
     run = _cli("--smoke", "--only", "feature_scale", "--out", str(tmp_path / "o"))
     assert run.returncode == 0, run.stderr
@@ -251,6 +255,7 @@ def test_criteria_judge_the_whole_interval():
     assert r.value == pytest.approx(2.0) and r.low == r.high == pytest.approx(2.0)
 
 
+@pytest.mark.slow  # a subprocess
 def test_sigkill_then_rerun_gives_the_uninterrupted_results(tmp_path):
     def cli(out):
         return [
@@ -368,6 +373,7 @@ def test_reproduce_runs_from_an_installed_wheel(tmp_path):
     assert (tmp_path / "o" / "REPORT.md").exists()
 
 
+@pytest.mark.slow  # a subprocess
 def test_reproduce_on_eight_devices_gives_the_numbers_of_one(tmp_path):
     # This process has 8 simulated devices (conftest): fit spreads the arms
     # over them. A subprocess with one device runs the same experiment. The

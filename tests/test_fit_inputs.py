@@ -394,3 +394,31 @@ def test_an_nnx_model_with_rng_streams_loads_back(tmp_path):
     model2 = nnx_update(Dropper(nnx.Rngs(7)), result.arm(0))
     model2.eval()
     assert np.array_equal(got, np.asarray(model2(jnp.asarray(x[48:]))))
+
+
+def test_a_run_whose_workdir_was_replaced_writes_nothing_into_the_new_one(tmp_path):
+    from bnlab.train import RunDirError
+
+    run = tmp_path / "run"
+
+    def replace(p):
+        if p.get("step") == 2 and not (tmp_path / "old").exists():
+            run.rename(tmp_path / "old")
+            run.mkdir()
+            (run / "metrics.jsonl").write_text('{"step": 1, "run": "B"}\n')
+
+    with pytest.raises(RunDirError, match="deleted or replaced"):
+        _fit(run, on_progress=replace, checkpoint_every=4)
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1, "run": "B"}\n'
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
+
+
+@pytest.mark.parametrize("parallel", ["shard_map", "pmap"])
+def test_split_batches_need_bn_synced_over_the_data_axis(tmp_path, parallel):
+    # was: a scan carry-type error from inside the compiled loop
+    _refused(
+        tmp_path,
+        "axis_name=bnlab.train.DATA_AXIS",
+        parallel=parallel,
+        devices=jax.devices()[:4],
+    )

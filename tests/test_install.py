@@ -11,6 +11,7 @@ import bnlab
 from tests.test_multihost import ROOT
 
 
+@pytest.mark.slow  # a subprocess
 def test_import_bnlab_from_the_folder_that_holds_a_clone_named_bnlab(tmp_path):
     # `pip install -e .` puts the checkout on sys.path (a static .pth), so the
     # real package wins over the clone's directory (a namespace candidate).

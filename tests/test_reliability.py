@@ -263,6 +263,7 @@ def test_a_checkpoint_of_another_model_stops_and_moves_nothing(run_copy, monkeyp
     assert not (run_copy / "corrupt").exists()
 
 
+@pytest.mark.slow  # a subprocess
 def test_another_configs_checkpoints_exit_4_and_one_foreign_one_is_passed(run_copy):
     run = _run(
         _cli(
@@ -333,6 +334,7 @@ def test_nan_metrics_are_written_as_null(tmp_path):
     assert json.loads(path.read_text()) == {"step": 1, "loss": None, "x": [None]}
 
 
+@pytest.mark.slow  # a subprocess
 def test_sigkill_during_the_metrics_rewrite_never_loses_records(tmp_path):
     # A child rewrites a large metrics file back and forth between two
     # versions; killed at random moments, the file is always one of them.
@@ -396,6 +398,7 @@ def _start_long_run(work, stderr=subprocess.DEVNULL):
     return proc
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.parametrize("how", ["plain", "lock_file_deleted"])
 def test_a_second_run_on_a_workdir_is_refused_naming_the_holder(tmp_path, how):
     work = tmp_path / "run"
@@ -417,6 +420,7 @@ def test_a_second_run_on_a_workdir_is_refused_naming_the_holder(tmp_path, how):
         pass
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_workdir_deleted_under_a_run_stops_that_run(tmp_path):
     work = tmp_path / "run"
     first = _start_long_run(work, stderr=subprocess.PIPE)
@@ -458,6 +462,7 @@ def test_a_workdir_deleted_under_a_run_stops_that_run(tmp_path):
     assert steps == sorted(set(steps)), "two writers interleaved their records"
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.parametrize("kind", ["symlink", "directory"])
 def test_a_lock_that_is_a_link_or_a_directory_is_refused(tmp_path, kind):
     work = tmp_path / "run"
@@ -500,6 +505,7 @@ def _tmpfs(path, size):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.parametrize("size", ["4k", "12k", "2m"])
 def test_disk_full_is_one_clear_error_and_keeps_earlier_checkpoints(tmp_path, size):
     # A real full disk at three sizes: config.json (4k), the first checkpoint
@@ -624,6 +630,7 @@ def _trained_for_nobody(base: Path) -> Path:
     return work
 
 
+@pytest.mark.slow  # a subprocess
 def test_chmod_000_on_a_checkpoint_as_an_ordinary_user(nobody_dir):
     work = _trained_for_nobody(nobody_dir)
     os.chmod(work / "checkpoints" / "30", 0)
@@ -650,6 +657,7 @@ def test_chmod_000_on_a_checkpoint_as_an_ordinary_user(nobody_dir):
     assert (work / "checkpoints" / "30").is_dir()
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.parametrize("where", ["30/meta", "30"])
 def test_load_of_an_unreadable_checkpoint_is_a_run_dir_error(nobody_dir, where):
     # bnlab.train.load read meta/ without the permission mapping: 'not found'
@@ -717,6 +725,7 @@ def test_a_signal_during_a_save_leaves_no_thread_behind(tmp_path):
         signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_cleanly_with_its_code_and_resumes(tmp_path, sig, code):
     work = tmp_path / "run"
@@ -760,6 +769,7 @@ def test_a_signal_stops_cleanly_with_its_code_and_resumes(tmp_path, sig, code):
 # ------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.parametrize(
     "args,code,match",
     [
@@ -794,6 +804,7 @@ def test_cli_expected_failures_are_one_line_with_their_exit_code(
         assert not (tmp_path / "run").exists(), "a config error wrote files"
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_config_path_problems_and_empty_workdir(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_bytes(b"\xff\xfe\x00")
@@ -808,6 +819,7 @@ def test_cli_config_path_problems_and_empty_workdir(tmp_path):
     assert run.returncode == 2 and "--workdir is empty" in run.stderr, run.stderr
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_prints_resuming_only_for_a_finished_checkpoint(tmp_path):
     work = tmp_path / "run"
     (work / "checkpoints" / "10.orbax-checkpoint-tmp-123").mkdir(parents=True)
@@ -819,6 +831,7 @@ def test_cli_prints_resuming_only_for_a_finished_checkpoint(tmp_path):
     assert "resuming run" in run.stderr
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_leaves_no_log_file_after_success(tmp_path):
     logs = tmp_path / "tmp"
     logs.mkdir()
@@ -830,6 +843,7 @@ def test_cli_leaves_no_log_file_after_success(tmp_path):
     assert list(logs.iterdir()) == []
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_help_version_presets_and_print_config():
     def cli(*a):
         return _run([sys.executable, "-m", "bnlab", *a])

@@ -112,3 +112,13 @@ def test_sample_shift_is_the_median_of_the_sampled_values():
     np.testing.assert_array_equal(shift, [[4.5, -4.5]])
     mask = jnp.ones(x.shape, bool).at[7].set(False)
     np.testing.assert_array_equal(stats.sample_shift(x, (0,), mask), [[4.0, -4.0]])
+
+
+def test_dir_lists_the_public_api_not_imported_modules():
+    import bnlab
+    import bnlab.parallel
+
+    for module in (bnlab, bnlab.parallel):
+        names = set(dir(module))
+        assert set(module.__all__) <= names
+        assert not names & {"importlib", "jax", "np", "jnp", "lax"}, module

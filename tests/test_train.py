@@ -436,6 +436,7 @@ def test_layout_rule_and_explicit_mesh():
 # -------------------------------------------- resume, checkpoints, loading
 
 
+@pytest.mark.slow  # a subprocess
 def test_sigkill_at_a_seeded_step_then_resume_is_bit_identical(tmp_path):
     # A model that is not a preset (Flax's and bnlab's BN), 4 arms, killed at
     # a random record count (seeded, so a failure reproduces), resumed.
@@ -609,6 +610,7 @@ def test_nothing_is_loaded_with_pickle():
         assert "import pickle" not in text and "allow_pickle=True" not in text, path
 
 
+@pytest.mark.slow  # a subprocess
 def test_warnings_of_a_clean_run(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -397,6 +397,40 @@ def _trace(what: str, fn: Callable, *args: Any) -> Any:
         raise type(e)(f"{what}: {type(e).__name__}: {e}") from None
 
 
+def _check_bn_axis(fns: ModelFns, variables: Any, x: Any, layout: Any) -> None:
+    """With shard_map / pmap each device sees a part of an arm's batch, so a
+    model with running statistics must reduce them over the data axis (BN
+    layers with ``axis_name=bnlab.train.DATA_AXIS``); without it the
+    statistics are per device (and the compiled loop fails). Traced with
+    the axis bound: a collective over it must appear."""
+    mutable = [k for k in variables if k != "params"]
+    if layout.style == "auto" or layout.data_shards == 1 or not mutable:
+        return
+    axis = layout.bn_axis
+    jaxpr = jax.make_jaxpr(
+        lambda v, x: fns.apply(v, x, True, None, None)[1],
+        axis_env=[(axis, layout.data_shards)],
+    )(variables, x)
+
+    def collective(jp) -> bool:
+        for eqn in jp.eqns:
+            axes = eqn.params.get("axes", eqn.params.get("axis_name", ()))
+            axes = axes if isinstance(axes, tuple) else (axes,)
+            if axis in axes:
+                return True
+            if any(collective(sub) for sub in jax.core.jaxprs_in_params(eqn.params)):
+                return True
+        return False
+
+    if not collective(jaxpr.jaxpr):
+        raise ValueError(
+            f"model: with parallel={layout.style!r} each arm's batch is split over "
+            f"{layout.data_shards} devices, but its running statistics "
+            f"({', '.join(mutable)}) are not reduced over the data axis: build its BN "
+            "layers with axis_name=bnlab.train.DATA_AXIS, or use parallel='auto'."
+        )
+
+
 def _check_optimizer(training: Training, params: Any, hp: dict) -> None:
     """Builds, initializes and applies the optimizer on abstract values:
     a problem shows now, named, not inside the compiled step."""
@@ -472,6 +506,7 @@ def _plan(
         variables,
         x0,
     )
+    _check_bn_axis(fns, variables, x0, layout)
     targets = jax.ShapeDtypeStruct(y0.shape, y0.dtype)
     if training.loss is None:
         check_outputs(outputs, targets, splits.num_classes)
