@@ -152,7 +152,7 @@ def fit_run(model, ds, batch: int, steps: int, every: int, seeds=(0,)):
     first = []
 
     def progress(p):
-        if "step" in p and not first:
+        if "event" not in p and not first:
             first.append((time.perf_counter(), p["step"]))
 
     t0 = time.perf_counter()

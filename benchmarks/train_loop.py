@@ -90,7 +90,7 @@ def fit_rate(config, steps: int) -> float:
     first = []
 
     def progress(p):
-        if not first:
+        if not first and "event" not in p:
             first.append((time.perf_counter(), p["step"]))
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -83,10 +83,10 @@ x, y = _data()
             r"data.y_train holds label -1",
         ),
         ({"y_test": np.full(16, 3)}, r"data.y_test holds label 3 .*\[0, 3\)"),
-        ({"y_train": y[:48].astype(np.float32)}, "integer labels"),
+        ({"y_train": y[:48].astype(np.float32)}, "integer class labels"),
         (
             {"y_train": y[:48, None], "y_test": y[48:, None]},
-            r"integer labels of shape \(examples,\)",
+            r"labels of shape \(2, 1\).*logits of shape \(2, 1, 3\)",
         ),
         ({"y_train": y[:50]}, "x_train has 48 examples but data.y_train has 50"),
         ({"y_train": y[:40]}, "x_train has 48 examples but data.y_train has 40"),
@@ -422,3 +422,51 @@ def test_split_batches_need_bn_synced_over_the_data_axis(tmp_path, parallel):
         parallel=parallel,
         devices=jax.devices()[:4],
     )
+
+
+def test_progress_is_shown_by_default_and_says_it_resumed(tmp_path, capsys):
+    _fit(tmp_path / "run", quiet=False)
+    err = capsys.readouterr().err
+    assert "compiling the training step" in err
+    assert "step 2/4" in err and "step 4/4" in err  # a line per evaluation
+    with pytest.warns(UserWarning, match="resuming a 4-step run"):
+        _fit(tmp_path / "run", quiet=False, steps=6)
+    assert "resumed from step 4" in capsys.readouterr().err
+    _fit(tmp_path / "quiet", quiet=True)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_run_and_its_load_print_the_arms_table(tmp_path):
+    result = _fit(
+        tmp_path / "run",
+        seeds=(3, 4),
+        hparams={"lr": [0.1, 0.2]},
+        optimizer=lambda hp: optax.sgd(hp["lr"]),
+    )
+    loaded = load(tmp_path / "run")
+    assert result.table() == loaded.table()
+    lines = repr(loaded).splitlines()
+    assert lines[1].split() == ["arm", "seed", "lr", "stopped_at"]
+    assert lines[-1].split() == ["3", "4", "0.2", "-"]
+
+
+class SmallCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.Conv(4, (3, 3))(x.reshape(len(x), 2, 2, 1))
+        x = bnlab.linen.BatchNorm(use_running_average=not train)(x)
+        return nn.Dense(3)(nn.relu(x).reshape(len(x), -1))
+
+
+def test_a_conv_net_on_cpu_runs_one_compiled_step_per_call(tmp_path):
+    # XLA:CPU runs convolutions several times slower inside a loop (a scan of
+    # steps): fit chooses a Python loop of compiled steps and records why
+    import json
+
+    _fit(tmp_path / "cnn", model=SmallCNN())
+    _fit(tmp_path / "mlp")
+    cnn = json.loads((tmp_path / "cnn" / "config.json").read_text())["execution"]
+    mlp = json.loads((tmp_path / "mlp" / "config.json").read_text())["execution"]
+    assert cnn["backend"] == "cpu"
+    assert (cnn["scan"], cnn["steps_per_call"]) == (False, 1), cnn
+    assert mlp["scan"] is True, mlp

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from bnlab.train.options import RunLength
+
 __all__ = [
     "PRESETS",
     "Config",
@@ -59,9 +61,10 @@ _RANGES = (
 # typo (width=1e9) would abort, hang or exhaust memory instead of failing.
 MAX_PARAMETERS = 10**9
 
-# Fields that change the computation: a workdir's checkpoints only resume
-# under a config that agrees on all of them.
-RUN_LENGTH_FIELDS = ("steps", "checkpoint_every", "eval_every", "keep_checkpoints")
+# How long a run trains and when it evaluates and saves: a run may resume
+# with other values of these (every other field must agree). The same keys
+# as fit's RunLength.
+RUN_LENGTH_FIELDS = tuple(f.name for f in dataclasses.fields(RunLength))
 
 
 @dataclasses.dataclass(frozen=True)

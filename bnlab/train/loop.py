@@ -106,6 +106,20 @@ class FitResult(NamedTuple):
     early_stopping: list[dict] | None = None
     best: dict | None = None
 
+    def table(self) -> str:
+        """The arms as a table: index, seed, hyper-parameters, stopped.
+
+        Example:
+          >>> print(FitResult({}, make_arms((0, 1), {"lr": [0.1]}), [], [None, 7], 9).table())
+          arm  seed   lr  stopped_at
+            0     0  0.1           -
+            1     1  0.1           7
+        """
+        return _arms_table([(a.seed, a.hparams) for a in self.arms], self.stopped_at)
+
+    def __repr__(self) -> str:
+        return f"FitResult(step={self.step}, {len(self.arms)} arm(s))\n{self.table()}"
+
     def arm(self, i: int) -> dict:
         """The variables of arm ``i``, as ``model.apply`` takes them."""
         return jax.tree.map(lambda a: a[i], self.variables)
@@ -876,9 +890,14 @@ class _Run:
         self.tracker = None if rule is None else Tracker(rule, self.n)
         self.best = None  # with early stopping: each arm's best variables
 
-    def _event(self, text: str) -> None:
+    def _event(self, text: str, step: int) -> None:
+        """A line of progress (compiling, resumed, stopped early): the dict
+        also has the step reached, so a callback that reads it works."""
         if self.progress is not None:
-            self.progress({"event": text})
+            total = self.plan.run_length.steps
+            self.progress(
+                {"event": text, "step": step, "total": total, "rate": None, "eta": None}
+            )
 
     # ------------------------------------------------------------ build
 
@@ -994,7 +1013,7 @@ class _Run:
                     ]
                 )
             if self.tracker is not None and start and self.tracker.all_done:
-                self._event(f"stopped early at step {start} (early_stopping)")
+                self._event(f"stopped early at step {start} (early_stopping)", start)
                 ckpt.close()
                 return self._result(state, read_records(self.records.path, False))
             if start >= plan.run_length.steps:
@@ -1008,7 +1027,9 @@ class _Run:
                 ckpt.close()
                 return self._result(state, read_records(self.records.path, False))
             if start:
-                self._event(f"resumed from step {start} (its checkpoint verified)")
+                self._event(
+                    f"resumed from step {start} (its checkpoint verified)", start
+                )
             state = state if state is not None else fresh
             if self.tracker is not None and self.best is None:
                 self.best = jax.tree.map(jnp.copy, state.variables)
@@ -1077,7 +1098,8 @@ class _Run:
             self._record(0, state, evaluator, None, batches.hp)
         self._event(
             "compiling the training step"
-            + (" (a scan of steps)" if execution["scan"] else "")
+            + (" (a scan of steps)" if execution["scan"] else ""),
+            start,
         )
         t_ready = rate = None
         done_at_ready = prev = start
@@ -1112,7 +1134,7 @@ class _Run:
                     | self.records.last
                 )
             if done:
-                self._event(f"stopped early at step {stop} (early_stopping)")
+                self._event(f"stopped early at step {stop} (early_stopping)", stop)
                 break
         return state
 
@@ -1251,6 +1273,33 @@ class Loaded(NamedTuple):
     step: int
     config: dict
     stopped_at: list[int | None]
+
+    def table(self) -> str:
+        """The arms as a table: index, seed, hyper-parameters, stopped."""
+        return _arms_table(
+            [(a["seed"], a["hparams"]) for a in self.arms], self.stopped_at
+        )
+
+    def __repr__(self) -> str:
+        return f"Loaded(step={self.step}, {len(self.arms)} arm(s))\n{self.table()}"
+
+
+def _arms_table(arms: list[tuple[int, dict]], stopped: list[int | None]) -> str:
+    keys = sorted({k for _, hp in arms for k in hp})
+    rows = [["arm", "seed", *keys, "stopped_at"]]
+    for i, ((seed, hp), s) in enumerate(zip(arms, stopped, strict=True)):
+        rows.append(
+            [
+                str(i),
+                str(seed),
+                *(f"{hp[k]:g}" for k in keys),
+                "-" if s is None else str(s),
+            ]
+        )
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows
+    )
 
 
 def load(workdir: str | Path, step: int | None = None, *, best: bool = False) -> Loaded:

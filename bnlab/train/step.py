@@ -116,22 +116,21 @@ def check_outputs(outputs: Any, targets: Any, num_classes: int) -> None:
             "needs one array (logits or predictions); return one, or pass a loss= "
             "that takes what the model returns."
         )
-    batch = targets.shape[0]
     if num_classes:
-        if not jnp.issubdtype(targets.dtype, jnp.integer) or targets.ndim != 1:
+        if not jnp.issubdtype(targets.dtype, jnp.integer):
             raise ValueError(
-                f"data: the default classification loss needs integer labels of "
-                f"shape (examples,), got {targets.dtype} of shape "
-                f"(examples, {', '.join(map(str, targets.shape[1:]))}); flatten them "
-                "(y.reshape(-1)) or pass a loss= that takes them."
+                f"data: the default classification loss needs integer class labels, "
+                f"got {targets.dtype}; pass labels as integers (or a loss= that takes "
+                "these targets)."
             )
-        if outputs.shape != (batch, num_classes):
+        want = (*targets.shape, num_classes)
+        if outputs.shape != want:
             raise ValueError(
-                f"model: it returns outputs of shape {outputs.shape} for a batch of "
-                f"{batch}, but data has num_classes={num_classes}: the default "
-                f"cross-entropy needs ({batch}, {num_classes}) logits. Make the "
-                "model's last layer that wide (or fix data.num_classes, or pass a "
-                "loss=)."
+                f"model: it returns outputs of shape {outputs.shape} for labels of "
+                f"shape {targets.shape}, but data has num_classes={num_classes}: the "
+                f"default cross-entropy needs logits of shape {want}. Make the model's "
+                "last layer that wide (or fix data.num_classes or the labels' shape, "
+                "or pass a loss=)."
             )
         return
     want = targets.shape
