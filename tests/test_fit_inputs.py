@@ -470,3 +470,14 @@ def test_a_conv_net_on_cpu_runs_one_compiled_step_per_call(tmp_path):
     assert cnn["backend"] == "cpu"
     assert (cnn["scan"], cnn["steps_per_call"]) == (False, 1), cnn
     assert mlp["scan"] is True, mlp
+
+
+def test_a_conv_net_resumes_to_the_same_bits(tmp_path):
+    whole = _fit(tmp_path / "whole", model=SmallCNN(), steps=8)
+    _fit(tmp_path / "parts", model=SmallCNN(), steps=4)
+    with pytest.warns(UserWarning, match="resuming a 4-step run"):
+        parts = _fit(tmp_path / "parts", model=SmallCNN(), steps=8)
+    for a, b in zip(
+        jax.tree.leaves(whole.variables), jax.tree.leaves(parts.variables), strict=True
+    ):
+        assert np.array_equal(a, b)

@@ -10,6 +10,7 @@ checkpoint points -> evaluation and records -> an orbax checkpoint.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from bnlab import parallel as bn_parallel
 from bnlab.data import pipeline
@@ -155,6 +157,8 @@ class _Plan:
     evaluation: Evaluation
     placement: Placement
     early_stopping: EarlyStopping | None
+    arm_state: TrainState  # one arm's, abstract
+    convolves: bool
 
 
 # -------------------------------------------------------------------- fit
@@ -514,12 +518,7 @@ def _plan(
         )
     if "params" not in variables:
         raise ValueError("the model has no 'params' collection: nothing to train.")
-    outputs = _trace(
-        "model (applying it to data's training examples)",
-        lambda v, x: fns.apply(v, x, False, None, None)[0],
-        variables,
-        x0,
-    )
+    outputs, convolves = _trace_apply(fns, variables, x0)
     _check_bn_axis(fns, variables, x0, layout)
     targets = jax.ShapeDtypeStruct(y0.shape, y0.dtype)
     if training.loss is None:
@@ -535,7 +534,7 @@ def _plan(
     hp = stacked(arms)
     one_hp = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in hp}
     _check_optimizer(training, variables["params"], one_hp)
-    jax.eval_shape(  # post_init and the optimizer's state, traced
+    arm_state = jax.eval_shape(  # post_init and the optimizer's state, traced
         make_arm_init(fns, training.optimizer, metrics, x0, training.post_init),
         jax.ShapeDtypeStruct((), jnp.uint32),
         one_hp,
@@ -592,7 +591,32 @@ def _plan(
         evaluation,
         placement,
         early_stopping,
+        arm_state,
+        convolves,
     )
+
+
+def _trace_apply(fns: ModelFns, variables: Any, x: Any) -> tuple[Any, bool]:
+    """The model's outputs (abstract) in inference, and whether its forward
+    pass convolves: one trace."""
+    try:
+        jaxpr, outputs = jax.make_jaxpr(
+            lambda v, x: fns.apply(v, x, False, None, None)[0], return_shape=True
+        )(variables, x)
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
+        raise type(e)(
+            f"model (applying it to data's training examples): {type(e).__name__}: {e}"
+        ) from None
+
+    def walk(jp) -> bool:
+        for eqn in jp.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                return True
+            if any(walk(sub) for sub in jax.core.jaxprs_in_params(eqn.params)):
+                return True
+        return False
+
+    return outputs, walk(jaxpr.jaxpr)
 
 
 def _record_keys(splits: Splits, metrics: list[str], evaluation: Evaluation) -> set:
@@ -694,24 +718,6 @@ def _from_tree(tree: dict, like: TrainState) -> TrainState:
     )
 
 
-def _has_convolution(fns: ModelFns, variables: Any, x: Any) -> bool:
-    """Whether the model's forward pass convolves (its jaxpr, traced)."""
-    jaxpr = jax.make_jaxpr(lambda v, x: fns.apply(v, x, False, None, None)[0])(
-        variables, x
-    )
-
-    def walk(jp) -> bool:
-        for eqn in jp.eqns:
-            if eqn.primitive.name == "conv_general_dilated":
-                return True
-            for sub in jax.core.jaxprs_in_params(eqn.params):
-                if walk(sub):
-                    return True
-        return False
-
-    return walk(jaxpr.jaxpr)
-
-
 def _execution(plan: _Plan) -> dict[str, Any]:
     """How the steps between two evaluation or checkpoint points run: a
     ``lax.scan`` of up to ``steps_per_call`` steps per compiled call (few
@@ -719,20 +725,27 @@ def _execution(plan: _Plan) -> dict[str, Any]:
     step from a Python loop (XLA:CPU runs convolutions inside loops several
     times slower than outside them, jax-ml/jax#12868: a small CNN took 32 ms
     per step in a scan vs 2.8 ms per step in a loop of jitted steps)."""
-    placement = plan.placement
     backend = jax.default_backend()
-    x0, _ = read(plan.splits.train, np.arange(min(2, length(plan.splits.train))))
-    variables = jax.eval_shape(plan.fns.init, jax.random.key(0), jnp.asarray(x0))
-    conv = backend == "cpu" and _has_convolution(plan.fns, variables, jnp.asarray(x0))
-    if placement.steps_per_call is not None:
-        spc, why = placement.steps_per_call, "steps_per_call given"
-        scan = not (conv and spc == 1)
-    elif conv:
-        spc, scan, why = 1, False, "convolutions on XLA:CPU run faster outside loops"
-    else:
-        spc = 100 if plan.on_device else 1
-        scan, why = True, "few host round trips"
-    return {"backend": backend, "steps_per_call": spc, "scan": scan, "why": why}
+    given = plan.placement.steps_per_call
+    if backend == "cpu" and plan.convolves and given in (None, 1):
+        # one step per call; the host waits for the device every 100 steps
+        # (or at the next evaluation or checkpoint), not after every step
+        return {
+            "backend": backend,
+            "scan": False,
+            "steps_per_call": 1,
+            "sync_every": 100,
+            "why": "convolutions on XLA:CPU run faster outside loops",
+        }
+    spc = given or (100 if plan.on_device else 1)
+    why = "steps_per_call given" if given else "few host round trips"
+    return {
+        "backend": backend,
+        "scan": True,
+        "steps_per_call": spc,
+        "sync_every": spc,
+        "why": why,
+    }
 
 
 class _Batches:
@@ -755,6 +768,8 @@ class _Batches:
             for a in plan.arms
         }
         self.scan = execution["scan"]
+        self.batch = batch
+        self.step_exec: concurrent.futures.Future | None = None
         training = plan.training
         step_fn = make_arm_step(
             plan.fns,
@@ -782,6 +797,37 @@ class _Batches:
             self.compiled = self.layout.compile(chunk, n_arms=2, n_replicated=0)
             self.data = ()
 
+    def precompile(self, state: TrainState) -> None:
+        """Starts compiling the one-step call of a Python loop of steps in a
+        thread (``state``: abstract), so that it overlaps the model's
+        initialization; the first step waits for it. Only where the call's
+        shardings are known here (one process, ``auto`` style)."""
+        layout = self.layout
+        if self.scan or not self.plan.on_device or layout.style != "auto":
+            return
+        if jax.process_count() > 1:
+            return
+
+        def sds(tree, spec):
+            sharding = layout._sharding(spec)
+            return jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=sharding),
+                tree,
+            )
+
+        args = (
+            sds(state, P(bn_parallel.ARMS)),
+            sds(self.hp, P(bn_parallel.ARMS)),
+            *sds(self.data, P()),
+            sds(
+                jax.ShapeDtypeStruct((1, len(self.plan.arms), self.batch), np.int32),
+                P(None, bn_parallel.ARMS, layout._data_axes),
+            ),
+        )
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        self.step_exec = pool.submit(lambda: self.compiled.lower(*args).compile())
+        pool.shutdown(wait=False)
+
     def indices(self, a: int, b: int) -> np.ndarray:
         """Example indices ``(steps a..b-1, arms, batch)``, int32."""
         per_seed = {
@@ -792,19 +838,22 @@ class _Batches:
             np.int32
         )
 
-    def _call(self, state: TrainState, a: int, b: int) -> TrainState:
-        idx = self.indices(a, b)
+    def _call(self, state: TrainState, idx: np.ndarray) -> TrainState:
         if self.plan.on_device:
-            return self.compiled(state, self.hp, *self.data, self.layout.put_chunk(idx))
+            fn = self.compiled
+            if self.step_exec is not None and len(idx) == 1:
+                fn = self.step_exec.result()
+            return fn(state, self.hp, *self.data, self.layout.put_chunk(idx))
         batch = read(self.plan.splits.train, idx)
         return self.compiled(state, self.hp, *self.layout.put_chunk(batch))
 
     def train(self, state: TrainState, a: int, b: int) -> TrainState:
-        """The state after steps ``a..b-1``."""
+        """The state after steps ``a..b-1`` (dispatched; not waited for)."""
+        idx = self.indices(a, b)
         if self.scan:
-            return self._call(state, a, b)
-        for i in range(a, b):
-            state = self._call(state, i, i + 1)
+            return self._call(state, idx)
+        for t in range(b - a):
+            state = self._call(state, idx[t : t + 1])
         return state
 
 
@@ -924,10 +973,16 @@ class _Run:
         )
         return self.plan.layout.put_arms(jax.device_get(state))
 
+    def _abstract_state(self) -> TrainState:
+        """The arms' stacked state, abstract (shapes and dtypes)."""
+        return jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct((self.n, *s.shape), s.dtype),
+            self.plan.arm_state,
+        )
+
     def _abstract(self) -> Any:
         """The saved tree's shapes, dtypes and shardings (restore target)."""
-        seeds = np.zeros(self.n, np.uint32)
-        shapes = jax.eval_shape(self._init_fn(), seeds, self.plan.hp)
+        shapes = self._abstract_state()
         layout = self.plan.layout
         tree = _state_tree(shapes)
         if self.plan.early_stopping is not None:
@@ -997,6 +1052,10 @@ class _Run:
 
     def train(self) -> FitResult:
         plan = self.plan
+        execution = _execution(plan)
+        batches = _Batches(plan, execution)
+        # compiling the step (seconds for a ResNet) overlaps initialization
+        batches.precompile(self._abstract_state())
         fresh = self._fresh()
         ckpt = Checkpointer(
             self.workdir / "checkpoints", plan.run_length.keep_checkpoints, self.n
@@ -1034,12 +1093,11 @@ class _Run:
             if self.tracker is not None and self.best is None:
                 self.best = jax.tree.map(jnp.copy, state.variables)
             self.records.keep_until(start)
-            execution = _execution(plan)
             if self.lock is not None:
                 write_json(
                     self.workdir / "config.json", plan.config | {"execution": execution}
                 )
-            state = self._loop(ckpt, state, start, execution)
+            state = self._loop(ckpt, state, start, execution, batches)
         except BaseException:
             # finish (or abandon) the save in flight; the error that stopped
             # the run is the one to report
@@ -1071,10 +1129,14 @@ class _Run:
         )
 
     def _loop(
-        self, ckpt: Checkpointer, state: TrainState, start: int, execution: dict
+        self,
+        ckpt: Checkpointer,
+        state: TrainState,
+        start: int,
+        execution: dict,
+        batches: _Batches,
     ) -> TrainState:
         plan, layout, run_length = self.plan, self.plan.layout, self.plan.run_length
-        batches = _Batches(plan, execution)
         reset = layout.compile(
             lambda st: st._replace(interval=jax.tree.map(jnp.zeros_like, st.interval)),
             n_arms=1,
@@ -1103,7 +1165,7 @@ class _Run:
         )
         t_ready = rate = None
         done_at_ready = prev = start
-        for stop in _boundaries(start, run_length, execution["steps_per_call"]):
+        for stop in _boundaries(start, run_length, execution["sync_every"]):
             state = batches.train(state, prev, stop)
             prev = stop
             self._check_stopped(state)  # waits for the steps
