@@ -84,9 +84,8 @@ def test_two_processes_sync_bn_over_all_devices():
 @pytest.mark.slow
 def test_a_failing_process_ends_the_run_quickly_and_clearly():
     port = _free_port()
-    start = time.monotonic()
     # process 1 gets an impossible id: it fails at once, process 0 would wait
-    # for it forever in initialize(); the runner must kill it and say why.
+    # for it forever in initialize(); the runner must kill it and say why
+    # (a hang would end at the runner's deadline with "timed out" instead).
     with pytest.raises(pytest.fail.Exception, match="a process failed"):
         run_processes("tests.multihost_worker", lambda i: (port, 7 * i, 2), 2)
-    assert time.monotonic() - start < 60
