@@ -2,6 +2,7 @@
 tests in a fresh process: kill -9 and resume, several processes).
 
     python -m tests.fit_script WORKDIR [--steps N] [--devices D] [--distributed ADDR,NUM,ID]
+        [--every E] [--checkpoint-every C] [--pause-at S]
 
 A small Linen CNN that is not one of bnlab's models, with Flax's own
 BatchNorm and bnlab's, 2 seeds x 2 learning rates = 4 arms on digits.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 
 def main(argv=None) -> int:
@@ -20,6 +22,14 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--every", type=int, default=5)
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument(
+        "--pause-at",
+        type=int,
+        default=None,
+        help="after step S (evaluated, its checkpoints on disk) print 'paused at "
+        "S' and wait for stdin to close: a parent kills the run at a known point",
+    )
     p.add_argument("--distributed", default=None)
     p.add_argument("--parallel", default="auto")
     args = p.parse_args(argv)
@@ -31,8 +41,43 @@ def main(argv=None) -> int:
         addr, num, pid = args.distributed.split(",")
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(addr, num_processes=int(num), process_id=int(pid))
-    run(args.workdir, args.steps, args.every, args.parallel)
+    run(
+        args.workdir,
+        args.steps,
+        args.every,
+        args.parallel,
+        checkpoint_every=args.checkpoint_every,
+        on_progress=None if args.pause_at is None else _pauser(args),
+    )
     return 0
+
+
+def _pauser(args):
+    """fit's on_progress that stops the run at step ``args.pause_at`` until
+    stdin closes (then the process exits: the parent is gone)."""
+    from pathlib import Path
+
+    from bnlab.train.checkpoint import finalized_steps
+
+    every = args.checkpoint_every or args.every
+    ckpts = Path(args.workdir) / "checkpoints"
+
+    def on_progress(p):
+        if p.get("step") != args.pause_at or p.get("event"):
+            return
+        # the checkpoint before the pause is written in the background
+        newest = args.pause_at - args.pause_at % every
+        deadline = time.monotonic() + 60
+        while newest and newest not in finalized_steps(ckpts):
+            if time.monotonic() > deadline:
+                print(f"checkpoint {newest} not finalized after 60 s", flush=True)
+                os._exit(3)
+            time.sleep(0.01)
+        print(f"paused at {args.pause_at}", flush=True)
+        sys.stdin.read()
+        os._exit(4)
+
+    return on_progress
 
 
 def model(axis_name=None):
@@ -58,7 +103,9 @@ def model(axis_name=None):
     return SmallCNN()
 
 
-def run(workdir, steps, every, parallel="auto"):
+def run(
+    workdir, steps, every, parallel="auto", checkpoint_every=None, on_progress=None
+):
     import jax
     import optax
 
@@ -76,10 +123,11 @@ def run(workdir, steps, every, parallel="auto"):
             steps=steps,
             batch_size=32,
             eval_every=every,
-            checkpoint_every=every,
+            checkpoint_every=checkpoint_every or every,
             validation=0.1,
             parallel=parallel,
             steps_per_call=every,
+            on_progress=on_progress,
         )
 
 

@@ -3,7 +3,6 @@ metrics and run directories, two writers, a full disk, permissions, signals,
 bad configs."""
 
 import contextlib
-import gc
 import json
 import os
 import random
@@ -32,6 +31,7 @@ from bnlab.train import (
     rundir,
 )
 from bnlab.train.checkpoint import Checkpointer
+from tests.settled import no_stray_reads
 from tests.test_multihost import ROOT
 
 SHORT = ["steps=30", "checkpoint_every=10", "eval_every=10", "schedule=constant"]
@@ -143,10 +143,22 @@ def test_a_checkpoint_missing_an_array_never_loads(run_copy):
     )
 
 
-def test_a_damaged_sharding_file_gets_one_verdict(run_copy):
-    # fit restored it with its own shardings ("nothing to train") while load
-    # and plain orbax refused it: now every reader refuses it.
-    (run_copy / "checkpoints" / "30" / "state" / "_sharding").write_text("{]")
+@pytest.mark.parametrize("name", ["_METADATA", "_sharding"])
+def test_a_damaged_layout_file_gets_one_verdict(run_copy, name):
+    # fit restored a checkpoint with a damaged _sharding ("nothing to train",
+    # it brings its own shardings) while load and plain orbax refused it: one
+    # verdict for one checkpoint. (Saves from one process write host arrays,
+    # without _sharding; several processes write it.)
+    layout = run_copy / "checkpoints" / "30" / "state" / name
+    layout.write_text("{]")
+    try:
+        ocp.StandardCheckpointer().restore(layout.parent.absolute())
+        orbax_reads = True
+    except Exception:
+        orbax_reads = False
+    if orbax_reads:
+        assert load(run_copy, step=30).step == 30
+        return
     with pytest.raises(ValueError, match=r"checkpoint 30 .*damaged"):
         load(run_copy, step=30)
     msgs = _resume(run_copy, steps=30)
@@ -185,19 +197,15 @@ def test_flipped_bytes_on_disk_never_restore_silently(run_copy, where):
     assert (run_copy / "corrupt" / "30").is_dir()
 
 
-def test_a_damaged_index_falls_back_and_leaves_no_stray_reads(run_copy, monkeypatch):
+def test_a_damaged_index_falls_back_and_leaves_no_stray_reads(run_copy):
     # The tree index is read before any array: damaging it fails every read.
     # The run falls back, and no read is left pending to report later.
     (index,) = (run_copy / "checkpoints" / "30" / "state" / "d").iterdir()
     raw = bytearray(index.read_bytes())
     raw[len(raw) // 3] ^= 0xFF
     index.write_bytes(bytes(raw))
-    stray = []
-    monkeypatch.setattr(sys, "unraisablehook", stray.append)
-    msgs = _resume(run_copy)
-    time.sleep(0.2)
-    gc.collect()
-    assert not stray, [f"{u.exc_type.__name__}: {u.exc_value}" for u in stray]
+    with no_stray_reads():
+        msgs = _resume(run_copy)
     assert any(
         "checkpoint 30" in m and "falling back to checkpoint 20" in m for m in msgs
     )

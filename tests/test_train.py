@@ -2,7 +2,6 @@
 standard orbax checkpoints, the presets on top."""
 
 import functools
-import gc
 import json
 import os
 import random
@@ -10,7 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+import threading
 import warnings
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from bnlab.train import (
     make_arms,
 )
 from tests import fit_script
+from tests.settled import no_stray_reads
 from tests.test_multihost import ROOT, _free_port, run_processes
 
 
@@ -439,26 +439,46 @@ def test_layout_rule_and_explicit_mesh():
 @pytest.mark.slow  # a subprocess
 def test_sigkill_at_a_seeded_step_then_resume_is_bit_identical(tmp_path):
     # A model that is not a preset (Flax's and bnlab's BN), 4 arms, killed at
-    # a random record count (seeded, so a failure reproduces), resumed.
-    kill_at = random.Random(1234).randint(8, 40)
+    # a random evaluation (seeded, so a failure reproduces), resumed. The
+    # child stops at that step (its records written, its newest checkpoint on
+    # disk) and waits: the kill lands there, not wherever the run has got to.
+    # Evaluations every 5 steps, checkpoints every 10: at a step between two
+    # checkpoints, the resume rewrites the records after the last one.
+    kill_at = 5 * random.Random(1234).randint(2, 11)
     ref, run = tmp_path / "ref", tmp_path / "killed"
     cmd = [sys.executable, "-m", "tests.fit_script"]
-    subprocess.run([*cmd, str(ref)], check=True, env=_env(), capture_output=True)
-    proc = subprocess.Popen(
-        [*cmd, str(run)],
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    every = ["--every", "5", "--checkpoint-every", "10"]
+    subprocess.run(
+        [*cmd, str(ref), *every], check=True, env=_env(), capture_output=True
     )
+    err = tmp_path / "killed.stderr"
+    with err.open("w") as stderr:
+        proc = subprocess.Popen(
+            [*cmd, str(run), *every, "--pause-at", str(kill_at)],
+            env=_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+    watchdog = threading.Timer(300, proc.kill)  # a hang ends the readline
+    watchdog.start()
+    try:
+        said = proc.stdout.readline().strip()
+        assert said == f"paused at {kill_at}", (said, err.read_text()[-3000:])
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    finally:
+        watchdog.cancel()
+        proc.kill()
+        proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
     metrics = run / "metrics.jsonl"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_at:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    assert proc.wait(timeout=60) == -signal.SIGKILL, "run ended before it was killed"
-    subprocess.run([*cmd, str(run)], check=True, env=_env(), capture_output=True)
+    assert len(metrics.read_text().splitlines()) == 4 * kill_at // 5
+    subprocess.run(
+        [*cmd, str(run), *every], check=True, env=_env(), capture_output=True
+    )
     a, b = load(ref), load(run)
     assert a.step == b.step == 60
     _assert_bit_identical(a.variables, b.variables)
@@ -533,7 +553,7 @@ def test_load_refuses_a_changed_byte(ten_steps, tmp_path):
     ids=["index_flipped", "index_truncated", "index_empty", "no_manifest", "no_tree"],
 )
 def test_load_of_damaged_files_fails_clearly_and_leaves_no_stray_reads(
-    ten_steps, tmp_path, monkeypatch, where, damage
+    ten_steps, tmp_path, where, damage
 ):
     # The tree index (state/d/*, outside ocdbt.process_*) is read before any
     # array: damaging it fails every read, and orbax leaves the other reads
@@ -543,13 +563,11 @@ def test_load_of_damaged_files_fails_clearly_and_leaves_no_stray_reads(
     state = work / "checkpoints" / "10" / "state"
     (target,) = (state / where).iterdir() if where == "d" else (state / where,)
     damage(target)
-    stray = []
-    monkeypatch.setattr(sys, "unraisablehook", stray.append)
-    with pytest.raises(ValueError, match=r"checkpoint 10 in .* cannot be read: its"):
+    with (
+        no_stray_reads(),
+        pytest.raises(ValueError, match=r"checkpoint 10 in .* cannot be read: its"),
+    ):
         load(work)
-    time.sleep(0.2)
-    gc.collect()
-    assert not stray, [f"{u.exc_type.__name__}: {u.exc_value}" for u in stray]
 
 
 def test_resume_continues_where_an_uninterrupted_run_would(tmp_path):
