@@ -143,7 +143,11 @@ NORM = functools.partial(bnlab.linen.BatchNorm, momentum=0.9)
 
 @pytest.mark.parametrize("placement", ["none", "before", "after"])
 @pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
-def test_mlp_placements(placement, activation):
+def test_mlp_placements_normalize_where_named(placement, activation):
+    # Every layer's output is captured: BN must take the Dense output
+    # ("before") or the activation's output ("after"), and the next Dense
+    # must take the activation of the BN output ("before") or the BN output
+    # ("after"). Checked against a float64 numpy recomputation.
     m = MLP(
         widths=(16, 16),
         activation=activation,
@@ -154,20 +158,59 @@ def test_mlp_placements(placement, activation):
     )
     x = jax.random.normal(jax.random.key(0), (8, 8, 8, 1))
     v = m.init(jax.random.key(1), x, train=False)
-    y, upd = m.apply(v, x, train=True, mutable=["batch_stats"])
+    y, state = m.apply(
+        v, x, train=True, mutable=["batch_stats"], capture_intermediates=True
+    )
     assert y.shape == (8, 10)
-    n_bn = 0 if placement == "none" else 2
-    assert len(v.get("batch_stats", {})) == n_bn
+    assert len(v.get("batch_stats", {})) == (0 if placement == "none" else 2)
+    act = {"relu": lambda a: np.maximum(a, 0), "tanh": np.tanh}.get(
+        activation, lambda a: 1 / (1 + np.exp(-a))
+    )
+
+    def normalized(a):  # scale 1, offset 0 at init: BN with batch statistics
+        return (a - a.mean(0)) / np.sqrt(a.var(0) + 1e-5)
+
+    out = {
+        k: np.asarray(w["__call__"][0], np.float64)
+        for k, w in state["intermediates"].items()
+        if k.startswith(("Dense", "BatchNorm"))  # not the sown act_input_<i>
+    }
+    params = v["params"]
+    h = np.asarray(x, np.float64).reshape(8, -1)
+    for i in range(3):
+        dense = params[f"Dense_{i}"]
+        h = h @ np.asarray(dense["kernel"], np.float64)
+        if "bias" in dense:
+            h = h + np.asarray(dense["bias"], np.float64)
+        np.testing.assert_allclose(out[f"Dense_{i}"], h, rtol=1e-4, atol=1e-5)
+        if i == 2:
+            break
+        if placement == "before":
+            h = normalized(h)
+            np.testing.assert_allclose(out[f"BatchNorm_{i}"], h, atol=1e-4)
+        h = act(h)
+        if placement == "after":
+            h = normalized(h)
+            np.testing.assert_allclose(out[f"BatchNorm_{i}"], h, atol=1e-4)
+    np.testing.assert_allclose(y, h, rtol=1e-4, atol=1e-5)
 
 
 def test_resnet20_zero_init_last_gamma_and_cnn():
     r = ResNet20(norm=NORM, zero_init_last_gamma=True)
     x = jnp.ones((2, 32, 32, 3))
-    v = r.init(jax.random.key(0), x, train=False)
-    n = sum(a.size for a in jax.tree.leaves(v["params"]))
+    # the count needs shapes only: no eager init of 20 layers
+    shapes = jax.eval_shape(
+        functools.partial(r.init, train=False), jax.random.key(0), x
+    )
+    n = sum(a.size for a in jax.tree.leaves(shapes["params"]))
     assert 260_000 < n < 280_000  # ResNet-20 has ~0.27M parameters
-    last = v["params"]["BasicBlock_0"]["BatchNorm_1"]["scale"]
-    assert np.all(np.asarray(last) == 0)
+    assert len(shapes["params"]) == 1 + 1 + 9 + 1  # conv, BN, 9 blocks, head
+    # the last BN of a block starts at 0 (a small input: the values only)
+    v = r.init(jax.random.key(0), jnp.ones((1, 4, 4, 3)), train=False)
+    for b in range(9):
+        block = v["params"][f"BasicBlock_{b}"]
+        assert np.all(np.asarray(block["BatchNorm_1"]["scale"]) == 0), b
+        assert np.all(np.asarray(block["BatchNorm_0"]["scale"]) == 1), b
     c = CNN(norm=NORM)
     v = c.init(jax.random.key(0), jnp.ones((2, 28, 28, 1)), train=False)
     assert c.apply(v, jnp.ones((2, 28, 28, 1)), train=False).shape == (2, 10)
