@@ -53,6 +53,8 @@ def _run(args, tmp_path):
         (["benchmarks.train_loop"], "train_loop_cpu_smoke"),
         (["benchmarks.reductions"], "reductions_cpu_smoke"),
         (["benchmarks.scan_steps"], "scan_steps_cpu_smoke"),
+        (["benchmarks.fit_vs_hand"], "fit_vs_hand_cpu_smoke"),
+        (["benchmarks.checkpoint_blocking"], "checkpoint_blocking_cpu_smoke"),
     ],
 )
 def test_benchmark_scripts_run(args, stem, tmp_path):
@@ -74,6 +76,8 @@ QUOTED = {
     "train_loop": ("kind", "device"),
     "reductions": ("op", "ms", "vs_raw_moments"),
     "scan_steps": ("how", "s_per_step", "vs_python_loop"),
+    "fit_vs_hand": ("kind", "model", "device", "ratio"),
+    "checkpoint_blocking": ("params", "bnlab_blocked_ms", "orbax_blocked_ms", "ratio"),
 }
 # Measured quantities: positive and finite where present.
 MEASURED = {
@@ -92,6 +96,13 @@ MEASURED = {
     "on_disk_ms",
     "ms",
     "s_per_step",
+    "hand_steps_per_sec",
+    "hand_arm_steps_per_sec",
+    "fit_arm_steps_per_sec",
+    "bnlab_blocked_ms",
+    "orbax_blocked_ms",
+    "bnlab_on_disk_ms",
+    "orbax_on_disk_ms",
 }
 # Memory statistics are not available on every backend: None or positive.
 OPTIONAL = {"peak_bytes", "temp_bytes", "peak_vs_flax"}

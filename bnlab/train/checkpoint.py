@@ -22,6 +22,7 @@ asynchronous: training continues while orbax writes.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -155,6 +156,15 @@ def _digests(tree: Any, n_arms: int) -> tuple[dict[str, list[str]], list[bool]]:
         for j, (path, _) in enumerate(leaves)
     }
     return digests, finite.tolist()
+
+
+def _host_view(leaf: Any) -> Any:
+    """A numpy view of a one-device array (no copy on CPU), which keeps its
+    buffer alive when the training step donates the array; a host copy of a
+    sharded one."""
+    if isinstance(leaf, jax.Array):
+        return np.asarray(leaf)
+    return leaf
 
 
 def _meta_digest(meta: dict[str, Any]) -> str:
@@ -339,6 +349,8 @@ class Checkpointer:
     def __init__(self, directory: str | Path, keep: int, n_arms: int, async_save=True):
         self.directory = Path(directory).absolute()
         self.n_arms = n_arms
+        self._saver = concurrent.futures.ThreadPoolExecutor(1, "bnlab-checkpoint")
+        self._pending: concurrent.futures.Future | None = None
         finalized_steps(self.directory)  # readable, or RunDirError now
         with io_errors("opening the checkpoint directory", self.directory):
             self._manager = ocp.CheckpointManager(
@@ -356,12 +368,32 @@ class Checkpointer:
     def save(self, step: int, tree: Any, meta: dict[str, Any]) -> None:
         """Saves ``tree`` (arm-stacked leaves) at ``step`` with digests.
 
+        In one process the training thread only takes host views of the
+        arrays (no copy on CPU; the copy orbax makes anyway on an
+        accelerator): the digests and orbax's save run in a background
+        thread, and an error of that save is raised by the next
+        :meth:`save`, :meth:`wait` or :meth:`close`. Several processes
+        hash their rows and gather the digests here, in step.
+
         Raises:
           NonFiniteError: an arm's state holds NaN/Inf (nothing is written).
-          DiskFullError: the disk is full or not writable (earlier
-            checkpoints are kept).
+          WriteError: the disk is full or not writable (earlier checkpoints
+            are kept).
         """
-        digests, finite = _digests(tree, self.n_arms)
+        self._join()
+        if jax.process_count() > 1:
+            self._write(step, tree, meta, _digests(tree, self.n_arms))
+            return
+        host = jax.tree.map(_host_view, tree)  # the views keep the buffers alive
+        self._pending = self._saver.submit(self._write_in_background, step, host, meta)
+
+    def _write_in_background(self, step: int, host: Any, meta: dict) -> None:
+        self._write(step, host, meta, _digests(host, self.n_arms))
+        with io_errors(f"writing checkpoint {step}", self.directory):
+            self._manager.wait_until_finished()
+
+    def _write(self, step: int, tree: Any, meta: dict, hashed: tuple) -> None:
+        digests, finite = hashed
         if not all(finite):
             bad = [i for i, ok in enumerate(finite) if not ok]
             raise NonFiniteError(
@@ -391,6 +423,12 @@ class Checkpointer:
                 f"checkpoint for step {step} was not written (it exists already in "
                 f"{self.directory})."
             )
+
+    def _join(self) -> None:
+        """Waits for the background save; raises its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     # ------------------------------------------------------------- restore
 
@@ -532,6 +570,8 @@ class Checkpointer:
     # ------------------------------------------------------------- finish
 
     def wait(self) -> None:
+        """Waits until every save is on disk (raises a save's error)."""
+        self._join()
         with io_errors("finishing a checkpoint", self.directory):
             self._manager.wait_until_finished()
 
@@ -541,6 +581,7 @@ class Checkpointer:
         try:
             self.wait()
         finally:
+            self._saver.shutdown(wait=True)
             with io_errors("closing the checkpoints", self.directory):
                 self._manager.close()
 
