@@ -9,7 +9,7 @@ crosses devices is :mod:`bnlab.collectives`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -327,23 +327,32 @@ def batch_norm(
       >>> bool(jnp.array_equal(same.var, stats.var))
       True
     """
+    shared = _Shared(
+        train, axis, momentum, epsilon, axis_name, axis_index_groups, mask, dtype
+    )
     return _batch_norm(
         x,
         stats,
         scale,
         bias,
-        train=train,
-        axis=axis,
-        momentum=momentum,
-        epsilon=epsilon,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        mask=mask,
-        dtype=dtype,
+        shared=shared,
         convention=convention,
         ghost_size=ghost_size,
-        renorm=None,
     )
+
+
+class _Shared(NamedTuple):
+    """The keywords :func:`batch_norm` and :func:`batch_renorm` share (in
+    their signatures' order), passed to ``_batch_norm`` as one value."""
+
+    train: bool
+    axis: Axes
+    momentum: float | jax.Array
+    epsilon: float | jax.Array
+    axis_name: AxisName | None
+    axis_index_groups: Sequence[Sequence[int]] | None
+    mask: jax.Array | None
+    dtype: Any
 
 
 def _batch_norm(
@@ -352,21 +361,15 @@ def _batch_norm(
     scale,
     bias,
     *,
-    train,
-    axis,
-    momentum,
-    epsilon,
-    axis_name,
-    axis_index_groups,
-    mask,
-    dtype,
-    convention,
-    ghost_size,
-    renorm,
+    shared: _Shared,
+    convention="flax",
+    ghost_size=None,
+    renorm=None,
     fn="batch_norm",
 ):
     """The one implementation of :func:`batch_norm` and :func:`batch_renorm`
     (``renorm = (r_max, d_max)`` or None)."""
+    train, axis, momentum, epsilon, axis_name, axis_index_groups, mask, dtype = shared
     check_options(train=train, convention=convention, dtype=dtype, fn=fn)
     x, mask, layout = check_input(x, axis=axis, mask=mask, fn=fn)
     complex_x = jnp.issubdtype(x.dtype, jnp.complexfloating)
@@ -374,7 +377,7 @@ def _batch_norm(
         stats, scale, bias, layout, complex_x=complex_x, fn=fn
     )
     if ghost_size is not None and train:  # ghost batches exist only in training
-        check_ghost(ghost_size, x.shape, layout)
+        check_ghost(ghost_size, x.shape, layout, fn=fn)
     if train:  # the statistics axis, checked here to name the caller
         sync_size(axis_name, axis_index_groups, fn=fn)
     real_dtype = _real_dtype(x)
@@ -421,7 +424,7 @@ def _batch_norm(
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
         ghost_size=ghost_size,
-        fn=f"{fn}(train=True)",
+        fn=fn,
     )
     if view_mask is not None:
         view_mask = jnp.broadcast_to(view_mask, view.shape)
@@ -699,24 +702,11 @@ def batch_renorm(
     check_options(train=train, fn=fn)
     check_renorm_bounds(r_max, d_max, fn=fn)
     check_input(x, axis=axis, mask=mask, fn=fn, complex_ok=False)
-    return _batch_norm(
-        x,
-        stats,
-        scale,
-        bias,
-        train=train,
-        axis=axis,
-        momentum=momentum,
-        epsilon=epsilon,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        mask=mask,
-        dtype=dtype,
-        convention="flax",
-        ghost_size=None,
-        renorm=(r_max, d_max) if train else None,
-        fn=fn,
+    shared = _Shared(
+        train, axis, momentum, epsilon, axis_name, axis_index_groups, mask, dtype
     )
+    renorm = (r_max, d_max) if train else None
+    return _batch_norm(x, stats, scale, bias, shared=shared, renorm=renorm, fn=fn)
 
 
 def _normalize(

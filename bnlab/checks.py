@@ -333,23 +333,26 @@ def check_renorm_bounds(r_max: Any, d_max: Any, fn: str = "batch_renorm") -> Non
             )
 
 
-def check_ghost(ghost_size: Any, shape: tuple[int, ...], layout: Layout) -> None:
-    """``ghost_size`` an int dividing the examples on axis 0 (not a feature axis)."""
+def check_ghost(
+    ghost_size: Any, shape: tuple[int, ...], layout: Layout, fn: str = "batch_norm"
+) -> None:
+    """``ghost_size`` an int dividing the examples on axis 0 (not a feature
+    axis); ``fn``, the function the user called, opens the messages."""
     if isinstance(ghost_size, (bool, np.bool_)) or not isinstance(
         ghost_size, (int, np.integer)
     ):
         raise TypeError(
-            f"batch_norm: ghost_size={ghost_size!r} must be an int (examples per "
+            f"{fn}: ghost_size={ghost_size!r} must be an int (examples per "
             "ghost batch) or None."
         )
     if 0 in layout.feature_axes:
         raise ValueError(
-            "batch_norm: ghost_size splits axis 0 (the example axis) into ghost "
+            f"{fn}: ghost_size splits axis 0 (the example axis) into ghost "
             f"batches, but axis 0 is a feature axis here (axis={layout.feature_axes})."
         )
     if ghost_size < 1 or shape[0] % ghost_size:
         raise ValueError(
-            f"batch_norm: ghost_size={ghost_size} does not divide the {shape[0]} "
+            f"{fn}: ghost_size={ghost_size} does not divide the {shape[0]} "
             "examples on axis 0 of x (per device under sync); use a divisor, e.g. "
             f"{_largest_divisor(shape[0], max(int(ghost_size), 1))}."
         )
@@ -368,7 +371,7 @@ def check_count(
     axis_name: AxisName | None,
     axis_index_groups: Sequence[Sequence[int]] | None,
     ghost_size: int | None = None,
-    fn: str = "batch_norm(train=True)",
+    fn: str = "batch_norm",
 ) -> None:
     """A batch needs >= 2 values per feature (per ghost batch) to train on.
 
@@ -380,25 +383,27 @@ def check_count(
       axis_name: statistics axis (the count is over all its devices).
       axis_index_groups: device groups of ``axis_name``.
       ghost_size: examples per ghost batch (counted per device), or None.
-      fn: name of the caller, for the message.
+      fn: the function the user called (``batch_norm``, ``batch_renorm``,
+        ``batch_moments``), to open the messages with.
     """
+    measures_only = fn == "batch_moments"  # it normalizes nothing
     local = math.prod(view_shape[a] for a in reduction)
     count = (
         local
         if ghost_size is not None
-        else local * sync_size(axis_name, axis_index_groups)
+        else local * sync_size(axis_name, axis_index_groups, fn=fn)
     )
     if count >= 2:
         return
     raise ValueError(
-        f"{fn} got x of shape {shape} with feature axes "
-        f"{layout.feature_axes}: {count} value per feature"
+        f"{fn if measures_only else fn + '(train=True)'} got x of shape {shape} "
+        f"with feature axes {layout.feature_axes}: {count} value per feature"
         + (f" per ghost batch of {ghost_size}" if ghost_size is not None else "")
         + (f" across axis {axis_name!r}" if axis_name is not None else "")
         + (
             ". One value has no spread: pass at least 2 values per feature, or "
             "merge over devices with axis_name."
-            if fn == "batch_moments"
+            if measures_only
             else ". Its batch variance is 0, so every output would equal `bias` and "
             "the running variance would decay to 0. Train on batches of at least "
             "2 examples, synchronise statistics across devices with axis_name, or "

@@ -421,12 +421,7 @@ def _parser() -> argparse.ArgumentParser:
         dest="eval_every",
         help="evaluate and write a metrics record every N steps (and at the end)",
     )
-    t.add_argument("--quiet", action="store_true", help="no progress output")
-    t.add_argument(
-        "--verbose",
-        action="store_true",
-        help="show the libraries' own logs (orbax, absl) on the terminal",
-    )
+    _output_options(t)
     t.add_argument(
         "--list-presets", action="store_true", help="print the presets and exit"
     )
@@ -469,18 +464,23 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="output directory (default runs/reproduce-quick or runs/reproduce)",
     )
-    r.add_argument("--quiet", action="store_true", help="no progress output")
     r.add_argument(
         "--smoke",
         action="store_true",
         help="a few steps of each experiment, to check that all run (CI)",
     )
-    r.add_argument(
+    _output_options(r)
+    return parser
+
+
+def _output_options(command: argparse.ArgumentParser) -> None:
+    """``--quiet`` and ``--verbose``, the same for every command."""
+    command.add_argument("--quiet", action="store_true", help="no progress output")
+    command.add_argument(
         "--verbose",
         action="store_true",
         help="show the libraries' own logs (orbax, absl) on the terminal",
     )
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

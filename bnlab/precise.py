@@ -20,9 +20,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bnlab.linen import MOMENTS_COLLECTION
+from bnlab.parallel import unreplicate
 from bnlab.stats import Moments, merge_moments
 
 __all__ = ["precise_stats"]
@@ -138,16 +138,16 @@ def _merge(a: Any, b: Any) -> Any:
 
 
 def _device_zero(tree: Any) -> Any:
-    def first(leaf):
-        arr = np.asarray(leaf)
-        if not all(np.array_equal(c, arr[0], equal_nan=True) for c in arr[1:]):
-            raise ValueError(
-                "precise_stats: the devices' moments differ; give the model's "
-                "BN an axis_name so that statistics are synchronised."
-            )
-        return jnp.asarray(arr[0])
-
-    return jax.tree.map(first, tree)
+    """Device 0's moments of a pmapped collector, after checking that every
+    device's copy agrees (``unreplicate``)."""
+    try:
+        first = unreplicate(jax.device_get(tree))
+    except ValueError:
+        raise ValueError(
+            "precise_stats: the devices' moments differ; give the model's "
+            "BN an axis_name so that statistics are synchronised."
+        ) from None
+    return jax.tree.map(jnp.asarray, first)
 
 
 def _to_batch_stats(stats: Any, moments: Any, path: tuple) -> Any:

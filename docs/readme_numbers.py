@@ -37,12 +37,6 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _fmt(v) -> str:
-    from experiments.report import measured
-
-    return measured(v)
-
-
 def _verdicts(directory: Path) -> list[dict]:
     from experiments.reproduce import EXPERIMENTS
 
@@ -82,6 +76,8 @@ def quick_transcript() -> str:
 
 
 def _reproduction() -> list[str]:
+    from experiments.report import measured
+
     out = [
         "| experiment | verdict | first check: measured [95% interval] (criterion) | time |",
         "|---|---|---|---|",
@@ -92,7 +88,7 @@ def _reproduction() -> list[str]:
         counts[v["verdict"]] = counts.get(v["verdict"], 0) + 1
         if v["checks"]:
             c = next((c for c in v["checks"] if not c["pass"]), v["checks"][0])
-            what = f"{c['quantity']}: {_fmt(c['measured'])} ({c['criterion']})"
+            what = f"{c['quantity']}: {measured(c['measured'])} ({c['criterion']})"
             if len(v["checks"]) > 1:
                 ok = sum(x["pass"] for x in v["checks"])
                 what += f"; {ok}/{len(v['checks'])} checks pass"

@@ -496,13 +496,33 @@ def steps_ratio(num, den, run_length: int) -> tuple[list[float], int, int]:
     return ratios, sum(a is None for a in num), sum(b is None for b in den)
 
 
-def fmt(m: Measured | float, digits: int = 3) -> str:
-    """``mean [low, high]`` (or a plain number)."""
+def fmt(m: Measured | float | None, digits: int | None = 3) -> str:
+    """``mean [low, high]`` (or a plain number; ``n/a`` when it is missing or
+    not finite) to ``digits`` significant digits: the one number format of
+    the experiments, the report and the transcript.
+
+    ``digits=None`` is the report's: integers (and bools) as they are, other
+    numbers to 4 significant digits, 3 below 1e-3 or from 1e5 on.
+
+    Example:
+      >>> fmt(Measured(0.123456, 0.1, 0.15)), fmt(None), fmt(0.123456, None)
+      ('0.123 [0.1, 0.15]', 'n/a', '0.1235')
+    """
     if isinstance(m, Measured):
-        if m.low == m.high:
-            return f"{m.value:.{digits}g}"
-        return f"{m.value:.{digits}g} [{m.low:.{digits}g}, {m.high:.{digits}g}]"
-    return "n/a" if m is None or not np.isfinite(m) else f"{m:.{digits}g}"
+        value, low, high = (_significant(v, digits) for v in (m.value, m.low, m.high))
+        return value if m.low == m.high else f"{value} [{low}, {high}]"
+    if m is None:
+        return "n/a"
+    if digits is None and isinstance(m, int):
+        return str(m)
+    return _significant(m, digits) if np.isfinite(m) else "n/a"
+
+
+def _significant(v: float, digits: int | None) -> str:
+    if digits is None:
+        a = abs(v)
+        digits = 3 if a != 0 and (a < 1e-3 or a >= 1e5) else 4
+    return f"{v:.{digits}g}"
 
 
 def grid_by_hparams(
@@ -576,7 +596,7 @@ def tune(
 
     Example:
       >>> from bnlab.train.arms import Arm
-      >>> from bnlab.train.loop import FitResult
+      >>> from bnlab.train.result import FitResult
       >>> arms = [Arm(0, 0, {"lr": 0.1}), Arm(1, 0, {"lr": 1.0})]
       >>> records = [
       ...     {"step": 1, "arm": 0, "val_accuracy": 0.5, "test_accuracy": 0.4},

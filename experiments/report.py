@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -19,26 +18,14 @@ from experiments import protocol
 __all__ = ["write"]
 
 
-def _num(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, int):
-        return str(v)
-    a = abs(v)
-    if a != 0 and (a < 1e-3 or a >= 1e5):
-        return f"{v:.3g}"
-    return f"{v:.4g}"
-
-
 def measured(v: Any) -> str:
     """Compact text of a measured value (numbers, lists, dicts, intervals)."""
     if isinstance(v, dict) and "ci" in v and "value" in v:
         lo, hi = v["ci"]
+        value = protocol.fmt(v["value"], digits=None)  # the report's style
         if lo == hi:
-            return _num(v["value"])
-        return f"{_num(v['value'])} [{_num(lo)}, {_num(hi)}]"
+            return value
+        return f"{value} [{protocol.fmt(lo, digits=None)}, {protocol.fmt(hi, digits=None)}]"
     if isinstance(v, dict):
         return "; ".join(f"{k}: {measured(x)}" for k, x in v.items())
     if isinstance(v, list):
@@ -46,7 +33,7 @@ def measured(v: Any) -> str:
             return "[" + ", ".join(measured(x) for x in v[:8]) + ", ...]"
         return "[" + ", ".join(measured(x) for x in v) + "]"
     if isinstance(v, (int, float)) or v is None:
-        return _num(v)
+        return protocol.fmt(v, digits=None)
     return str(v)
 
 

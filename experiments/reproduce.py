@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import importlib
 import json
-import math
 import os
 import platform
 import subprocess
@@ -30,6 +29,7 @@ from typing import Any
 
 import jax
 
+from bnlab.train.rundir import jsonable
 from experiments import protocol, report
 
 # In the report's order: the lecture's claims (a)-(e), then the papers'
@@ -271,7 +271,7 @@ def verdict_of(
         "verdict": verdict,
         "checks": checks,
         "reported": {k: m.to_json() for k, m in outcome.reported.items()},
-        "table": _jsonable(outcome.table),
+        "table": jsonable(outcome.table),
         "figures": outcome.figures,
         "notes": outcome.notes,
         "history": list(getattr(module, "HISTORY", [])),
@@ -280,28 +280,10 @@ def verdict_of(
     }
 
 
-def _jsonable(x: Any) -> Any:
-    import numpy as np
-
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.ndarray, jax.Array)):
-        return _jsonable(np.asarray(x).tolist())
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(float(x)) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
-
-
 def _records(directory: Path, records: list[dict]) -> None:
     from bnlab.train.rundir import rewrite_records
 
-    rewrite_records(directory / "metrics.jsonl", [_jsonable(r) for r in records])
+    rewrite_records(directory / "metrics.jsonl", [jsonable(r) for r in records])
 
 
 def summary_line(verdict: dict[str, Any], width: int, state: str) -> str:
@@ -312,14 +294,11 @@ def summary_line(verdict: dict[str, Any], width: int, state: str) -> str:
         m = c["measured"]
         lo, hi = m["ci"]
         line += (
-            f": {c['quantity']} = {_num(m['value'])} [{_num(lo)}, {_num(hi)}], "
+            f": {c['quantity']} = {protocol.fmt(m['value'])} "
+            f"[{protocol.fmt(lo)}, {protocol.fmt(hi)}], "
             f"needs {c['op']} {c['threshold']:g}"
         )
     return line
-
-
-def _num(v: Any) -> str:
-    return "n/a" if v is None else f"{v:.3g}"
 
 
 # ---------------------------------------------------------------------- run

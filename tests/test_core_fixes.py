@@ -87,6 +87,46 @@ def test_ghost_batch_norm_checks_its_statistics_axis():
         )
 
 
+def test_ghost_size_errors_name_the_called_function():
+    # check_ghost opened every message with "batch_norm:" whoever called it.
+    from bnlab.checks import check_ghost, feature_layout
+
+    layout = feature_layout(X.shape, -1)
+    with pytest.raises(ValueError, match="does not divide the 8") as info:
+        check_ghost(3, X.shape, layout, fn="my_norm")
+    assert str(info.value).startswith("my_norm: "), info.value
+    with pytest.raises(TypeError, match="must be an int") as info:
+        check_ghost(2.0, X.shape, layout, fn="my_norm")
+    assert str(info.value).startswith("my_norm: "), info.value
+    with pytest.raises(ValueError, match="does not divide the 8") as info:
+        bnlab.batch_norm(X, bnlab.init_batch_stats(2), train=True, ghost_size=3)
+    assert str(info.value).startswith("batch_norm: "), info.value
+
+
+def test_count_check_names_the_called_function_for_its_axis():
+    # check_count's own statistics-axis check (sync_size) named no caller.
+    from bnlab.checks import check_count, feature_layout
+
+    layout = feature_layout(X.shape, -1)
+    with pytest.raises(ValueError, match="axis_name='batch' is not bound") as info:
+        check_count(
+            shape=X.shape,
+            layout=layout,
+            view_shape=X.shape,
+            reduction=layout.reduction_axes,
+            axis_name="batch",
+            axis_index_groups=None,
+            fn="batch_renorm",
+        )
+    assert str(info.value).startswith("batch_renorm: "), info.value
+    # the single-value messages are unchanged
+    one = X[:1]
+    with pytest.raises(ValueError, match=r"^batch_renorm\(train=True\) got x"):
+        bnlab.batch_renorm(one, bnlab.init_batch_stats(2), train=True)
+    with pytest.raises(ValueError, match=r"^batch_moments got x .* no spread"):
+        bnlab.batch_moments(one)
+
+
 # ----------------------------------------------------- renorm with ghost_size
 
 
@@ -182,3 +222,28 @@ def test_precise_stats_keeps_no_function_alive():
     del run, runner
     gc.collect()
     assert [r() for r in refs] == [None, None]
+
+
+def test_precise_stats_refuses_moments_that_differ_across_devices():
+    # Device 0's copy is used only when every device's copy agrees (the
+    # check is parallel.unreplicate's; the message stays precise_stats').
+    model = bnlab.linen.BatchNorm(use_running_average=False)  # no axis_name
+    v = model.init(jax.random.key(0), X)
+    run = jax.pmap(
+        lambda v, x: model.apply(v, x, mutable=["bn_moments", "batch_stats"]),
+        in_axes=(None, 0),
+    )
+    same = jnp.stack([X, X])
+    stats = bnlab.precise_stats(
+        lambda v, x, mutable: run(v, x), v, [same], device_axis=True
+    )
+    np.testing.assert_allclose(stats["mean"], np.asarray(X).mean(0), rtol=1e-6)
+    with pytest.raises(
+        ValueError, match=r"^precise_stats: the devices' moments differ"
+    ):
+        bnlab.precise_stats(
+            lambda v, x, mutable: run(v, x),
+            v,
+            [jnp.stack([X, X + 1])],
+            device_axis=True,
+        )

@@ -348,8 +348,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def parse_overrides(items: list[str], base: Config) -> dict[str, Any]:
-    """``["lr=0.3", "norm=none"]`` -> typed changes for ``base``."""
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["lr=0.3", "norm=none"]`` -> typed changes to a :class:`Config`."""
     fields = {f.name: f.type for f in dataclasses.fields(Config)}
     out = {}
     for item in items:
@@ -411,5 +411,5 @@ def load_config(spec: str | None = None, overrides: list[str] | None = None) -> 
             )
     config = Config.from_dict(base)
     if overrides:
-        config = config.replace(**parse_overrides(overrides, config))
+        config = config.replace(**parse_overrides(overrides))
     return config

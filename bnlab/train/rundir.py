@@ -16,10 +16,14 @@ import json
 import math
 import os
 import stat
+import sys
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 __all__ = [
     "METRICS_FILE",
@@ -30,6 +34,7 @@ __all__ = [
     "WritePermissionError",
     "append_record",
     "check_run_dir",
+    "jsonable",
     "lock_run_dir",
     "os_error_kind",
     "read_records",
@@ -225,6 +230,43 @@ def lock_run_dir(workdir: Path):
         yield lock
     finally:
         lock.release()
+
+
+def jsonable(x: Any) -> Any:
+    """``x`` as plain JSON data, the same on every run: mappings become dicts
+    with string keys, lists and tuples lists, sets sorted lists, numpy and
+    JAX arrays nested lists, numpy scalars Python numbers, NaN and Inf
+    ``None`` (valid JSON, as in ``metrics.jsonl``), anything else its
+    ``repr``.
+
+    Example:
+      >>> import numpy as np
+      >>> from bnlab.train.rundir import jsonable
+      >>> jsonable({"lr": np.float32(0.5), 1: (np.arange(2), float("nan"), {3})})
+      {'lr': 0.5, '1': [[0, 1], None, [3]]}
+    """
+    if isinstance(x, Mapping):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (set, frozenset)):  # in an order that does not vary by run
+        return sorted((jsonable(v) for v in x), key=json.dumps)
+    if isinstance(x, np.ndarray) or _is_jax_array(x):
+        return jsonable(np.asarray(x).tolist())
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if x is None or isinstance(x, str):
+        return x
+    return repr(x)
+
+
+def _is_jax_array(x: Any) -> bool:
+    jax = sys.modules.get("jax")  # without jax imported, x is no jax.Array
+    return jax is not None and isinstance(x, jax.Array)
 
 
 def _finite_json(value: Any) -> Any:
