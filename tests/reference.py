@@ -89,7 +89,7 @@ def one_train_step(config, x, y, style=None):
     import numpy as np
 
     from bnlab.train import DATA_AXIS, build_model, build_optimizer
-    from bnlab.train.loop import make_chunk
+    from bnlab.train.batches import make_chunk
     from bnlab.train.model import model_fns
     from bnlab.train.presets import _STYLES, layout_of
     from bnlab.train.step import default_loss, make_arm_init, make_arm_step

@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from bnlab.train.arms import Arm
-from bnlab.train.loop import FitResult
+from bnlab.train.result import FitResult
 from experiments import ghost_gap
 from experiments import protocol as P
 

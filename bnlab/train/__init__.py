@@ -6,9 +6,10 @@ from bnlab.train.arms import Arm, make_arms
 from bnlab.train.checkpoint import Checkpointer, CheckpointMismatchError, NonFiniteError
 from bnlab.train.config import PRESETS, Config, ConfigError, load_config
 from bnlab.train.early import EarlyStopping
-from bnlab.train.loop import DATA_AXIS, FitResult, Loaded, fit, load
+from bnlab.train.loop import DATA_AXIS, fit
 from bnlab.train.model import nnx_update
 from bnlab.train.presets import build_model, build_optimizer, fit_config
+from bnlab.train.result import FitResult, Loaded, load
 from bnlab.train.rundir import (
     DiskFullError,
     RunDirError,

@@ -10,40 +10,31 @@ checkpoint points -> evaluation and records -> an orbax checkpoint.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
-import functools
-import hashlib
-import itertools
-import json
-import math
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import PartitionSpec as P
 
 from bnlab import parallel as bn_parallel
 from bnlab.data import pipeline
 from bnlab.data.sources import Dataset
-from bnlab.train.arms import Arm, arm_map, make_arms, stacked
+from bnlab.train.arms import make_arms
+from bnlab.train.batches import Batches, boundaries, execution_plan, make_chunk
 from bnlab.train.checkpoint import (
     Checkpointer,
     NonFiniteError,
-    finalized_steps,
-    read_state,
 )
 from bnlab.train.early import EarlyStopping, Tracker
 from bnlab.train.evaluate import Evaluator
-from bnlab.train.model import ModelFns, model_fns
 from bnlab.train.options import (
     Evaluation,
     Placement,
@@ -51,117 +42,28 @@ from bnlab.train.options import (
     Training,
     check_workdir,
 )
+from bnlab.train.plan import Plan, make_plan
 from bnlab.train.progress import Progress
+from bnlab.train.records import Records, arm_record
+from bnlab.train.result import FitResult, Loaded, load
 from bnlab.train.rundir import (
-    METRICS_FILE,
     RunLock,
-    append_record,
     check_run_dir,
     read_records,
-    rewrite_records,
     write_json,
 )
-from bnlab.train.splits import Splits, fingerprint, length, make_splits, read
+from bnlab.train.splits import length, make_splits, read
 from bnlab.train.step import (
     Interval,
     TrainState,
-    check_outputs,
-    default_loss,
     make_arm_init,
-    make_arm_step,
-    metric_names,
 )
 
 __all__ = ["DATA_AXIS", "FitResult", "Loaded", "fit", "load", "make_chunk"]
 
 DATA_AXIS = bn_parallel.DATA
-# A training set up to this size (per device) is kept on the device and each
-# step gathers its rows there; larger ones are read by the host per step.
-DEVICE_DATA_BYTES = 2**30
 # Keys of the run configuration that may change between a run and its resume.
 RUN_LENGTH_KEYS = tuple(f.name for f in dataclasses.fields(RunLength))
-_RESERVED = ("opt_state", "step", "rng", "stopped_at", "interval", "best")
-
-
-class FitResult(NamedTuple):
-    """What :func:`fit` returns.
-
-    Attributes:
-      variables: the final variables (``params``, ``batch_stats``, ...) as
-        numpy arrays with a leading axis of arms.
-      arms: the arms, in the order of that axis.
-      records: every record of ``metrics.jsonl`` (one per evaluation and arm).
-      stopped_at: per arm, None, or the step whose loss or state was not
-        finite (the arm kept its last finite state).
-      step: the step the run reached.
-      early_stopping: with ``early_stopping=``, per arm ``{"best",
-        "best_step", "done_at"}``; the best variables are ``best``.
-      best: with ``early_stopping=``, each arm's variables at its best
-        evaluation (leading axis of arms), else None.
-    """
-
-    variables: dict
-    arms: list[Arm]
-    records: list[dict]
-    stopped_at: list[int | None]
-    step: int
-    early_stopping: list[dict] | None = None
-    best: dict | None = None
-
-    def table(self) -> str:
-        """The arms as a table: index, seed, hyper-parameters, stopped.
-
-        Example:
-          >>> print(FitResult({}, make_arms((0, 1), {"lr": [0.1]}), [], [None, 7], 9).table())
-          arm  seed   lr  stopped_at
-            0     0  0.1           -
-            1     1  0.1           7
-        """
-        return _arms_table([(a.seed, a.hparams) for a in self.arms], self.stopped_at)
-
-    def __repr__(self) -> str:
-        return f"FitResult(step={self.step}, {len(self.arms)} arm(s))\n{self.table()}"
-
-    def arm(self, i: int) -> dict:
-        """The variables of arm ``i``, as ``model.apply`` takes them."""
-        return jax.tree.map(lambda a: a[i], self.variables)
-
-    def curve(self, key: str) -> tuple[np.ndarray, np.ndarray]:
-        """``(steps, values (evaluations, arms))`` of a record key (NaN where
-        absent or null), e.g. ``result.curve("val_accuracy")``."""
-        steps = sorted({r["step"] for r in self.records})
-        pos = {s: i for i, s in enumerate(steps)}
-        out = np.full((len(steps), len(self.arms)), np.nan)
-        for r in self.records:
-            v = r.get(key)
-            if v is not None:
-                out[pos[r["step"]], r["arm"]] = v
-        return np.asarray(steps), out
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """Everything :func:`fit` derives from its arguments before any work."""
-
-    fns: ModelFns
-    arms: list[Arm]
-    hp: dict[str, np.ndarray]
-    splits: Splits
-    loss_fn: Callable
-    metrics: list[str]
-    layout: bn_parallel.ArmsLayout
-    config: dict
-    on_device: bool
-    run_length: RunLength
-    training: Training
-    evaluation: Evaluation
-    placement: Placement
-    early_stopping: EarlyStopping | None
-    arm_state: TrainState  # one arm's, abstract
-    convolves: bool
-
-
-# -------------------------------------------------------------------- fit
 
 
 def fit(
@@ -356,7 +258,7 @@ def fit(
     if on_progress is not None and not callable(on_progress):
         raise TypeError("on_progress must be a function of one dict, or None.")
     workdir = check_workdir(workdir)
-    plan = _plan(
+    plan = make_plan(
         model,
         make_splits(data, validation),
         make_arms(seeds, hparams),
@@ -405,287 +307,6 @@ def _one_run_per_process() -> Iterator[None]:
         _RUNNING.release()
 
 
-def _trace(what: str, fn: Callable, *args: Any) -> Any:
-    """``jax.eval_shape(fn, *args)``, an error naming ``what`` to fix."""
-    try:
-        return jax.eval_shape(fn, *args)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError):
-        raise
-    except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
-        raise type(e)(f"{what}: {type(e).__name__}: {e}") from None
-
-
-def _check_bn_axis(fns: ModelFns, variables: Any, x: Any, layout: Any) -> None:
-    """With shard_map / pmap each device sees a part of an arm's batch, so a
-    model with running statistics must reduce them over the data axis (BN
-    layers with ``axis_name=bnlab.train.DATA_AXIS``); without it the
-    statistics are per device (and the compiled loop fails). Traced with
-    the axis bound: a collective over it must appear."""
-    mutable = [k for k in variables if k != "params"]
-    if layout.style == "auto" or layout.data_shards == 1 or not mutable:
-        return
-    axis = layout.bn_axis
-    jaxpr = jax.make_jaxpr(
-        lambda v, x: fns.apply(v, x, True, None, None)[1],
-        axis_env=[(axis, layout.data_shards)],
-    )(variables, x)
-
-    def collective(jp) -> bool:
-        for eqn in jp.eqns:
-            axes = eqn.params.get("axes", eqn.params.get("axis_name", ()))
-            axes = axes if isinstance(axes, tuple) else (axes,)
-            if axis in axes:
-                return True
-            if any(collective(sub) for sub in jax.core.jaxprs_in_params(eqn.params)):
-                return True
-        return False
-
-    if not collective(jaxpr.jaxpr):
-        raise ValueError(
-            f"model: with parallel={layout.style!r} each arm's batch is split over "
-            f"{layout.data_shards} devices, but its running statistics "
-            f"({', '.join(mutable)}) are not reduced over the data axis: build its BN "
-            "layers with axis_name=bnlab.train.DATA_AXIS, or use parallel='auto'."
-        )
-
-
-def _check_optimizer(training: Training, params: Any, hp: dict) -> None:
-    """Builds, initializes and applies the optimizer on abstract values:
-    a problem shows now, named, not inside the compiled step."""
-
-    def one_update(hp, params):
-        tx = training.optimizer(hp)
-        state = tx.init(params)
-        return tx.update(params, state, params)[0]
-
-    try:
-        _trace("optimizer", one_update, hp, params)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError):
-        raise TypeError(
-            "optimizer: optax checks some arguments in Python (e.g. a schedule's "
-            "peak value), which an arm's traced hyper-parameter cannot pass. Scale "
-            "a unit schedule instead: lambda hp: optax.sgd(lambda step: hp['lr'] * "
-            "optax.warmup_cosine_decay_schedule(0.0, 1.0, 50, 500)(step)), or give "
-            "the value as a Python number outside hparams."
-        ) from None
-
-
-def _plan(
-    model: Any,
-    splits: Splits,
-    arms: list[Arm],
-    *,
-    validation: float | None,
-    config: Mapping[str, Any] | None,
-    run_length: RunLength,
-    training: Training,
-    evaluation: Evaluation,
-    placement: Placement,
-    early_stopping: EarlyStopping | None,
-) -> _Plan:
-    fns = model_fns(model)
-    n_train = length(splits.train)
-    if training.batch_size > n_train:
-        warnings.warn(
-            f"batch_size={training.batch_size} is larger than the training set "
-            f"({n_train} examples): each batch repeats examples.",
-            UserWarning,
-            stacklevel=3,
-        )
-    if config is not None and not isinstance(config, Mapping):
-        raise TypeError("config must be a dict describing the run (JSON).")
-    layout = bn_parallel.arms_layout(
-        len(arms),
-        training.batch_size,
-        style=placement.parallel,
-        mesh=placement.mesh,
-        devices=placement.devices,
-        bn_group_size=placement.bn_group_size,
-    )
-    x0, y0 = read(splits.train, np.arange(min(2, n_train)))
-    x0 = jnp.asarray(x0)
-    variables = _trace(
-        "model (initializing on data's training examples)",
-        fns.init,
-        jax.random.key(0),
-        x0,
-    )
-    clash = sorted(set(variables) & set(_RESERVED))
-    if clash:
-        raise ValueError(
-            f"the model has variable collection(s) {clash}, names fit uses for the "
-            "training state; rename them."
-        )
-    if "params" not in variables:
-        raise ValueError("the model has no 'params' collection: nothing to train.")
-    outputs, convolves = _trace_apply(fns, variables, x0)
-    _check_bn_axis(fns, variables, x0, layout)
-    targets = jax.ShapeDtypeStruct(y0.shape, y0.dtype)
-    if training.loss is None:
-        check_outputs(outputs, targets, splits.num_classes)
-    loss_fn = training.loss or default_loss(splits.num_classes)
-    try:
-        metrics = metric_names(loss_fn, outputs, targets)
-    except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
-        raise type(e)(
-            f"loss: on the model's outputs {jax.tree.map(jnp.shape, outputs)} and "
-            f"data's targets of shape {y0.shape}: {type(e).__name__}: {e}"
-        ) from None
-    hp = stacked(arms)
-    one_hp = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in hp}
-    _check_optimizer(training, variables["params"], one_hp)
-    arm_state = jax.eval_shape(  # post_init and the optimizer's state, traced
-        make_arm_init(fns, training.optimizer, metrics, x0, training.post_init),
-        jax.ShapeDtypeStruct((), jnp.uint32),
-        one_hp,
-    )
-    if evaluation.probe is not None:
-        probed = _trace("probe", evaluation.probe, variables, one_hp)
-        if not all(
-            isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(probed)
-        ):
-            raise TypeError("probe: it must return a pytree of arrays or numbers.")
-    if early_stopping is not None:
-        keys = _record_keys(splits, metrics, evaluation)
-        if early_stopping.metric not in keys:
-            raise ValueError(
-                f"early_stopping: the records have no {early_stopping.metric!r}; "
-                f"follow one of {sorted(keys)}."
-            )
-    on_device = False
-    if splits.in_memory:
-        x, y = splits.train
-        on_device = (x.nbytes + y.nbytes) <= DEVICE_DATA_BYTES
-    run_config = {
-        "model": f"{fns.kind}:{fns.name}",
-        "model_digest": hashlib.sha256(fns.description.encode()).hexdigest()[:16],
-        "arms": [{"seed": a.seed, "hparams": a.hparams} for a in arms],
-        "batch_size": training.batch_size,
-        "validation": validation,
-        "data": {
-            "train": n_train,
-            "val": None if splits.val is None else length(splits.val),
-            "test": None if splits.test is None else length(splits.test),
-            "num_classes": splits.num_classes,
-            "sha256": fingerprint(splits),
-        },
-        "metrics": metrics,
-        "parallel_style": layout.style,
-        **dataclasses.asdict(run_length),
-        "early_stopping": None if early_stopping is None else early_stopping.config(),
-        "config": _jsonable(dict(config or {})),
-    }
-    run_config = json.loads(json.dumps(run_config))  # as it reads back from disk
-    return _Plan(
-        fns,
-        arms,
-        hp,
-        splits,
-        loss_fn,
-        metrics,
-        layout,
-        run_config,
-        on_device,
-        run_length,
-        training,
-        evaluation,
-        placement,
-        early_stopping,
-        arm_state,
-        convolves,
-    )
-
-
-def _trace_apply(fns: ModelFns, variables: Any, x: Any) -> tuple[Any, bool]:
-    """The model's outputs (abstract) in inference, and whether its forward
-    pass convolves: one trace."""
-    try:
-        jaxpr, outputs = jax.make_jaxpr(
-            lambda v, x: fns.apply(v, x, False, None, None)[0], return_shape=True
-        )(variables, x)
-    except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
-        raise type(e)(
-            f"model (applying it to data's training examples): {type(e).__name__}: {e}"
-        ) from None
-
-    def walk(jp) -> bool:
-        for eqn in jp.eqns:
-            if eqn.primitive.name == "conv_general_dilated":
-                return True
-            if any(walk(sub) for sub in jax.core.jaxprs_in_params(eqn.params)):
-                return True
-        return False
-
-    return outputs, walk(jaxpr.jaxpr)
-
-
-def _record_keys(splits: Splits, metrics: list[str], evaluation: Evaluation) -> set:
-    """The numeric keys every record of the run has."""
-    names = ["train"] + [
-        k for k in ("val", "test") if splits.named().get(k) is not None
-    ]
-    if evaluation.train_examples:
-        names.append("trainset")
-    if evaluation.batch_stats and splits.test is not None:
-        names.append("test_batch_stats")
-    return {f"{n}_{m}" for n in names for m in ("loss", *metrics)}
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (set, frozenset)):  # in an order that does not vary by run
-        return sorted((_jsonable(v) for v in x), key=json.dumps)
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if x is None or isinstance(x, (bool, int, float, str)):
-        return x
-    return repr(x)
-
-
-def make_chunk(
-    arm_step: Callable, *, gather: bool, unroll: int | bool = 1, scan: bool = True
-) -> Callable:
-    """The steps between two evaluation or checkpoint points as one function
-    of the arm-stacked state: ``lax.scan`` over steps of ``vmap`` over arms
-    (with ``scan=False``: exactly one step, no loop, for a Python loop of
-    compiled steps).
-
-    With ``gather``: ``chunk(state, hparams, x_all, y_all, idx)`` with the
-    whole training set on the device and ``idx`` the example indices
-    ``(steps, arms, batch)``; else ``chunk(state, hparams, xs, ys)`` with the
-    examples themselves ``(steps, arms, batch, ...)``.
-    """
-    vstep = arm_map(arm_step)
-
-    def run(body, state, xs):
-        if scan:
-            return jax.lax.scan(body, state, xs, unroll=unroll)[0]
-        return body(state, jax.tree.map(lambda a: a[0], xs))[0]
-
-    if gather:
-
-        def chunk(state, hp, x_all, y_all, idx):
-            def body(st, idx_t):
-                return vstep(st, x_all[idx_t], y_all[idx_t], hp), None
-
-            return run(body, state, idx)
-
-        return chunk
-
-    def streamed(state, hp, xs, ys):
-        def body(st, batch):
-            return vstep(st, *batch, hp), None
-
-        return run(body, state, (xs, ys))
-
-    return streamed
-
-
 def _state_tree(state: TrainState) -> dict:
     """The state as saved: the model's collections by name, then training."""
     return {
@@ -718,211 +339,12 @@ def _from_tree(tree: dict, like: TrainState) -> TrainState:
     )
 
 
-def _execution(plan: _Plan) -> dict[str, Any]:
-    """How the steps between two evaluation or checkpoint points run: a
-    ``lax.scan`` of up to ``steps_per_call`` steps per compiled call (few
-    host round trips: fastest for MLPs everywhere), or one compiled call per
-    step from a Python loop (XLA:CPU runs convolutions inside loops several
-    times slower than outside them, jax-ml/jax#12868: a small CNN took 32 ms
-    per step in a scan vs 2.8 ms per step in a loop of jitted steps)."""
-    backend = jax.default_backend()
-    given = plan.placement.steps_per_call
-    if backend == "cpu" and plan.convolves and given in (None, 1):
-        # one step per call; the host waits for the device every 100 steps
-        # (or at the next evaluation or checkpoint), not after every step
-        return {
-            "backend": backend,
-            "scan": False,
-            "steps_per_call": 1,
-            "sync_every": 100,
-            "why": "convolutions on XLA:CPU run faster outside loops",
-        }
-    spc = given or (100 if plan.on_device else 1)
-    why = "steps_per_call given" if given else "few host round trips"
-    return {
-        "backend": backend,
-        "scan": True,
-        "steps_per_call": spc,
-        "sync_every": spc,
-        "why": why,
-    }
-
-
-class _Batches:
-    """Each arm's batches (a pure function of its seed and the step) and
-    the compiled training of the steps between two boundaries."""
-
-    def __init__(self, plan: _Plan, execution: dict[str, Any]):
-        self.plan, self.layout = plan, plan.layout
-        n_train, batch = length(plan.splits.train), plan.training.batch_size
-        custom = plan.training.batch_order
-        # per seed: step -> the arm's example indices (batch,)
-        self.orders = {
-            a.seed: (
-                pipeline.EpochOrder(n_train, batch, a.seed).indices
-                if custom is None
-                else functools.partial(
-                    _checked_order, custom, a.seed, batch=batch, n=n_train
-                )
-            )
-            for a in plan.arms
-        }
-        self.scan = execution["scan"]
-        self.batch = batch
-        self.step_exec: concurrent.futures.Future | None = None
-        training = plan.training
-        step_fn = make_arm_step(
-            plan.fns,
-            training.optimizer,
-            plan.loss_fn,
-            style=self.layout.style,
-            axis_name=self.layout.grad_axis,
-            average_axis=self.layout.average_axis,
-            rng_streams=training.rng_streams if plan.fns.kind == "linen" else (),
-            train_kwargs=training.train_kwargs,
-        )
-        chunk = make_chunk(
-            step_fn,
-            gather=plan.on_device,
-            unroll=plan.placement.unroll,
-            scan=self.scan,
-        )
-        self.hp = self.layout.put_arms(plan.hp)
-        if plan.on_device:
-            self.compiled = self.layout.compile(chunk, n_arms=2, n_replicated=2)
-            self.data = self.layout.put_replicated(
-                tuple(map(np.asarray, plan.splits.train))
-            )
-        else:
-            self.compiled = self.layout.compile(chunk, n_arms=2, n_replicated=0)
-            self.data = ()
-
-    def precompile(self, state: TrainState) -> None:
-        """Starts compiling the one-step call of a Python loop of steps in a
-        thread (``state``: abstract), so that it overlaps the model's
-        initialization; the first step waits for it. Only where the call's
-        shardings are known here (one process, ``auto`` style)."""
-        layout = self.layout
-        if self.scan or not self.plan.on_device or layout.style != "auto":
-            return
-        if jax.process_count() > 1:
-            return
-
-        def sds(tree, spec):
-            sharding = layout._sharding(spec)
-            return jax.tree.map(
-                lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=sharding),
-                tree,
-            )
-
-        args = (
-            sds(state, P(bn_parallel.ARMS)),
-            sds(self.hp, P(bn_parallel.ARMS)),
-            *sds(self.data, P()),
-            sds(
-                jax.ShapeDtypeStruct((1, len(self.plan.arms), self.batch), np.int32),
-                P(None, bn_parallel.ARMS, layout._data_axes),
-            ),
-        )
-        pool = concurrent.futures.ThreadPoolExecutor(1)
-        self.step_exec = pool.submit(lambda: self.compiled.lower(*args).compile())
-        pool.shutdown(wait=False)
-
-    def indices(self, a: int, b: int) -> np.ndarray:
-        """Example indices ``(steps a..b-1, arms, batch)``, int32."""
-        per_seed = {
-            s: np.stack([order(i) for i in range(a, b)])
-            for s, order in self.orders.items()
-        }
-        return np.stack([per_seed[arm.seed] for arm in self.plan.arms], axis=1).astype(
-            np.int32
-        )
-
-    def _call(self, state: TrainState, idx: np.ndarray) -> TrainState:
-        if self.plan.on_device:
-            fn = self.compiled
-            if self.step_exec is not None and len(idx) == 1:
-                fn = self.step_exec.result()
-            return fn(state, self.hp, *self.data, self.layout.put_chunk(idx))
-        batch = read(self.plan.splits.train, idx)
-        return self.compiled(state, self.hp, *self.layout.put_chunk(batch))
-
-    def train(self, state: TrainState, a: int, b: int) -> TrainState:
-        """The state after steps ``a..b-1`` (dispatched; not waited for)."""
-        idx = self.indices(a, b)
-        if self.scan:
-            return self._call(state, idx)
-        for t in range(b - a):
-            state = self._call(state, idx[t : t + 1])
-        return state
-
-
-def _boundaries(
-    start: int, run_length: RunLength, steps_per_call: int
-) -> Iterator[int]:
-    """Ends of the compiled calls after ``start``: multiples of one length
-    (so one program serves them all, plus the tail's), the largest divisor
-    of ``gcd(eval_every, checkpoint_every)`` not above ``steps_per_call``;
-    every evaluation and checkpoint step is one. They depend only on the
-    step, so a resumed run makes the same calls. Lazy: a long run does not
-    hold a list of them."""
-    period = math.gcd(run_length.eval_every, run_length.checkpoint_every)
-    size = max(d for d in range(1, min(period, steps_per_call) + 1) if period % d == 0)
-    first = (start // size + 1) * size
-    return itertools.chain(range(first, run_length.steps, size), [run_length.steps])
-
-
-class _Records:
-    """``metrics.jsonl`` of a run: records appended as evaluations finish,
-    the run directory's identity checked before every write, and records a
-    restart drops kept in ``metrics.jsonl.dropped`` (never lost)."""
-
-    def __init__(self, workdir: Path, lock: RunLock | None):
-        self.path = workdir / METRICS_FILE
-        self.lock = lock
-        self.last: dict[str, Any] = {}
-
-    def _check(self) -> None:
-        if self.lock is not None:
-            self.lock.check()
-
-    def keep_until(self, step: int) -> None:
-        """Keeps the records up to ``step`` (where the run resumes); later
-        ones (from after the checkpoint, or of an earlier run when ``step``
-        is 0) move to ``metrics.jsonl.dropped`` with a warning."""
-        if self.lock is None:
-            return
-        self._check()
-        records = read_records(self.path)
-        kept = [r for r in records if r["step"] <= step]
-        dropped = [r for r in records if r["step"] > step]
-        if dropped:
-            aside = self.path.with_name(self.path.name + ".dropped")
-            for r in dropped:
-                append_record(aside, r)
-            warnings.warn(
-                f"{self.path}: {len(dropped)} record(s) after step {step} (where "
-                f"this run {'resumes' if step else 'starts'}) are kept in {aside}.",
-                UserWarning,
-                stacklevel=4,
-            )
-        rewrite_records(self.path, kept)  # also drops lines kept in .bad
-
-    def append(self, records: list[dict[str, Any]]) -> None:
-        self.last = _summary(records)
-        if self.lock is None:
-            return
-        self._check()
-        for r in records:
-            append_record(self.path, r)
-
-
 class _Run:
     """One call of :func:`fit`: set up, restore or start, then the loop."""
 
     def __init__(
         self,
-        plan: _Plan,
+        plan: Plan,
         workdir: Path,
         lock: RunLock | None,
         on_progress: Callable[[dict[str, Any]], None] | None,
@@ -930,7 +352,7 @@ class _Run:
         self.plan = plan
         self.workdir = workdir
         self.lock = lock
-        self.records = _Records(workdir, lock)
+        self.records = Records(workdir, lock)
         self.progress = on_progress
         self.n = len(plan.arms)
         self.warned_stopped: set[int] = set()
@@ -1052,8 +474,8 @@ class _Run:
 
     def train(self) -> FitResult:
         plan = self.plan
-        execution = _execution(plan)
-        batches = _Batches(plan, execution)
+        execution = execution_plan(plan)
+        batches = Batches(plan, execution)
         # compiling the step (seconds for a ResNet) overlaps initialization
         batches.precompile(self._abstract_state())
         fresh = self._fresh()
@@ -1134,7 +556,7 @@ class _Run:
         state: TrainState,
         start: int,
         execution: dict,
-        batches: _Batches,
+        batches: Batches,
     ) -> TrainState:
         plan, layout, run_length = self.plan, self.plan.layout, self.plan.run_length
         reset = layout.compile(
@@ -1165,7 +587,7 @@ class _Run:
         )
         t_ready = rate = None
         done_at_ready = prev = start
-        for stop in _boundaries(start, run_length, execution["sync_every"]):
+        for stop in boundaries(start, run_length, execution["sync_every"]):
             state = batches.train(state, prev, stop)
             prev = stop
             self._check_stopped(state)  # waits for the steps
@@ -1251,159 +673,9 @@ class _Run:
             plan.layout.eval_view(state).variables, plan.layout.eval_view(hp)
         )
         records = [
-            _arm_record(step, arm, interval, stopped[i] < 0, stopped[i], evals, rate)
+            arm_record(step, arm, interval, stopped[i] < 0, stopped[i], evals, rate)
             | {"arm": i}
             for i, arm in enumerate(plan.arms)
         ]
         self.records.append(records)
         return records
-
-
-def _arm_record(step, arm, interval, alive, stopped, evals, rate) -> dict[str, Any]:
-    """One arm's record: train means since the last record, evaluations."""
-    i = arm.index
-    count = int(interval.count[i])
-
-    def mean(total):
-        return float(total) / count if alive and count else None
-
-    r: dict[str, Any] = {
-        "step": step,
-        "arm": i,
-        "seed": arm.seed,
-        "hparams": arm.hparams,
-        "train_loss": mean(interval.loss[i]),
-    }
-    for m, totals in interval.metrics.items():
-        r[f"train_{m}"] = mean(totals[i])
-    for key, values in evals.items():
-        if key == "probe":
-            r["probe"] = (
-                jax.tree.map(lambda a: np.asarray(a[i]).tolist(), values)
-                if alive
-                else None
-            )
-        else:
-            r[key] = float(values[i]) if alive else None
-    r["stopped_at"] = None if alive else int(stopped)
-    r["steps_per_sec"] = rate
-    return r
-
-
-def _checked_order(order, seed: int, step: int, *, batch: int, n: int) -> np.ndarray:
-    idx = np.asarray(order(seed, step))
-    if idx.shape != (batch,) or not np.issubdtype(idx.dtype, np.integer):
-        raise ValueError(
-            f"batch_order(seed={seed}, step={step}) returned {idx.dtype} of shape "
-            f"{idx.shape}; it must return {batch} integer example indices."
-        )
-    if idx.min() < 0 or idx.max() >= n:
-        raise ValueError(
-            f"batch_order(seed={seed}, step={step}) returned indices outside the "
-            f"training set's {n} examples."
-        )
-    return idx
-
-
-def _summary(records: list[dict]) -> dict[str, Any]:
-    """Means over arms of what the progress line shows."""
-    out = {}
-    for key in ("train_loss", "val_accuracy", "test_accuracy"):
-        values = [r[key] for r in records if r.get(key) is not None]
-        out[key] = float(np.mean(values)) if values else None
-    return out
-
-
-# ------------------------------------------------------------------- load
-
-
-class Loaded(NamedTuple):
-    """A run read back by :func:`load`.
-
-    Attributes:
-      variables: per arm, the variables as ``model.apply`` takes them
-        (numpy arrays).
-      arms: per arm, ``{"seed", "hparams"}``.
-      step: the checkpoint's step.
-      config: the run's ``config.json`` contents (as saved with the
-        checkpoint).
-      stopped_at: per arm, None or the step at which it stopped.
-    """
-
-    variables: list[dict]
-    arms: list[dict]
-    step: int
-    config: dict
-    stopped_at: list[int | None]
-
-    def table(self) -> str:
-        """The arms as a table: index, seed, hyper-parameters, stopped."""
-        return _arms_table(
-            [(a["seed"], a["hparams"]) for a in self.arms], self.stopped_at
-        )
-
-    def __repr__(self) -> str:
-        return f"Loaded(step={self.step}, {len(self.arms)} arm(s))\n{self.table()}"
-
-
-def _arms_table(arms: list[tuple[int, dict]], stopped: list[int | None]) -> str:
-    keys = sorted({k for _, hp in arms for k in hp})
-    rows = [["arm", "seed", *keys, "stopped_at"]]
-    for i, ((seed, hp), s) in enumerate(zip(arms, stopped, strict=True)):
-        rows.append(
-            [
-                str(i),
-                str(seed),
-                *(f"{hp[k]:g}" for k in keys),
-                "-" if s is None else str(s),
-            ]
-        )
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows
-    )
-
-
-def load(workdir: str | Path, step: int | None = None, *, best: bool = False) -> Loaded:
-    """The variables of every arm of a run, verified, for your own code.
-
-    Reads the newest finished checkpoint of ``workdir`` (or ``step``) with
-    orbax, checks every array against the SHA-256 recorded when it was saved,
-    and returns each arm's model variables (``params``, ``batch_stats``, ...)
-    as numpy arrays. No model is needed. With ``best``: each arm's variables
-    at its best evaluation (a run with ``early_stopping``).
-
-    Raises:
-      FileNotFoundError: no such run or checkpoint.
-      ValueError: the checkpoint fails its digests, misses an array, or its
-        files cannot be read (damaged).
-      RunDirError: a file of the checkpoint cannot be read for lack of
-        permission.
-
-    Example:
-      >>> run = load(workdir)  # doctest: +SKIP
-      >>> logits = model.apply(run.variables[0], x, train=False)  # doctest: +SKIP
-    """
-    directory = Path(workdir) / "checkpoints"
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{workdir} has no checkpoints/ directory.")
-    if not finalized_steps(directory):
-        raise FileNotFoundError(f"{directory} holds no finished checkpoint.")
-    tree, meta = read_state(directory, step)
-    config = meta["config"]
-    arms = config.get("arms", [])
-    if best:
-        if "best" not in tree:
-            raise ValueError(
-                f"{workdir} was trained without early_stopping: it keeps no best "
-                "variables; load(workdir) gives the last ones."
-            )
-        source = tree["best"]
-    else:
-        source = {k: v for k, v in tree.items() if k not in _RESERVED}
-    variables = [
-        {c: jax.tree.map(lambda a, i=i: a[i], v) for c, v in source.items()}
-        for i in range(len(arms))
-    ]
-    stopped = [None if s < 0 else int(s) for s in np.asarray(tree["stopped_at"])]
-    return Loaded(variables, arms, int(meta["step"]), config, stopped)
