@@ -465,26 +465,37 @@ class Checkpointer:
         Unreadable for lack of permission: :class:`RunDirError`, nothing moved.
         """
         signature = tree_signature(target)
-        candidates = sorted(self.steps(), reverse=True)
+        metas = self._candidates(check_meta, signature)
+        for step, meta in metas.items():
+            if isinstance(meta, str):
+                self._set_aside(step, meta)
+                continue
+            if meta["tree"] != signature:
+                raise CheckpointMismatchError(_mismatch_message(step, meta, signature))
+            state, problem = self._read_verified(step, meta, target)
+            if problem:
+                self._set_aside(step, problem)
+                continue
+            return state, meta
+        return None
+
+    def _candidates(self, check_meta, signature) -> dict[int, dict | str]:
+        """Newest first: each checkpoint's metadata, or why it is unusable
+        (unreadable, or of another configuration while an older one is of
+        this one). Raises when every readable one is of another run."""
         metas: dict[int, dict | str] = {}
-        for step in candidates:
+        for step in sorted(self.steps(), reverse=True):
             try:
                 metas[step] = self.read_meta(step)
             except ValueError as e:
                 metas[step] = str(e)
-        usable = {
-            s: m
-            for s, m in metas.items()
-            if isinstance(m, dict) and (check_meta is None or check_meta(m))
-        }
-        foreign = [
-            s for s, m in metas.items() if isinstance(m, dict) and s not in usable
-        ]
-        if foreign and not usable:
-            newest = metas[max(foreign)]
+        readable = [s for s, m in metas.items() if isinstance(m, dict)]
+        foreign = [s for s in readable if check_meta and not check_meta(metas[s])]
+        if foreign and len(foreign) == len(readable):
+            newest = metas[foreign[0]]
             if newest["tree"] != signature:  # the most specific account
                 raise CheckpointMismatchError(
-                    _mismatch_message(max(foreign), newest, signature)
+                    _mismatch_message(foreign[0], newest, signature)
                 )
             raise CheckpointMismatchError(
                 f"{self.directory} holds checkpoints {foreign} of another run "
@@ -492,41 +503,28 @@ class Checkpointer:
                 "use a new --workdir, or the configuration that wrote them. Nothing "
                 "was moved."
             )
-        for step in candidates:
-            meta = metas[step]
-            if isinstance(meta, str):
-                self._set_aside(step, meta)
-                continue
-            if step in foreign:
-                self._set_aside(
-                    step,
-                    "it was written by another run configuration, and older "
-                    "checkpoints match this one",
-                )
-                continue
-            if meta["tree"] != signature:
-                raise CheckpointMismatchError(_mismatch_message(step, meta, signature))
-            problem = _layout_problem(self.directory / str(step) / "state", meta)
-            if problem:
-                self._set_aside(step, problem)
-                continue
-            state, error = _read(
-                lambda step=step: self._manager.restore(
-                    step,
-                    args=ocp.args.Composite(state=ocp.args.StandardRestore(target)),
-                )["state"]
+        for s in foreign:
+            metas[s] = (
+                "it was written by another run configuration, and older checkpoints "
+                "match this one"
             )
-            if error is not None:
-                if os_error_kind(error) == "permission":
-                    raise _permission_error(self.directory, step) from None
-                self._set_aside(step, f"{type(error).__name__}: {str(error)[:200]}")
-                continue
-            problem = _verify(state, meta, self.n_arms)
-            if problem:
-                self._set_aside(step, problem)
-                continue
-            return state, meta
-        return None
+        return metas
+
+    def _read_verified(self, step: int, meta: dict, target: Any) -> tuple[Any, str]:
+        """``(state, "")``, or ``(None, why it cannot be used)``."""
+        problem = _layout_problem(self.directory / str(step) / "state", meta)
+        if problem:
+            return None, problem
+        state, error = _read(
+            lambda: self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+            )["state"]
+        )
+        if error is not None:
+            if os_error_kind(error) == "permission":
+                raise _permission_error(self.directory, step) from None
+            return None, f"{type(error).__name__}: {str(error)[:200]}"
+        return state, _verify(state, meta, self.n_arms) or ""
 
     def _set_aside(self, step: int, why: str) -> None:
         """Moves checkpoint ``step`` to ``corrupt/<step>[.<n>]`` (a new name,

@@ -11,7 +11,6 @@ checkpoint points -> evaluation and records -> an orbax checkpoint.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import threading
 import time
 import warnings
@@ -52,18 +51,16 @@ from bnlab.train.rundir import (
     read_records,
     write_json,
 )
-from bnlab.train.splits import length, make_splits, read
+from bnlab.train.splits import make_splits
+from bnlab.train.state import StateStore
 from bnlab.train.step import (
-    Interval,
     TrainState,
-    make_arm_init,
 )
 
 __all__ = ["DATA_AXIS", "FitResult", "Loaded", "fit", "load", "make_chunk"]
 
 DATA_AXIS = bn_parallel.DATA
 # Keys of the run configuration that may change between a run and its resume.
-RUN_LENGTH_KEYS = tuple(f.name for f in dataclasses.fields(RunLength))
 
 
 def fit(
@@ -307,38 +304,6 @@ def _one_run_per_process() -> Iterator[None]:
         _RUNNING.release()
 
 
-def _state_tree(state: TrainState) -> dict:
-    """The state as saved: the model's collections by name, then training."""
-    return {
-        **state.variables,
-        "opt_state": state.opt_state,
-        "step": state.step,
-        "rng": state.rng,
-        "stopped_at": state.stopped_at,
-        "interval": {
-            "count": state.interval.count,
-            "loss": state.interval.loss,
-            "metrics": state.interval.metrics,
-        },
-    }
-
-
-def _from_tree(tree: dict, like: TrainState) -> TrainState:
-    variables = {k: tree[k] for k in like.variables}
-    opt_state = jax.tree.unflatten(
-        jax.tree.structure(like.opt_state), jax.tree.leaves(tree["opt_state"])
-    )
-    i = tree["interval"]
-    return TrainState(
-        variables,
-        opt_state,
-        tree["step"],
-        tree["rng"],
-        tree["stopped_at"],
-        Interval(i["count"], i["loss"], dict(i["metrics"])),
-    )
-
-
 class _Run:
     """One call of :func:`fit`: set up, restore or start, then the loop."""
 
@@ -356,10 +321,9 @@ class _Run:
         self.progress = on_progress
         self.n = len(plan.arms)
         self.warned_stopped: set[int] = set()
-        self.warned: set[str] = set()
         rule = plan.early_stopping
         self.tracker = None if rule is None else Tracker(rule, self.n)
-        self.best = None  # with early stopping: each arm's best variables
+        self.store = StateStore(plan, keep_best=rule is not None)
 
     def _event(self, text: str, step: int) -> None:
         """A line of progress (compiling, resumed, stopped early): the dict
@@ -370,106 +334,6 @@ class _Run:
                 {"event": text, "step": step, "total": total, "rate": None, "eta": None}
             )
 
-    # ------------------------------------------------------------ build
-
-    def _init_fn(self):
-        plan = self.plan
-        x0, _ = read(plan.splits.train, np.arange(min(2, length(plan.splits.train))))
-        return jax.vmap(
-            make_arm_init(
-                plan.fns,
-                plan.training.optimizer,
-                plan.metrics,
-                jnp.asarray(x0),
-                plan.training.post_init,
-            )
-        )
-
-    def _fresh(self) -> TrainState:
-        seeds = np.asarray([a.seed for a in self.plan.arms], np.uint32)
-        # Runs once: XLA's cheapest optimization level compiles it ~3x faster
-        # (random initializers are slow to optimize) and it is still exact.
-        init = jax.jit(self._init_fn()).lower(seeds, self.plan.hp)
-        state = init.compile(compiler_options={"xla_backend_optimization_level": 0})(
-            seeds, self.plan.hp
-        )
-        return self.plan.layout.put_arms(jax.device_get(state))
-
-    def _abstract_state(self) -> TrainState:
-        """The arms' stacked state, abstract (shapes and dtypes)."""
-        return jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct((self.n, *s.shape), s.dtype),
-            self.plan.arm_state,
-        )
-
-    def _abstract(self) -> Any:
-        """The saved tree's shapes, dtypes and shardings (restore target)."""
-        shapes = self._abstract_state()
-        layout = self.plan.layout
-        tree = _state_tree(shapes)
-        if self.plan.early_stopping is not None:
-            tree["best"] = shapes.variables
-        if layout.style == "pmap":
-            return tree
-        sharding = jax.sharding.NamedSharding(
-            layout.mesh, jax.sharding.PartitionSpec("arms")
-        )
-        return jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree
-        )
-
-    # ------------------------------------------------------------ resume
-
-    def _warn_once(self, key: str, text: str) -> None:
-        if key not in self.warned:
-            self.warned.add(key)
-            warnings.warn(text, UserWarning, stacklevel=6)
-
-    def _check_meta(self, meta: dict) -> bool:
-        saved = meta.get("config", {})
-        now = self.plan.config
-        ignored = (*RUN_LENGTH_KEYS, "execution")
-        if any(
-            saved.get(k) != now.get(k)
-            for k in set(now) | set(saved)
-            if k not in ignored and not k.startswith("_")
-        ):
-            return False
-        if saved.get("steps") != now["steps"]:
-            self._warn_once(
-                "steps",
-                f"resuming a {saved.get('steps')}-step run with steps={now['steps']}: "
-                "a learning-rate schedule that depends on the run length now follows "
-                "the new total, so the run differs from either length trained from "
-                "scratch.",
-            )
-        devices = {
-            "devices": self.plan.layout.devices,
-            "processes": jax.process_count(),
-        }
-        saved_devices = {k: meta.get(k) for k in devices}
-        if saved_devices != devices:
-            self._warn_once(
-                "devices",
-                f"resuming on {devices} where the checkpoint was written on "
-                f"{saved_devices}: reductions may run in another order, so results "
-                "can differ from an uninterrupted run by float rounding.",
-            )
-        return True
-
-    def _restore(self, ckpt: Checkpointer, fresh: TrainState) -> TrainState | None:
-        restored = ckpt.restore_latest(self._abstract(), self._check_meta)
-        if restored is None:
-            return None
-        tree = restored[0]
-        state = _from_tree(tree, fresh)
-        best = tree.get("best")
-        if self.plan.layout.style == "pmap":
-            state = self.plan.layout.put_arms(jax.device_get(state))
-            best = None if best is None else self.plan.layout.put_arms(best)
-        self.best = best
-        return state
-
     # ------------------------------------------------------------- train
 
     def train(self) -> FitResult:
@@ -477,13 +341,13 @@ class _Run:
         execution = execution_plan(plan)
         batches = Batches(plan, execution)
         # compiling the step (seconds for a ResNet) overlaps initialization
-        batches.precompile(self._abstract_state())
-        fresh = self._fresh()
+        batches.precompile(self.store.abstract_state())
+        fresh = self.store.fresh()
         ckpt = Checkpointer(
             self.workdir / "checkpoints", plan.run_length.keep_checkpoints, self.n
         )
         try:
-            state = self._restore(ckpt, fresh)
+            state = self.store.restore(ckpt, fresh)
             start = 0 if state is None else int(self._host_scalar(state.step))
             if self.tracker is not None:
                 self.tracker.replay(
@@ -512,8 +376,8 @@ class _Run:
                     f"resumed from step {start} (its checkpoint verified)", start
                 )
             state = state if state is not None else fresh
-            if self.tracker is not None and self.best is None:
-                self.best = jax.tree.map(jnp.copy, state.variables)
+            if self.tracker is not None and self.store.best is None:
+                self.store.best = jax.tree.map(jnp.copy, state.variables)
             self.records.keep_until(start)
             if self.lock is not None:
                 write_json(
@@ -539,7 +403,7 @@ class _Run:
         early = best = None
         if self.tracker is not None:
             early = self.tracker.summary()
-            best = self.plan.layout.host(self.best)
+            best = self.plan.layout.host(self.store.best)
         return FitResult(
             host.variables,
             self.plan.arms,
@@ -603,8 +467,8 @@ class _Run:
                     improved = np.zeros(self.n, bool)
                     improved[self.tracker.update(records)] = True
                     if improved.any():
-                        self.best = keep_best(
-                            self.best, state.variables, layout.put_arms(improved)
+                        self.store.best = keep_best(
+                            self.store.best, state.variables, layout.put_arms(improved)
                         )
                     done = self.tracker.all_done
                 state = reset(state)
@@ -625,18 +489,7 @@ class _Run:
     def _save(self, ckpt: Checkpointer, step: int, state: TrainState) -> None:
         if self.lock is not None:
             self.lock.check()
-        layout = self.plan.layout
-        tree = _state_tree(state)
-        if self.tracker is not None:
-            tree["best"] = self.best
-        if layout.style == "pmap":
-            tree = layout.host(tree)
-        meta = {
-            "config": self.plan.config,
-            "devices": layout.devices,
-            "processes": jax.process_count(),
-        }
-        ckpt.save(step, tree, meta)
+        self.store.save(ckpt, step, state)
 
     def _check_stopped(self, state: TrainState) -> None:
         stopped = np.asarray(self.plan.layout.host(state.stopped_at))

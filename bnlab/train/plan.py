@@ -9,7 +9,7 @@ import hashlib
 import json
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -142,6 +142,8 @@ def make_plan(
     placement: Placement,
     early_stopping: EarlyStopping | None,
 ) -> Plan:
+    """Everything fit derives from its (validated) options; every check
+    that needs the model runs here, before any file is written."""
     fns = model_fns(model)
     n_train = length(splits.train)
     if training.batch_size > n_train:
@@ -161,7 +163,70 @@ def make_plan(
         devices=placement.devices,
         bn_group_size=placement.bn_group_size,
     )
-    x0, y0 = read(splits.train, np.arange(min(2, n_train)))
+    hp = stacked(arms)
+    traced = _trace_model(fns, splits, training, evaluation, layout, hp)
+    if early_stopping is not None:
+        keys = _record_keys(splits, traced.metrics, evaluation)
+        if early_stopping.metric not in keys:
+            raise ValueError(
+                f"early_stopping: the records have no {early_stopping.metric!r}; "
+                f"follow one of {sorted(keys)}."
+            )
+    on_device = False
+    if splits.in_memory:
+        x, y = splits.train
+        on_device = (x.nbytes + y.nbytes) <= DEVICE_DATA_BYTES
+    run_config = {
+        "model": f"{fns.kind}:{fns.name}",
+        "model_digest": hashlib.sha256(fns.description.encode()).hexdigest()[:16],
+        "arms": [{"seed": a.seed, "hparams": a.hparams} for a in arms],
+        "batch_size": training.batch_size,
+        "validation": validation,
+        "data": {
+            "train": n_train,
+            "val": None if splits.val is None else length(splits.val),
+            "test": None if splits.test is None else length(splits.test),
+            "num_classes": splits.num_classes,
+            "sha256": fingerprint(splits),
+        },
+        "metrics": traced.metrics,
+        "parallel_style": layout.style,
+        **dataclasses.asdict(run_length),
+        "early_stopping": None if early_stopping is None else early_stopping.config(),
+        "config": jsonable(dict(config or {})),
+    }
+    run_config = json.loads(json.dumps(run_config))  # as it reads back from disk
+    return Plan(
+        fns,
+        arms,
+        hp,
+        splits,
+        traced.loss_fn,
+        traced.metrics,
+        layout,
+        run_config,
+        on_device,
+        run_length,
+        training,
+        evaluation,
+        placement,
+        early_stopping,
+        traced.arm_state,
+        traced.convolves,
+    )
+
+
+class _Traced(NamedTuple):
+    loss_fn: Callable
+    metrics: list[str]
+    arm_state: TrainState
+    convolves: bool
+
+
+def _trace_model(fns, splits, training, evaluation, layout, hp) -> _Traced:
+    """The model, loss, optimizer, post_init and probe traced on the data's
+    first examples (abstract values: nothing runs), each failure named."""
+    x0, y0 = read(splits.train, np.arange(min(2, length(splits.train))))
     x0 = jnp.asarray(x0)
     variables = _trace(
         "model (initializing on data's training examples)",
@@ -190,7 +255,6 @@ def make_plan(
             f"loss: on the model's outputs {jax.tree.map(jnp.shape, outputs)} and "
             f"data's targets of shape {y0.shape}: {type(e).__name__}: {e}"
         ) from None
-    hp = stacked(arms)
     one_hp = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in hp}
     _check_optimizer(training, variables["params"], one_hp)
     arm_state = jax.eval_shape(  # post_init and the optimizer's state, traced
@@ -204,55 +268,7 @@ def make_plan(
             isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(probed)
         ):
             raise TypeError("probe: it must return a pytree of arrays or numbers.")
-    if early_stopping is not None:
-        keys = _record_keys(splits, metrics, evaluation)
-        if early_stopping.metric not in keys:
-            raise ValueError(
-                f"early_stopping: the records have no {early_stopping.metric!r}; "
-                f"follow one of {sorted(keys)}."
-            )
-    on_device = False
-    if splits.in_memory:
-        x, y = splits.train
-        on_device = (x.nbytes + y.nbytes) <= DEVICE_DATA_BYTES
-    run_config = {
-        "model": f"{fns.kind}:{fns.name}",
-        "model_digest": hashlib.sha256(fns.description.encode()).hexdigest()[:16],
-        "arms": [{"seed": a.seed, "hparams": a.hparams} for a in arms],
-        "batch_size": training.batch_size,
-        "validation": validation,
-        "data": {
-            "train": n_train,
-            "val": None if splits.val is None else length(splits.val),
-            "test": None if splits.test is None else length(splits.test),
-            "num_classes": splits.num_classes,
-            "sha256": fingerprint(splits),
-        },
-        "metrics": metrics,
-        "parallel_style": layout.style,
-        **dataclasses.asdict(run_length),
-        "early_stopping": None if early_stopping is None else early_stopping.config(),
-        "config": jsonable(dict(config or {})),
-    }
-    run_config = json.loads(json.dumps(run_config))  # as it reads back from disk
-    return Plan(
-        fns,
-        arms,
-        hp,
-        splits,
-        loss_fn,
-        metrics,
-        layout,
-        run_config,
-        on_device,
-        run_length,
-        training,
-        evaluation,
-        placement,
-        early_stopping,
-        arm_state,
-        convolves,
-    )
+    return _Traced(loss_fn, metrics, arm_state, convolves)
 
 
 def _trace_apply(fns: ModelFns, variables: Any, x: Any) -> tuple[Any, bool]:
