@@ -16,6 +16,13 @@
   operator, threshold per scale, source), committed before the run that
   judges them; the report prints them from this data, and a changed design
   keeps the old criterion and its result in the experiment's ``HISTORY``.
+  Each verdict records its registration (:mod:`experiments.registry`):
+  confirmatory if its design digest was registered with its seeds before
+  the run started, else exploratory.
+- **Outcomes.** Beside PASS/FAIL each check records :func:`decide`'s
+  SUPPORTED (the whole interval clears the criterion), CONTRADICTED (it
+  lies wholly past the null, or outside an equivalence margin) or
+  INCONCLUSIVE (with the seeds that would decide).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -41,23 +48,36 @@ from bnlab.models import kernel_init
 from bnlab.train import fit
 
 __all__ = [
+    "CONTRADICTED",
+    "INCONCLUSIVE",
+    "NOT_TESTABLE",
+    "SUPPORTED",
     "Context",
     "Criterion",
+    "Decision",
     "Measured",
     "NormMLP",
     "Outcome",
+    "SignTest",
     "Tuned",
+    "UsableRate",
     "best_by",
     "bn",
+    "bootstrap_mean_ci",
     "dataset_sha256",
+    "decide",
+    "decide_check",
+    "exact_sign_test",
     "grid_by_hparams",
     "judge",
+    "largest_usable_rate",
     "make_accuracy",
     "mean_ci",
     "paired_ci",
     "plateau_scores",
     "ratio_ci",
     "select_arms",
+    "sensitivity",
     "steps_ratio",
     "steps_to",
     "t975",
@@ -207,6 +227,9 @@ class Criterion:
       threshold: a number, or ``{"quick": q, "full": f}`` when the scales
         differ (quick thresholds are frozen from quick-scale pilots).
       source: where the threshold comes from (paper, figure, pilot).
+      null: the value of "no effect" for :func:`decide_check` (0 for a
+        difference, 1 for a ratio); None: the threshold itself. PASS/FAIL
+        (:func:`judge`) does not use it.
     """
 
     id: str
@@ -214,6 +237,7 @@ class Criterion:
     op: str
     threshold: float | dict
     source: str
+    null: float | None = None
 
     def __post_init__(self):
         if self.op not in OPS:
@@ -252,6 +276,321 @@ def judge(c: Criterion, m: Measured, scale: str) -> bool:
         "<": hi < t,
         "within": lo >= -t and hi <= t,
     }[c.op]
+
+
+# ------------------------------------------------- three-way verdicts
+
+SUPPORTED = "SUPPORTED"
+CONTRADICTED = "CONTRADICTED"
+INCONCLUSIVE = "INCONCLUSIVE"
+NOT_TESTABLE = "NOT_TESTABLE"
+# the side of the criterion's boundary that contradicts each op
+_CONTRARY = {">=": "<", ">": "<=", "<=": ">", "<": ">="}
+_CLEARS = {
+    ">=": lambda a, b: a >= b,
+    ">": lambda a, b: a > b,
+    "<=": lambda a, b: a <= b,
+    "<": lambda a, b: a < b,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What an interval says about one criterion (:func:`decide`).
+
+    Attributes:
+      outcome: :data:`SUPPORTED`, :data:`CONTRADICTED`, :data:`INCONCLUSIVE`
+        or :data:`NOT_TESTABLE`.
+      seeds_needed: for INCONCLUSIVE, the seeds at which an interval of the
+        same centre, its half-width shrinking as 1/sqrt(n), would decide
+        (support or contradict, whichever its centre is on); None when no
+        number would (the centre sits between the null and the threshold,
+        or on the margin), when the seed count is unknown, or when decided.
+      reason: the comparison that decided, in words.
+    """
+
+    outcome: str
+    seeds_needed: int | None = None
+    reason: str = ""
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def decide(
+    low: float,
+    high: float,
+    op: str,
+    threshold: float,
+    null: float | None = None,
+    n: int | None = None,
+    premise: bool = True,
+) -> Decision:
+    """SUPPORTED, CONTRADICTED or INCONCLUSIVE from a 95 % interval.
+
+    - ``op`` ``>=`` / ``>`` / ``<=`` / ``<`` (a directional claim): SUPPORTED
+      when the whole interval clears ``threshold`` (as :func:`judge`);
+      CONTRADICTED when the whole interval lies on the other side of
+      ``null`` (``high < null`` for ``>=``, ``high <= null`` for ``>``, and
+      mirrored); else INCONCLUSIVE. ``null`` defaults to the threshold.
+    - ``op`` ``within`` (a claim of little difference, margin
+      ``threshold``): two one-sided tests, each at 2.5 % (the 95 % interval):
+      SUPPORTED when the interval lies inside ``[-margin, margin]``,
+      CONTRADICTED when it lies wholly outside (beyond one end), else
+      INCONCLUSIVE. ``null`` is not used.
+    - ``premise=False`` (the premise the claim needs is absent in the run):
+      NOT_TESTABLE, whatever the interval.
+
+    For INCONCLUSIVE with ``n`` seeds, ``seeds_needed`` is the smallest
+    ``m > n`` with ``h * sqrt(n / m) < d``: ``h`` the interval's half-width,
+    ``d`` its centre's distance to the bound it would cross (a simple plan:
+    the centre stays, the t quantile is not re-taken).
+
+    Example:
+      >>> decide(0.2, 0.8, ">", 0.0).outcome, decide(-0.3, -0.1, ">", 0.0).outcome
+      ('SUPPORTED', 'CONTRADICTED')
+      >>> d = decide(-0.1, 0.5, ">", 0.0, n=5)  # centre 0.2, half-width 0.3
+      >>> d.outcome, d.seeds_needed  # 5 * (0.3 / 0.2) ** 2 = 11.25
+      ('INCONCLUSIVE', 12)
+    """
+    if op not in OPS:
+        raise ValueError(f"op {op!r} not in {OPS}")
+    if not premise:
+        return Decision(NOT_TESTABLE, None, "the claim's premise is absent in this run")
+    if any(map(math.isnan, (low, high))) or low > high:
+        return Decision(INCONCLUSIVE, None, f"no interval ({low}, {high})")
+    centre, half = (low + high) / 2, (high - low) / 2
+    if op == "within":
+        m = float(threshold)
+        if m <= 0:
+            raise ValueError(f"an equivalence margin must be positive, not {m}")
+        if low >= -m and high <= m:
+            return Decision(SUPPORTED, None, f"interval inside ±{m:g}")
+        if low > m or high < -m:
+            return Decision(CONTRADICTED, None, f"interval wholly outside ±{m:g}")
+        distance = abs(m - abs(centre))  # to the margin, from either side
+        return Decision(
+            INCONCLUSIVE,
+            _seeds_needed(n, half, distance),
+            f"interval crosses ±{m:g}",
+        )
+    t = float(threshold)
+    null = t if null is None else float(null)
+    if _CLEARS[op](null, t) and null != t:
+        raise ValueError(f"null {null:g} is on the supporting side of {op} {t:g}")
+    bound = low if op in (">=", ">") else high
+    other = high if op in (">=", ">") else low
+    contrary = _CONTRARY[op]
+    if _CLEARS[op](bound, t):
+        return Decision(SUPPORTED, None, f"whole interval {op} {t:g}")
+    if _CLEARS[contrary](other, null):
+        return Decision(CONTRADICTED, None, f"whole interval {contrary} {null:g}")
+    if _CLEARS[op](centre, t) and centre != t:
+        distance = abs(centre - t)  # towards support
+    elif _CLEARS[contrary](centre, null) and centre != null:
+        distance = abs(centre - null)  # towards contradiction
+    else:
+        distance = 0.0  # between null and threshold: no sample size decides
+    return Decision(
+        INCONCLUSIVE,
+        _seeds_needed(n, half, distance),
+        f"interval crosses {t:g}" + ("" if null == t else f" or {null:g}"),
+    )
+
+
+def _seeds_needed(n: int | None, half: float, distance: float) -> int | None:
+    if n is None or n < 1 or distance <= 0 or not math.isfinite(half):
+        return None
+    return max(n + 1, math.floor(n * (half / distance) ** 2) + 1)
+
+
+def decide_check(
+    c: Criterion, m: Measured, scale: str, premise: bool = True
+) -> Decision:
+    """:func:`decide` of a criterion at a scale on a measured interval (its
+    seeds: the length of ``m.per_seed``)."""
+    n = None if m.per_seed is None else len(m.per_seed)
+    return decide(m.low, m.high, c.op, c.at(scale), c.null, n, premise)
+
+
+# ------------------------------------------ statistics fit for the quantity
+
+
+class UsableRate(NamedTuple):
+    """:func:`largest_usable_rate`'s answer.
+
+    Attributes:
+      rate: the largest rate found usable (NaN if ``low`` was not).
+      upper: the smallest rate found unusable (None if ``high`` was usable).
+      censored: ``"high"`` (``high`` usable: the rate is at least that),
+        ``"low"`` (``low`` not usable) or ``""`` (bracketed).
+      calls: how many times ``train_fn`` ran.
+    """
+
+    rate: float
+    upper: float | None
+    censored: str
+    calls: int
+
+
+def largest_usable_rate(
+    train_fn: Callable[[float], bool],
+    low: float,
+    high: float,
+    rel_precision: float = 0.05,
+) -> UsableRate:
+    """The largest learning rate at which ``train_fn(lr)`` is usable, by
+    bisection on a continuous rate (geometric midpoints) until the bracket
+    ``[rate, upper]`` is within ``rel_precision`` of ``rate``; a
+    continuous quantity, unlike the largest usable value of a grid.
+
+    Assumes usability is monotone in the rate between ``low`` and ``high``
+    (usable below some rate, not above). ``high`` is tried first, then
+    ``low``: if ``high`` is usable the answer is censored there.
+
+    Example:
+      >>> r = largest_usable_rate(lambda lr: lr <= 0.3, 0.01, 10.0, 0.01)
+      >>> round(r.rate, 3), r.upper / r.rate <= 1.01, r.censored
+      (0.3, True, '')
+    """
+    if not 0 < low < high:
+        raise ValueError(f"need 0 < low < high, got low={low}, high={high}")
+    if not rel_precision > 0:
+        raise ValueError(f"rel_precision must be positive, got {rel_precision}")
+    if train_fn(high):
+        return UsableRate(float(high), None, "high", 1)
+    if not train_fn(low):
+        return UsableRate(math.nan, float(low), "low", 2)
+    lo, hi, calls = float(low), float(high), 2
+    while hi > lo * (1 + rel_precision):
+        mid = math.sqrt(lo * hi)
+        calls += 1
+        if train_fn(mid):
+            lo = mid
+        else:
+            hi = mid
+    return UsableRate(lo, hi, "", calls)
+
+
+class SignTest(NamedTuple):
+    """:func:`exact_sign_test`'s answer: the two-sided binomial p-value and
+    the Clopper-Pearson interval of the proportion."""
+
+    p_value: float
+    low: float
+    high: float
+
+
+def _binom_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p), summed exactly."""
+    if k < 0:
+        return 0.0
+    if k >= n:
+        return 1.0
+    return math.fsum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+
+
+def _solve_decreasing(f: Callable[[float], float], target: float) -> float:
+    """The p in [0, 1] with f(p) = target for f decreasing in p (bisection)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if f(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def exact_sign_test(
+    successes: int, n: int, p: float = 0.5, confidence: float = 0.95
+) -> SignTest:
+    """Exact binomial test of ``successes`` out of ``n`` against proportion
+    ``p`` (two-sided: the total probability of outcomes no more likely than
+    the observed one), and the Clopper-Pearson interval of the proportion:
+    for counts and ties (e.g. "seeds where BN's rate is at least 10x"), where
+    a t interval is wrong.
+
+    Example:
+      >>> r = exact_sign_test(5, 5)  # p: 2 * 0.5 ** 5; low: 0.025 ** (1 / 5)
+      >>> round(r.p_value, 4), round(r.low, 4), r.high
+      (0.0625, 0.4782, 1.0)
+    """
+    if not 0 <= successes <= n or n < 1:
+        raise ValueError(f"need 0 <= successes <= n and n >= 1: {successes}, {n}")
+    pmf = [math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(n + 1)]
+    observed = pmf[successes] * (1 + 1e-7)  # ties up to rounding count as equal
+    p_value = min(1.0, math.fsum(q for q in pmf if q <= observed))
+    alpha = 1 - confidence
+    # lower end: P(X >= k | p) = alpha / 2; upper: P(X <= k | p) = alpha / 2
+    low = (
+        0.0
+        if successes == 0
+        else _solve_decreasing(
+            lambda q: -(1 - _binom_cdf(successes - 1, n, q)), -alpha / 2
+        )
+    )
+    high = (
+        1.0
+        if successes == n
+        else _solve_decreasing(lambda q: _binom_cdf(successes, n, q), alpha / 2)
+    )
+    return SignTest(p_value, low, high)
+
+
+def bootstrap_mean_ci(
+    per_example_correct: Any, n_boot: int = 2000, seed: int = 0, note: str = ""
+) -> Measured:
+    """Mean accuracy and its 95 % percentile-bootstrap interval over test
+    examples: the test set's sampling noise, which a t interval over seeds
+    on one fixed test set leaves out.
+
+    ``per_example_correct`` is ``(examples,)`` (one model) or ``(seeds,
+    examples)`` (the mean over seeds; each resample draws the same examples
+    for every seed, since they share the test set).
+
+    Example:
+      >>> m = bootstrap_mean_ci(np.r_[np.ones(80), np.zeros(20)], 1000, seed=0)
+      >>> m.value, 0.70 < m.low < 0.75, 0.85 < m.high < 0.90
+      (0.8, True, True)
+    """
+    x = np.asarray(per_example_correct, np.float64)
+    if x.ndim not in (1, 2) or x.shape[-1] == 0:
+        raise ValueError(f"need (examples,) or (seeds, examples), got {x.shape}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be positive, got {n_boot}")
+    x2 = x.reshape(-1, x.shape[-1])
+    n = x2.shape[1]
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2**22 // (n * x2.shape[0]))
+    means = []
+    for start in range(0, n_boot, chunk):
+        idx = rng.integers(0, n, (min(chunk, n_boot - start), n))
+        means.append(x2[:, idx].mean(axis=(0, 2)))
+    boot = np.concatenate(means)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return Measured(
+        float(x2.mean()),
+        float(low),
+        float(high),
+        None,
+        note or f"bootstrap over {n} test examples, {n_boot} resamples",
+    )
+
+
+def sensitivity(
+    judge: Callable[[float], Any], constant: float, neighbours: Sequence[float]
+) -> dict[float, Any]:
+    """The verdict at a free constant and at its neighbouring values
+    (``judge(value) -> verdict``), by value in increasing order: a verdict
+    that changes between neighbours hangs on the constant's choice.
+
+    Example:
+      >>> sensitivity(lambda t: "PASS" if t <= 0.97 else "FAIL", 0.99, [0.95, 1.0])
+      {0.95: 'PASS', 0.99: 'FAIL', 1.0: 'FAIL'}
+    """
+    values = sorted({float(constant), *map(float, neighbours)})
+    return {v: judge(v) for v in values}
 
 
 @dataclasses.dataclass

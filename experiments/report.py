@@ -15,7 +15,7 @@ from typing import Any
 
 from experiments import protocol
 
-__all__ = ["write"]
+__all__ = ["markdown_html", "write"]
 
 
 def measured(v: Any) -> str:
@@ -69,8 +69,9 @@ def _table_html(rows: list[dict]) -> str:
 
 
 def _checks(v: dict) -> list[dict]:
-    return [
-        {
+    rows = []
+    for c in v["checks"]:
+        row = {
             "check": c["quantity"]
             + (f" ({c['measured']['note']})" if c["measured"].get("note") else ""),
             "measured (95% interval)": c["measured"],
@@ -78,8 +79,28 @@ def _checks(v: dict) -> list[dict]:
             "source": c["source"],
             "result": "PASS" if c["pass"] else "FAIL",
         }
-        for c in v["checks"]
-    ]
+        if c.get("outcome"):  # optional: verdicts written before it lack it
+            row["outcome"] = outcome_text(c["outcome"])
+        rows.append(row)
+    return rows
+
+
+def outcome_text(o: dict) -> str:
+    """A check's three-way outcome (:func:`experiments.protocol.decide`)."""
+    text = str(o.get("outcome", "")).replace("_", " ")
+    if o.get("seeds_needed"):
+        text += f" ({o['seeds_needed']} seeds would decide)"
+    return text
+
+
+def registration_text(r: dict | None) -> str:
+    """The registration a verdict ran under, or "" when it records none."""
+    if not r:
+        return ""
+    design = f"design {str(r.get('digest'))[:12]}"
+    if r.get("status") == "confirmatory":
+        return f"confirmatory: {design} registered at {r.get('registered_at')}"
+    return f"{r.get('status')}: {design} not registered before the run"
 
 
 def _reported(v: dict) -> list[dict]:
@@ -106,6 +127,62 @@ def method_text() -> str:
     body = doc.split("\n\n", 1)[1] if "\n\n" in doc else doc
     return re.sub(
         r"``([^`]+)``", r"`\1`", re.sub(r":(?:func|class):`~?([^`]+)`", r"`\1`", body)
+    )
+
+
+def _inline_html(text: str) -> str:
+    """Escaped text with Markdown's ``code`` spans and **bold** as HTML
+    (bold is not looked for inside code)."""
+    out = []
+    for i, piece in enumerate(re.split(r"`([^`]*)`", text)):
+        if i % 2:
+            out.append(f"<code>{html.escape(piece)}</code>")
+        else:
+            out.append(
+                re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(piece))
+            )
+    return "".join(out)
+
+
+def markdown_html(text: str) -> str:
+    r"""HTML of the Markdown subset the METHOD section uses: paragraphs
+    (blank-line separated), ``- `` list items (continued by indented lines),
+    ``**bold**`` and ```code``` spans; everything else is escaped text.
+
+    Example:
+      >>> markdown_html("- **Data.** a\n  b `x<y`\n- c")
+      '<ul><li><strong>Data.</strong> a b <code>x&lt;y</code></li><li>c</li></ul>'
+    """
+    blocks = []
+    for block in re.split(r"\n\s*\n", text.strip()):
+        items: list[list[str]] = []
+        para: list[str] = []
+        for line in block.splitlines():
+            if line.startswith(("- ", "* ")):
+                items.append([line[2:].strip()])
+            elif items and line[:1].isspace():
+                items[-1].append(line.strip())
+            else:  # text outside a list: a paragraph of its own
+                if items:
+                    blocks.append(_list_html(items))
+                    items = []
+                para.append(line.strip())
+                continue
+            if para:
+                blocks.append(f"<p>{_inline_html(' '.join(para))}</p>")
+                para = []
+        if items:
+            blocks.append(_list_html(items))
+        if para:
+            blocks.append(f"<p>{_inline_html(' '.join(para))}</p>")
+    return "\n".join(blocks)
+
+
+def _list_html(items: list[list[str]]) -> str:
+    return (
+        "<ul>"
+        + "".join(f"<li>{_inline_html(' '.join(i))}</li>" for i in items)
+        + "</ul>"
     )
 
 
@@ -172,6 +249,10 @@ def write(
             "",
             f"**Claim.** {v['claim']}",
             "",
+        ]
+        if v.get("registration"):
+            md += [f"*Registration.* {registration_text(v['registration'])}", ""]
+        md += [
             _table_md(_checks(v)),
             "",
             _table_md(_reported(v)),
@@ -228,14 +309,18 @@ def _html(out: Path, verdicts: list[dict], head_md: list[str]) -> str:
             f"<td class='{v['verdict']}'>{v['verdict']}</td></tr>"
         )
     parts.append("</table><h2>Method</h2>")
-    for para in method_text().split("\n\n"):
-        parts.append(f"<p>{html.escape(para)}</p>")
+    parts.append(markdown_html(method_text()))
     for v in verdicts:
         parts.append(
             f"<h2 id='{v['experiment']}'>{v['experiment']}: "
             f"<span class='{v['verdict']}'>{v['verdict']}</span></h2>"
             f"<p><b>Claim.</b> {html.escape(v['claim'])}</p>"
         )
+        if v.get("registration"):
+            parts.append(
+                "<p><i>Registration.</i> "
+                f"{html.escape(registration_text(v['registration']))}</p>"
+            )
         parts.append(_table_html(_checks(v)))
         parts.append(_table_html(_reported(v)))
         for fig in v["figures"]:

@@ -10,11 +10,18 @@ write ``REPORT.md`` and a self-contained ``REPORT.html``.
     bnlab reproduce --quick                 # the shipped 14x14 subset, minutes
     bnlab reproduce                         # Fashion-MNIST, 5 seeds per arm
     bnlab reproduce --first-seed 100        # the same with fresh seeds
+    python -m experiments.registry --first-seed 7200   # register, run nothing
+
+Each verdict records its registration (:mod:`experiments.registry`):
+"confirmatory" when its design was registered with these seeds before the
+run started, else "exploratory"; and each check its three-way outcome
+(:func:`experiments.protocol.decide`) beside PASS/FAIL.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import importlib
 import json
@@ -31,6 +38,7 @@ import jax
 
 from bnlab.train.rundir import jsonable
 from experiments import protocol, report
+from experiments import registry as reg
 
 # In the report's order: the lecture's claims (a)-(e), then the papers'
 # measurements of why BN works, then the research variants, then the
@@ -71,6 +79,8 @@ class Options:
     out: Path
     scale: str
     seeds: list[int]
+    register: bool = False
+    registry: Path = reg.DEFAULT_PATH
 
     @property
     def command(self) -> str:
@@ -102,8 +112,15 @@ def options(
     seeds: int | None = None,
     first_seed: int = 0,
     smoke: bool = False,
+    register: bool = False,
+    registry: str | Path | None = None,
 ) -> Options:
     """Checked settings of one invocation.
+
+    ``register``: write the registrations of these experiments and seeds
+    to ``registry`` (default :data:`experiments.registry.DEFAULT_PATH`) and
+    run nothing; otherwise ``registry`` is the one verdicts are checked
+    against.
 
     Raises:
       ValueError: an unknown experiment, or a seed count / first seed that
@@ -129,7 +146,14 @@ def options(
         raise ValueError(f"--first-seed {first_seed}: use a non-negative integer.")
     default = {"smoke": "runs/reproduce-smoke", "quick": "runs/reproduce-quick"}
     path = Path(out or default.get(scale, "runs/reproduce"))
-    return Options(names, path, scale, list(range(first_seed, first_seed + n)))
+    return Options(
+        names,
+        path,
+        scale,
+        list(range(first_seed, first_seed + n)),
+        register,
+        reg.DEFAULT_PATH if registry is None else Path(registry),
+    )
 
 
 # -------------------------------------------------------------- provenance
@@ -258,6 +282,7 @@ def verdict_of(
                 "source": c.source,
                 "measured": m.to_json(),
                 "pass": protocol.judge(c, m, ctx.scale),
+                "outcome": protocol.decide_check(c, m, ctx.scale).to_json(),
             }
         )
     verdict = (
@@ -311,8 +336,15 @@ def run(
 ) -> list[dict]:
     """Runs (or reuses) the experiments of ``opts``; writes the report;
     returns the verdicts. ``show`` prints a result line (stdout);
-    ``progress`` is the command's progress display (stderr)."""
+    ``progress`` is the command's progress display (stderr).
+
+    With ``opts.register`` it only registers (:func:`register`) and returns
+    no verdicts."""
     from bnlab.train.rundir import RunLock, check_run_dir
+
+    if opts.register:
+        register(opts, show)
+        return []
 
     opts.out.mkdir(parents=True, exist_ok=True)
     check_run_dir(opts.out)
@@ -323,8 +355,45 @@ def run(
         lock.release()
 
 
+def register(opts: Options, show: Callable[[str], None] = print) -> dict[str, dict]:
+    """Writes the registration of each experiment of ``opts`` (its design
+    digest, the seeds and scale, a power plan, the time and the commit) to
+    ``opts.registry``, runs nothing; returns the entries by name."""
+    prov = provenance()
+    if prov.get("dirty"):
+        warnings.warn(
+            "registering a design with uncommitted changes: commit them, or the "
+            "registered digest names code that no commit holds.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    entries = reg.register(
+        opts.names, opts.seeds, None, opts.registry, scale=opts.scale, provenance=prov
+    )
+    width = max(map(len, opts.names))
+    for name, e in entries.items():
+        show(
+            f"registered {name:<{width}}  {opts.scale}, seeds {e['seeds']}, design "
+            f"{e['digest'][:12]} at {e['registered_at']}"
+        )
+    show(f"{len(entries)} registrations in {opts.registry}; nothing was run")
+    return entries
+
+
+def _registry(opts: Options) -> dict[str, Any]:
+    from bnlab.train import ConfigError
+
+    try:
+        return reg.load(opts.registry)
+    except ValueError as e:  # json.JSONDecodeError is one
+        raise ConfigError(f"the registry {opts.registry} cannot be read: {e}") from e
+
+
 def _run(opts: Options, progress: Any, show: Callable[[str], None]) -> list[dict]:
     started = time.perf_counter()
+    # registrations count only if written before this moment, read once here
+    started_at = dt.datetime.now(dt.UTC)
+    registrations = _registry(opts)
     prov, env = provenance(), environment()
     verdicts = []
     width = max(map(len, opts.names))
@@ -336,6 +405,10 @@ def _run(opts: Options, progress: Any, show: Callable[[str], None]) -> list[dict
         if verdict is None:
             module = importlib.import_module(f"experiments.{name}")
             ctx = protocol.Context(name, directory, opts.scale, opts.seeds, progress)
+            # the design as it is when the run starts (not as it may be after)
+            registration = reg.registration(
+                name, registrations, started_at, seeds=opts.seeds, scale=opts.scale
+            )
             t0 = time.perf_counter()
             with jax.numpy_dtype_promotion("standard"):
                 outcome = module.run(ctx)
@@ -343,6 +416,7 @@ def _run(opts: Options, progress: Any, show: Callable[[str], None]) -> list[dict
             verdict["command"] = f"{opts.command} --only {name}"
             verdict["environment"] = env
             verdict["provenance"] = {**prov, "data": ctx.data_provenance()}
+            verdict["registration"] = registration
             _records(directory, outcome.records)
             _write(directory, verdict)
             state = f"{verdict['seconds']:.0f} s"

@@ -510,3 +510,49 @@ def test_dataset_sha256_sees_every_array_and_the_split():
     ]
     digests = [digest] + [protocol.dataset_sha256(d) for d in changed]
     assert len(set(digests)) == len(digests)
+
+
+def test_verdict_records_each_checks_three_way_outcome():
+    from types import SimpleNamespace
+
+    module = SimpleNamespace(
+        NAME="x",
+        CLAIM="c",
+        CRITERIA=[
+            protocol.Criterion("up", "q", ">", 0.0, "s"),
+            protocol.Criterion("ratio", "r", ">=", 10.0, "s", null=1.0),
+            protocol.Criterion("same", "d", "within", 0.01, "s"),
+        ],
+    )
+    ctx = SimpleNamespace(scale="full", seeds=[0, 1, 2], training=[])
+    outcome = protocol.Outcome(
+        {
+            "up": protocol.mean_ci([0.2, 0.3, 0.25]),
+            "ratio": protocol.Measured(5.0, 3.0, 8.0, (3.0, 5.0, 8.0)),
+            "same": protocol.mean_ci([0.03, 0.04, 0.035]),
+        }
+    )
+    v = reproduce.verdict_of(module, ctx, outcome, 1.0)
+    got = {c["id"]: c["outcome"] for c in v["checks"]}
+    assert got["up"]["outcome"] == protocol.SUPPORTED
+    # between the null 1 and the threshold 10: no seed count decides it
+    assert got["ratio"] == {
+        "outcome": protocol.INCONCLUSIVE,
+        "seeds_needed": None,
+        "reason": "interval crosses 10 or 1",
+    }
+    assert got["same"]["outcome"] == protocol.CONTRADICTED
+    # PASS/FAIL are unchanged: the outcome is recorded beside them
+    assert [c["pass"] for c in v["checks"]] == [True, False, False]
+    assert v["verdict"] == "FAIL"
+    _assert_verdict_follows_its_checks(v)
+
+
+def test_options_register_and_registry(tmp_path):
+    from experiments import registry
+
+    opts = reproduce.options(tmp_path, quick=True)
+    assert not opts.register and opts.registry == registry.DEFAULT_PATH
+    opts = reproduce.options(tmp_path, register=True, registry=tmp_path / "r.json")
+    assert opts.register and opts.registry == tmp_path / "r.json"
+    assert opts.command == "bnlab reproduce --seeds 5"  # registering is no run

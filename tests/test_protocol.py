@@ -3,6 +3,7 @@ share_ci), on small cases computed by hand: the expected values are literals,
 their arithmetic in the comments. Pure numpy, no training."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -288,3 +289,218 @@ def test_share_ci_proportional_gains_give_a_point_interval():
     assert m.value == pytest.approx(0.5)
     assert (m.low, m.high) == pytest.approx((0.5, 0.5))
     np.testing.assert_allclose(m.per_seed, [0.5] * 4)
+
+
+# ------------------------------------------------------ three-way verdicts
+
+
+@pytest.mark.parametrize(
+    ("interval", "op", "threshold", "null", "expected"),
+    [
+        # a difference claimed positive (null 0 = threshold 0)
+        ((0.2, 0.8), ">", 0.0, None, P.SUPPORTED),
+        ((-0.3, -0.1), ">", 0.0, None, P.CONTRADICTED),
+        ((-0.4, 0.0), ">", 0.0, None, P.CONTRADICTED),  # high <= 0 refutes "> 0"
+        ((-0.4, 0.0), ">=", 0.0, None, P.INCONCLUSIVE),  # ... but not ">= 0"
+        ((0.0, 0.4), ">=", 0.0, None, P.SUPPORTED),
+        ((0.0, 0.4), ">", 0.0, None, P.INCONCLUSIVE),
+        # a ratio claimed >= 10 (null 1: no effect)
+        ((12.0, 20.0), ">=", 10.0, 1.0, P.SUPPORTED),
+        ((0.5, 0.9), ">=", 10.0, 1.0, P.CONTRADICTED),
+        ((3.0, 8.0), ">=", 10.0, 1.0, P.INCONCLUSIVE),  # an effect, smaller
+        ((3.0, 8.0), ">=", 10.0, None, P.CONTRADICTED),  # null = the threshold
+        # an upper bound
+        ((0.2, 0.9), "<", 1.0, None, P.SUPPORTED),
+        ((1.0, 1.5), "<", 1.0, None, P.CONTRADICTED),  # low >= 1 refutes "< 1"
+        ((1.0, 1.5), "<=", 1.0, None, P.INCONCLUSIVE),
+        ((0.8, 1.2), "<=", 1.0, None, P.INCONCLUSIVE),
+        # little difference: two one-sided tests against a margin of 0.01
+        ((-0.005, 0.008), "within", 0.01, None, P.SUPPORTED),
+        ((0.012, 0.03), "within", 0.01, None, P.CONTRADICTED),
+        ((-0.03, -0.02), "within", 0.01, None, P.CONTRADICTED),
+        ((-0.02, 0.02), "within", 0.01, None, P.INCONCLUSIVE),
+        ((0.005, 0.02), "within", 0.01, None, P.INCONCLUSIVE),
+    ],
+)
+def test_decide_three_outcomes(interval, op, threshold, null, expected):
+    assert P.decide(*interval, op, threshold, null).outcome == expected
+
+
+@pytest.mark.parametrize(
+    ("interval", "op", "threshold", "null", "n", "needed"),
+    [
+        # centre 0.2, half-width 0.3, 0.2 from 0: 5 * (0.3 / 0.2)^2 = 11.25
+        ((-0.1, 0.5), ">", 0.0, None, 5, 12),
+        # centre -0.2 below 0, half 0.2 = distance: 5 * 1 = 5, so one more
+        ((-0.4, 0.0), ">=", 0.0, None, 5, 6),
+        # centre 11, half 3, 1 above 10: 5 * 9 = 45
+        ((8.0, 14.0), ">=", 10.0, 1.0, 5, 46),
+        # centre 5.5 between the null 1 and the threshold 10: never decided
+        ((3.0, 8.0), ">=", 10.0, 1.0, 5, None),
+        # centre on the threshold: never decided
+        ((0.8, 1.2), "<=", 1.0, None, 4, None),
+        # equivalence: centre 0.5, half 0.75, 0.5 inside the margin 1
+        ((-0.25, 1.25), "within", 1.0, None, 5, 12),
+        # centre 1.5 outside the margin 1, half 0.75: 5 * (0.75 / 0.5)^2
+        ((0.75, 2.25), "within", 1.0, None, 5, 12),
+        ((0.0, 2.0), "within", 1.0, None, 5, None),  # centre on the margin
+        ((-0.1, 0.5), ">", 0.0, None, None, None),  # seeds unknown
+    ],
+)
+def test_decide_names_the_seeds_that_would_decide(
+    interval, op, threshold, null, n, needed
+):
+    d = P.decide(*interval, op, threshold, null, n=n)
+    assert (d.outcome, d.seeds_needed) == (P.INCONCLUSIVE, needed)
+
+
+def test_decide_a_decided_interval_asks_for_no_seeds():
+    assert P.decide(0.2, 0.8, ">", 0.0, n=5).seeds_needed is None
+    assert P.decide(-0.3, -0.1, ">", 0.0, n=5).seeds_needed is None
+
+
+def test_decide_premise_absent_is_not_testable():
+    d = P.decide(0.2, 0.8, ">", 0.0, n=5, premise=False)
+    assert (d.outcome, d.seeds_needed) == (P.NOT_TESTABLE, None)
+    assert "premise" in d.reason
+
+
+def test_decide_without_an_interval_is_inconclusive():
+    assert P.decide(math.nan, math.nan, ">", 0.0, n=5).outcome == P.INCONCLUSIVE
+    d = P.decide(-math.inf, math.inf, ">", 0.0, n=5)
+    assert (d.outcome, d.seeds_needed) == (P.INCONCLUSIVE, None)
+
+
+def test_decide_refuses_a_null_on_the_supporting_side_and_bad_margins():
+    with pytest.raises(ValueError, match="supporting side"):
+        P.decide(0.0, 1.0, ">=", 10.0, null=20.0)
+    with pytest.raises(ValueError, match="supporting side"):
+        P.decide(0.0, 1.0, "<", 1.0, null=0.5)
+    with pytest.raises(ValueError, match="margin"):
+        P.decide(0.0, 1.0, "within", 0.0)
+    with pytest.raises(ValueError, match="op"):
+        P.decide(0.0, 1.0, "==", 0.0)
+
+
+def test_decide_check_takes_the_scale_the_null_and_the_seed_count():
+    c = P.Criterion("r", "ratio", ">=", {"quick": 2.0, "full": 10.0}, "s", null=1.0)
+    m = P.Measured(11.0, 8.0, 14.0, (1.0,) * 5)
+    assert P.decide_check(c, m, "quick").outcome == P.SUPPORTED
+    assert P.decide_check(c, m, "full") == P.decide(8.0, 14.0, ">=", 10.0, 1.0, n=5)
+    assert P.decide_check(c, m, "full").seeds_needed == 46
+
+
+def test_supported_is_pass_on_every_committed_check():
+    # decide's SUPPORTED is judge's PASS (the same whole-interval rule), so the
+    # three outcomes can replace PASS/FAIL without moving a committed pass.
+    import json
+
+    root = Path(__file__).resolve().parents[1] / "experiments" / "results"
+    checks = [
+        c
+        for f in sorted(root.glob("*/*/verdict.json"))
+        for c in json.loads(f.read_text())["checks"]
+    ]
+    assert checks
+    for c in checks:
+        lo, hi = c["measured"]["ci"]
+        if lo is None or hi is None:
+            continue
+        d = P.decide(lo, hi, c["op"], c["threshold"])
+        assert (d.outcome == P.SUPPORTED) == c["pass"], c
+
+
+# --------------------------------------- statistics fit for the quantity
+
+
+def test_largest_usable_rate_bisects_to_the_stated_precision():
+    tried = []
+
+    def usable(lr):
+        tried.append(lr)
+        return lr <= 0.3
+
+    r = P.largest_usable_rate(usable, 0.01, 10.0, rel_precision=0.01)
+    assert tried[:2] == [10.0, 0.01]  # the ends first
+    assert r.rate <= 0.3 < r.upper <= r.rate * 1.01 and r.censored == ""
+    # the bracket 1000x halves in log per call: 1000 ** (1 / 2^k) <= 1.01
+    # needs 2^k >= log(1000) / log(1.01) = 694.2, so k = 10 (and the 2 ends)
+    assert r.calls == len(tried) == 12
+    assert all(math.isclose(a, math.sqrt(10.0 * 0.01)) for a in tried[2:3])
+
+
+def test_largest_usable_rate_censored_at_either_end():
+    r = P.largest_usable_rate(lambda lr: True, 0.01, 10.0)
+    assert (r.rate, r.upper, r.censored, r.calls) == (10.0, None, "high", 1)
+    r = P.largest_usable_rate(lambda lr: False, 0.01, 10.0)
+    assert math.isnan(r.rate) and (r.upper, r.censored, r.calls) == (0.01, "low", 2)
+    with pytest.raises(ValueError, match="low < high"):
+        P.largest_usable_rate(lambda lr: True, 1.0, 1.0)
+    with pytest.raises(ValueError, match="rel_precision"):
+        P.largest_usable_rate(lambda lr: True, 0.1, 1.0, rel_precision=0)
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "p_value"),
+    [
+        (5, 5, 0.0625),  # 2 * 0.5^5
+        (0, 5, 0.0625),
+        (3, 5, 1.0),  # every outcome is at most as likely as 3 of 5
+        (8, 10, 0.109375),  # (1 + 10 + 45) * 2 / 1024
+        (10, 10, 0.001953125),  # 2 / 1024
+    ],
+)
+def test_exact_sign_test_p_values(k, n, p_value):
+    assert P.exact_sign_test(k, n).p_value == pytest.approx(p_value, rel=1e-12)
+
+
+def test_exact_sign_test_clopper_pearson_ends():
+    r = P.exact_sign_test(5, 5)  # P(X >= 5 | p) = p^5 = 0.025
+    assert (r.low, r.high) == pytest.approx((0.025**0.2, 1.0), abs=1e-12)
+    r = P.exact_sign_test(0, 5)
+    assert (r.low, r.high) == pytest.approx((0.0, 1 - 0.025**0.2), abs=1e-12)
+    for k, n in [(3, 5), (8, 10), (1, 7), (17, 30)]:
+        ref = stats.binomtest(k, n).proportion_ci(0.95, method="exact")
+        r = P.exact_sign_test(k, n)
+        assert (r.low, r.high) == pytest.approx((ref.low, ref.high), abs=1e-9)
+        assert r.p_value == pytest.approx(stats.binomtest(k, n).pvalue, rel=1e-9)
+    with pytest.raises(ValueError):
+        P.exact_sign_test(6, 5)
+
+
+def test_bootstrap_mean_ci_over_examples():
+    m = P.bootstrap_mean_ci(np.ones(50), n_boot=200, seed=0)
+    assert (m.value, m.low, m.high) == (1.0, 1.0, 1.0)
+    x = np.r_[np.ones(80), np.zeros(20)]
+    m = P.bootstrap_mean_ci(x, n_boot=4000, seed=0)
+    # 0.8 +- 1.96 * sqrt(0.8 * 0.2 / 100) = 0.8 +- 0.078
+    assert m.value == 0.8
+    assert m.low == pytest.approx(0.722, abs=0.015)
+    assert m.high == pytest.approx(0.878, abs=0.015)
+    assert m == P.bootstrap_mean_ci(x, n_boot=4000, seed=0)  # seeded
+    assert "100 test examples" in m.note
+
+
+def test_bootstrap_mean_ci_resamples_the_same_examples_for_every_seed():
+    # seed 2 is right exactly where seed 1 is wrong: every resample of shared
+    # examples averages to 0.5; independent resampling would spread it
+    a = (np.arange(40) % 3 == 0).astype(float)
+    m = P.bootstrap_mean_ci(np.stack([a, 1 - a]), n_boot=500, seed=1)
+    assert (m.value, m.low, m.high) == pytest.approx((0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="examples"):
+        P.bootstrap_mean_ci(np.ones((2, 2, 2)))
+
+
+def test_sensitivity_judges_every_neighbour():
+    seen = []
+
+    def judge(t):
+        seen.append(t)
+        return "PASS" if t <= 0.97 else "FAIL"
+
+    assert P.sensitivity(judge, 0.99, [1.0, 0.95, 0.99]) == {
+        0.95: "PASS",
+        0.99: "FAIL",
+        1.0: "FAIL",
+    }
+    assert seen == [0.95, 0.99, 1.0]  # once each, in order

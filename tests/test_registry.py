@@ -1,0 +1,333 @@
+"""Registration as data (experiments/registry.py): a design digest per
+experiment, a registry written before the run, each verdict's status
+(confirmatory / exploratory) and three-way outcomes recorded by reproduce and
+shown by the report; the HTML report's METHOD as a list. No training: an
+experiment's ``run`` is replaced by one that returns fixed measurements."""
+
+import datetime as dt
+import doctest
+import json
+import types
+import warnings
+from pathlib import Path
+
+import pytest
+
+from experiments import protocol, registry, report, reproduce
+
+ROOT = Path(__file__).resolve().parents[1]
+PROV = {"commit": "c0ffee", "dirty": False}
+EARLY = "2030-01-01T00:00:00Z"
+START = dt.datetime(2030, 1, 2, tzinfo=dt.UTC)
+LATE = "2030-01-03T00:00:00Z"
+
+
+def _fake_module(tmp_path, source="x = 1\n", threshold=1.0):
+    f = tmp_path / "fake_experiment.py"
+    f.write_text(source)
+    m = types.ModuleType("fake_experiment")
+    m.__file__ = str(f)
+    m.CRITERIA = [protocol.Criterion("a", "q", ">=", threshold, "s")]
+    return m
+
+
+# ------------------------------------------------------------------ digest
+
+
+def test_design_digest_is_stable_and_per_experiment():
+    d = registry.design_digest("placement")
+    assert len(d) == 64 and int(d, 16) >= 0
+    assert d == registry.design_digest("placement")
+    assert d != registry.design_digest("bn_properties")
+
+
+def test_design_digest_sees_source_criteria_and_protocol(tmp_path, monkeypatch):
+    base = registry.design_digest(_fake_module(tmp_path))
+    assert registry.design_digest(_fake_module(tmp_path, "x = 2\n")) != base
+    assert registry.design_digest(_fake_module(tmp_path, threshold=0.5)) != base
+    assert registry.design_digest(_fake_module(tmp_path)) == base
+    other = tmp_path / "protocol_copy.py"
+    other.write_text(Path(protocol.__file__).read_text() + "\n# changed\n")
+    monkeypatch.setattr(protocol, "__file__", str(other))
+    assert registry.design_digest(_fake_module(tmp_path)) != base
+
+
+def test_criteria_as_data_hold_every_field():
+    (c, *_) = registry.criteria_data("placement")
+    assert set(c) == {"id", "quantity", "op", "threshold", "source", "null"}
+
+
+# ---------------------------------------------------------------- register
+
+
+def test_register_writes_one_entry_per_experiment(tmp_path):
+    path = tmp_path / "registry.json"
+    plan = {"placement": {"seeds": 8, "pilot_sd": 0.004, "effect": 0.01}}
+    out = registry.register(
+        ["placement", "bn_properties"],
+        range(7200, 7205),
+        plan,
+        path,
+        now=EARLY,
+        provenance=PROV,
+    )
+    data = json.loads(path.read_text())
+    assert set(data["experiments"]) == {"placement", "bn_properties"}
+    (e,) = data["experiments"]["placement"]
+    assert e == out["placement"]
+    assert e == {
+        "digest": registry.design_digest("placement"),
+        "scale": "full",
+        "seeds": [7200, 7201, 7202, 7203, 7204],
+        "power_plan": plan["placement"],
+        "registered_at": "2030-01-01T00:00:00.000000Z",
+        "commit": "c0ffee",
+        "dirty": False,
+    }
+    # no plan given: the seed count, and that no pilot sized it
+    assert data["experiments"]["bn_properties"][0]["power_plan"]["seeds"] == 5
+
+
+def test_register_again_keeps_the_earlier_and_appends_a_change(tmp_path):
+    path = tmp_path / "registry.json"
+    registry.register(["placement"], [1, 2], None, path, now=EARLY, provenance=PROV)
+    registry.register(["placement"], [1, 2], None, path, now=LATE, provenance=PROV)
+    (e,) = registry.load(path)["experiments"]["placement"]
+    assert e["registered_at"].startswith("2030-01-01")  # the earlier stands
+    registry.register(["placement"], [3, 4], None, path, now=LATE, provenance=PROV)
+    entries = registry.load(path)["experiments"]["placement"]
+    assert [e["seeds"] for e in entries] == [[1, 2], [3, 4]]  # history kept
+
+
+# ------------------------------------------------------------------ status
+
+
+def _registered(tmp_path, when=EARLY, seeds=(0, 1), scale="full"):
+    path = tmp_path / "registry.json"
+    registry.register(
+        ["placement"], seeds, None, path, scale=scale, now=when, provenance=PROV
+    )
+    return path
+
+
+def test_status_confirmatory_only_if_registered_before_the_run(tmp_path):
+    path = _registered(tmp_path)
+    assert registry.status("placement", path, START) == "confirmatory"
+    assert registry.status("placement", path, "2030-01-01T00:00:00Z") == (
+        "exploratory"  # registered at the very moment: not before
+    )
+    late = _registered(tmp_path / "late", when=LATE)
+    assert registry.status("placement", late, START) == "exploratory"
+    assert registry.status("bn_properties", path, START) == "exploratory"
+    assert registry.status("placement", tmp_path / "none.json", START) == (
+        "exploratory"
+    )
+
+
+def test_status_exploratory_when_the_design_changed_after(tmp_path):
+    path = _registered(tmp_path)
+    data = registry.load(path)
+    data["experiments"]["placement"][0]["digest"] = "0" * 64  # an older design
+    assert registry.status("placement", data, START) == "exploratory"
+
+
+def test_status_matches_seeds_and_scale_when_given(tmp_path):
+    path = _registered(tmp_path, seeds=(7200, 7201))
+    assert registry.status("placement", path, START, seeds=[7200, 7201]) == (
+        "confirmatory"
+    )
+    assert registry.status("placement", path, START, seeds=[0, 1]) == "exploratory"
+    assert registry.status("placement", path, START, scale="quick") == "exploratory"
+
+
+def test_registration_names_the_digest_and_the_time(tmp_path):
+    path = _registered(tmp_path)
+    r = registry.registration("placement", path, START.timestamp())
+    assert r == {
+        "status": "confirmatory",
+        "digest": registry.design_digest("placement"),
+        "registered_at": "2030-01-01T00:00:00.000000Z",
+    }
+    r = registry.registration("placement", path, "2029-12-31T23:00:00+00:00")
+    assert (r["status"], r["registered_at"]) == ("exploratory", None)
+
+
+def test_a_registry_that_is_not_one_is_refused(tmp_path):
+    bad = tmp_path / "registry.json"
+    bad.write_text("[]")
+    with pytest.raises(ValueError, match="not a registry"):
+        registry.load(bad)
+
+
+# --------------------------------------------------------------- reproduce
+
+
+def test_reproduce_register_writes_the_registry_and_runs_nothing(tmp_path, monkeypatch):
+    def no_run(ctx):
+        raise AssertionError("--register ran an experiment")
+
+    monkeypatch.setattr(
+        reproduce, "provenance", lambda root=None: {"commit": "c0ffee", "dirty": False}
+    )
+    for name in ("placement", "bn_properties"):
+        monkeypatch.setattr(f"experiments.{name}.run", no_run)
+    path = tmp_path / "registry.json"
+    opts = reproduce.options(
+        tmp_path / "out",
+        quick=True,
+        only="placement,bn_properties",
+        first_seed=7100,
+        register=True,
+        registry=path,
+    )
+    lines = []
+    assert reproduce.run(opts, show=lines.append) == []
+    assert not (tmp_path / "out").exists()
+    data = registry.load(path)["experiments"]
+    assert data["placement"][0]["seeds"] == list(range(7100, 7105))
+    assert data["placement"][0]["scale"] == "quick"
+    assert lines[0].startswith("registered placement")
+    assert lines[-1].endswith("nothing was run")
+
+
+def _quick_run(monkeypatch, module_name="bn_properties"):
+    """``module.run`` replaced by fixed measurements of its criteria."""
+    module = __import__(f"experiments.{module_name}", fromlist=["x"])
+
+    def run(ctx):
+        m = protocol.mean_ci([2.0, 2.2])
+        return protocol.Outcome({c.id: m for c in module.CRITERIA})
+
+    monkeypatch.setattr(module, "run", run)
+    return module
+
+
+@pytest.mark.parametrize("registered", [True, False])
+def test_each_verdict_records_its_registration(tmp_path, monkeypatch, registered):
+    _quick_run(monkeypatch)
+    path = tmp_path / "registry.json"
+    if registered:
+        registry.register(
+            ["bn_properties"], [0, 1], None, path, scale="smoke", provenance=PROV
+        )
+    opts = reproduce.options(
+        tmp_path / "out", smoke=True, only="bn_properties", registry=path
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        (v,) = reproduce.run(opts, show=lambda s: None)
+    r = v["registration"]
+    assert r["digest"] == registry.design_digest("bn_properties")
+    assert r["status"] == ("confirmatory" if registered else "exploratory")
+    assert (r["registered_at"] is not None) == registered
+    stored = json.loads(
+        (tmp_path / "out" / "bn_properties" / "verdict.json").read_text()
+    )
+    assert stored["registration"] == r
+    for c in v["checks"]:  # the three-way outcome beside PASS/FAIL
+        assert c["outcome"]["outcome"] in (protocol.SUPPORTED, protocol.INCONCLUSIVE)
+        assert (c["outcome"]["outcome"] == protocol.SUPPORTED) == c["pass"]
+    md = (tmp_path / "out" / "REPORT.md").read_text()
+    assert f"*Registration.* {r['status']}: design {r['digest'][:12]}" in md
+    assert "| outcome |" in md
+    page = (tmp_path / "out" / "REPORT.html").read_text()
+    assert "<i>Registration.</i> " + r["status"] in page
+
+
+def test_a_registration_written_during_the_run_does_not_count(tmp_path, monkeypatch):
+    module = _quick_run(monkeypatch)
+    path = tmp_path / "registry.json"
+    inner = module.run
+
+    def run(ctx):  # registers while it runs: too late
+        registry.register(
+            ["bn_properties"], [0, 1], None, path, scale="smoke", provenance=PROV
+        )
+        return inner(ctx)
+
+    monkeypatch.setattr(module, "run", run)
+    opts = reproduce.options(
+        tmp_path / "out", smoke=True, only="bn_properties", registry=path
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        (v,) = reproduce.run(opts, show=lambda s: None)
+    assert v["registration"]["status"] == "exploratory"
+
+
+def test_committed_verdicts_without_the_new_fields_still_render(tmp_path):
+    quick = ROOT / "experiments" / "results" / "quick"
+    verdicts = [
+        json.loads((quick / name / "verdict.json").read_text())
+        for name in reproduce.EXPERIMENTS
+        if (quick / name / "verdict.json").exists()
+    ]
+    assert verdicts and not any("registration" in v for v in verdicts)
+    md, page = report.write(tmp_path, verdicts, "bnlab reproduce --quick", "quick", 1.0)
+    text = md.read_text()
+    assert "Registration." not in text and "| outcome |" not in text
+    for v in verdicts:
+        assert f"## {v['experiment']}: {v['verdict']}" in text
+
+
+# ------------------------------------------------------------------ report
+
+
+def test_method_renders_as_a_list_in_html():
+    text = "Intro with `code`.\n\n- **Data.** one\n  two <b>\n- **Arms.** three"
+    assert report.markdown_html(text) == (
+        "<p>Intro with <code>code</code>.</p>\n"
+        "<ul><li><strong>Data.</strong> one two &lt;b&gt;</li>"
+        "<li><strong>Arms.</strong> three</li></ul>"
+    )
+    # bold is not looked for inside code, and stray stars stay text
+    assert report.markdown_html("`**x**` a * b") == ("<p><code>**x**</code> a * b</p>")
+
+
+def test_report_html_method_has_no_raw_markdown(tmp_path):
+    _, page = report.write(tmp_path, [], "bnlab reproduce", "full", 0.0)
+    method = page.read_text().split("<h2>Method</h2>", 1)[1]
+    assert "<ul><li><strong>Data.</strong>" in method
+    assert "- **" not in method and "**" not in method
+
+
+def test_outcome_and_registration_texts():
+    assert report.outcome_text({"outcome": "INCONCLUSIVE", "seeds_needed": 12}) == (
+        "INCONCLUSIVE (12 seeds would decide)"
+    )
+    assert report.outcome_text({"outcome": "NOT_TESTABLE"}) == "NOT TESTABLE"
+    assert report.registration_text(None) == ""
+    r = {"status": "exploratory", "digest": "ab" * 32, "registered_at": None}
+    assert report.registration_text(r) == (
+        "exploratory: design abababababab not registered before the run"
+    )
+
+
+def test_docstring_examples_run():
+    # experiments/ is outside pytest's doctest paths
+    for module in (protocol, report, registry):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and (module is registry or result.attempted)
+
+
+def test_a_module_without_source_has_no_digest_and_is_exploratory(monkeypatch):
+    import sys
+
+    probe = types.ModuleType("experiments._no_source")
+    probe.CRITERIA = []
+    monkeypatch.setitem(sys.modules, "experiments._no_source", probe)
+    with pytest.raises(ValueError, match="no source file"):
+        registry.design_digest("_no_source")
+    r = registry.registration("_no_source", {"experiments": {}}, START)
+    assert r == {"status": "exploratory", "digest": None, "registered_at": None}
+
+
+def test_registry_command_registers(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "provenance", lambda root=None: dict(PROV))
+    path = tmp_path / "registry.json"
+    args = ["--only", "placement", "--seeds", "6", "--first-seed", "7200"]
+    assert registry.main([*args, "--registry", str(path)]) == 0
+    (e,) = registry.load(path)["experiments"]["placement"]
+    assert (e["scale"], e["seeds"]) == ("full", list(range(7200, 7206)))
+    with pytest.raises(SystemExit):  # options are checked as reproduce does
+        registry.main(["--only", "nope", "--registry", str(path)])
