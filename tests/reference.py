@@ -88,16 +88,17 @@ def one_train_step(config, x, y, style=None):
     import jax.numpy as jnp
     import numpy as np
 
+    from bnlab.parallel import canonical_style
     from bnlab.train import DATA_AXIS, build_model, build_optimizer
     from bnlab.train.batches import make_chunk
     from bnlab.train.model import model_fns
-    from bnlab.train.presets import _STYLES, layout_of
+    from bnlab.train.presets import layout_of
     from bnlab.train.step import default_loss, make_arm_init, make_arm_step
 
-    style = style or _STYLES[config.parallel]
+    style = canonical_style(style or config.parallel)
     layout = layout_of(config)
     model = build_model(
-        config, 10, None if style == "auto" else DATA_AXIS, layout.bn_groups
+        config, 10, None if style == "jit" else DATA_AXIS, layout.bn_groups
     )
     fns = model_fns(model)
     tx = build_optimizer(config)

@@ -420,7 +420,7 @@ def test_eight_devices_give_the_numbers_of_one(tmp_path, style, devices):
 
 
 def test_layout_rule_and_explicit_mesh():
-    from bnlab.parallel import arms_layout
+    from bnlab.train.layout import arms_layout
 
     assert (arms_layout(1, 128).arm_shards, arms_layout(1, 128).data_shards) == (1, 8)
     assert (arms_layout(16, 128).arm_shards, arms_layout(16, 128).data_shards) == (8, 1)

@@ -16,9 +16,9 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from bnlab import parallel as bn_parallel
 from bnlab.data import pipeline
 from bnlab.train.arms import arm_map
+from bnlab.train.layout import ARMS
 from bnlab.train.options import (
     RunLength,
 )
@@ -152,27 +152,27 @@ class Batches:
         """Starts compiling the one-step call of a Python loop of steps in a
         thread (``state``: abstract), so that it overlaps the model's
         initialization; the first step waits for it. Only where the call's
-        shardings are known here (one process, ``auto`` style)."""
+        shardings are known here (one process, ``jit`` style)."""
         layout = self.layout
-        if self.scan or not self.plan.on_device or layout.style != "auto":
+        if self.scan or not self.plan.on_device or layout.style != "jit":
             return
         if jax.process_count() > 1:
             return
 
         def sds(tree, spec):
-            sharding = layout._sharding(spec)
+            sharding = layout.sharding(spec)
             return jax.tree.map(
                 lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=sharding),
                 tree,
             )
 
         args = (
-            sds(state, P(bn_parallel.ARMS)),
-            sds(self.hp, P(bn_parallel.ARMS)),
+            sds(state, P(ARMS)),
+            sds(self.hp, P(ARMS)),
             *sds(self.data, P()),
             sds(
                 jax.ShapeDtypeStruct((1, len(self.plan.arms), self.batch), np.int32),
-                P(None, bn_parallel.ARMS, layout._data_axes),
+                P(None, ARMS, layout.data_axes),
             ),
         )
         pool = concurrent.futures.ThreadPoolExecutor(1)

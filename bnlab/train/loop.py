@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bnlab import parallel as bn_parallel
 from bnlab.data import pipeline
 from bnlab.data.sources import Dataset
 from bnlab.train.arms import make_arms
@@ -34,6 +33,7 @@ from bnlab.train.checkpoint import (
 )
 from bnlab.train.early import EarlyStopping, Tracker
 from bnlab.train.evaluate import Evaluator
+from bnlab.train.layout import DATA
 from bnlab.train.options import (
     Evaluation,
     Placement,
@@ -59,7 +59,7 @@ from bnlab.train.step import (
 
 __all__ = ["DATA_AXIS", "FitResult", "Loaded", "fit", "load", "make_chunk"]
 
-DATA_AXIS = bn_parallel.DATA
+DATA_AXIS = DATA
 # Keys of the run configuration that may change between a run and its resume.
 
 
@@ -80,7 +80,7 @@ def fit(
     keep_checkpoints: int = 3,
     validation: float | None = None,
     loss: Callable[[Any, Any], Any] | None = None,
-    parallel: str = "auto",
+    parallel: str = "jit",
     mesh: jax.sharding.Mesh | None = None,
     devices: Sequence[Any] | None = None,
     bn_group_size: int = 0,
@@ -118,7 +118,7 @@ def fit(
     name; :func:`load` reads them back).
 
     Devices: by default every device, one mesh ``arms x data`` chosen by
-    :func:`bnlab.parallel.arms_layout` (arms spread first, then each arm's
+    :func:`bnlab.train.layout.arms_layout` (arms spread first, then each arm's
     batch split with exact global statistics).
 
     Args:
@@ -144,8 +144,10 @@ def fit(
       loss: ``(outputs, targets) -> mean loss`` or ``(loss, {metric:
         value})``; default softmax cross-entropy with accuracy on integer
         labels (``num_classes > 0``), mean squared error otherwise.
-      parallel: ``"auto"``, ``"shard_map"`` or ``"pmap"`` (see
-        :class:`bnlab.parallel.ArmsLayout`; the last two need BN layers with
+      parallel: ``"jit"``, ``"shard_map"`` or ``"pmap"``
+        (:data:`bnlab.parallel.STYLES`; ``"auto"`` is an older name of
+        ``"jit"``; see
+        :mod:`bnlab.train.layout`; the last two need BN layers with
         ``axis_name=bnlab.train.DATA_AXIS``).
       mesh: an explicit mesh with axes ``("arms", "data")``.
       devices: the devices to use (default all; ``jax.devices()[:1]`` for

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 import optax
 
+from bnlab.parallel import canonical_style
+
 __all__ = [
     "MAX_STEPS",
     "Evaluation",
@@ -259,7 +261,7 @@ class Placement:
     """Where and how the arms run.
 
     Attributes:
-      parallel: ``"auto"``, ``"shard_map"`` or ``"pmap"``.
+      parallel: ``"jit"``, ``"shard_map"`` or ``"pmap"``.
       mesh: an explicit ``("arms", "data")`` mesh, or None.
       devices: the devices to use, or None for all.
       bn_group_size: devices per BN statistics group (0: all).
@@ -298,4 +300,11 @@ class Placement:
             not isinstance(unroll, bool) and unroll < 1
         ):
             raise ValueError(f"unroll={unroll!r} must be True, False or an int >= 1.")
-        return cls(parallel, mesh, devices, bn_group_size, steps_per_call, unroll)
+        return cls(
+            canonical_style(parallel),
+            mesh,
+            devices,
+            bn_group_size,
+            steps_per_call,
+            unroll,
+        )

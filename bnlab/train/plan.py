@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnlab import parallel as bn_parallel
 from bnlab.train.arms import Arm, stacked
 from bnlab.train.early import EarlyStopping
+from bnlab.train.layout import ArmsLayout, arms_layout
 from bnlab.train.model import ModelFns, model_fns
 from bnlab.train.options import (
     Evaluation,
@@ -52,7 +52,7 @@ class Plan:
     splits: Splits
     loss_fn: Callable
     metrics: list[str]
-    layout: bn_parallel.ArmsLayout
+    layout: ArmsLayout
     config: dict
     on_device: bool
     run_length: RunLength
@@ -81,7 +81,7 @@ def _check_bn_axis(fns: ModelFns, variables: Any, x: Any, layout: Any) -> None:
     statistics are per device (and the compiled loop fails). Traced with
     the axis bound: a collective over it must appear."""
     mutable = [k for k in variables if k != "params"]
-    if layout.style == "auto" or layout.data_shards == 1 or not mutable:
+    if layout.style == "jit" or layout.data_shards == 1 or not mutable:
         return
     axis = layout.bn_axis
     jaxpr = jax.make_jaxpr(
@@ -104,7 +104,7 @@ def _check_bn_axis(fns: ModelFns, variables: Any, x: Any, layout: Any) -> None:
             f"model: with parallel={layout.style!r} each arm's batch is split over "
             f"{layout.data_shards} devices, but its running statistics "
             f"({', '.join(mutable)}) are not reduced over the data axis: build its BN "
-            "layers with axis_name=bnlab.train.DATA_AXIS, or use parallel='auto'."
+            "layers with axis_name=bnlab.train.DATA_AXIS, or use parallel='jit'."
         )
 
 
@@ -155,7 +155,7 @@ def make_plan(
         )
     if config is not None and not isinstance(config, Mapping):
         raise TypeError("config must be a dict describing the run (JSON).")
-    layout = bn_parallel.arms_layout(
+    layout = arms_layout(
         len(arms),
         training.batch_size,
         style=placement.parallel,

@@ -23,15 +23,13 @@ from bnlab import data as bn_data
 from bnlab import parallel as bn_parallel
 from bnlab.models import CNN, MLP, ResNet20
 from bnlab.train.config import RUN_LENGTH_FIELDS, Config, ConfigError, norm_spec
+from bnlab.train.layout import ArmsLayout, arms_layout
 from bnlab.train.loop import DATA_AXIS, FitResult, fit
 
 __all__ = ["build_model", "build_optimizer", "fit_config"]
 
 # The seed of the data split (and of generated data), fixed: not the config's.
 DATA_SEED = 0
-
-# parallel= of a Config -> fit's style (and devices)
-_STYLES = {"single": "auto", "jit": "auto", "shard_map": "shard_map", "pmap": "pmap"}
 
 
 def build_model(
@@ -141,13 +139,13 @@ def _float_count(schedule: optax.Schedule) -> optax.Schedule:
     return lambda count: schedule(jnp.asarray(count, jnp.float32))
 
 
-def layout_of(config: Config) -> bn_parallel.ArmsLayout:
+def layout_of(config: Config) -> ArmsLayout:
     """The device layout of a config's single arm; ConfigError if the batch
     or the BN groups do not fit the devices."""
-    style = _STYLES[config.parallel]
+    style = bn_parallel.canonical_style(config.parallel)
     devices = jax.devices()[:1] if config.parallel == "single" else None
     try:
-        layout = bn_parallel.arms_layout(
+        layout = arms_layout(
             1,
             config.batch_size,
             style=style,
@@ -158,12 +156,12 @@ def layout_of(config: Config) -> bn_parallel.ArmsLayout:
         raise ConfigError(str(e)) from None
     _, _, ghost = norm_spec(config.norm)
     if ghost is not None:
-        per_device = config.batch_size // (1 if style == "auto" else layout.data_shards)
+        per_device = config.batch_size // (1 if style == "jit" else layout.data_shards)
         if per_device % ghost:
             raise ConfigError(
                 f"norm={config.norm!r}: ghost batches of {ghost} do not divide the "
                 f"{per_device} examples BN sees per step"
-                + ("" if style == "auto" else " and device")
+                + ("" if style == "jit" else " and device")
                 + f" (batch_size={config.batch_size}); choose G dividing {per_device}."
             )
     return layout
@@ -194,8 +192,8 @@ def fit_config(
     # every seed, so that runs of different seeds are evaluated on the same
     # test set; the config's seed drives only the init and the batch order.
     ds = bn_data.load(config.dataset, config.data_dir, seed=DATA_SEED)
-    style = _STYLES[config.parallel]
-    axis = None if style == "auto" else DATA_AXIS
+    style = bn_parallel.canonical_style(config.parallel)
+    axis = None if style == "jit" else DATA_AXIS
     model = build_model(config, ds.num_classes or 1, axis, layout.bn_groups)
     described = {
         k: v for k, v in config.to_dict().items() if k not in RUN_LENGTH_FIELDS

@@ -236,7 +236,7 @@ def make_arm_step(
       optimizer: ``hparams -> optax transformation`` (the arm's traced
         hyper-parameters).
       loss_fn: ``(outputs, targets) -> loss`` or ``(loss, metrics)``.
-      style: ``"single"``/``"auto"`` (one program, XLA places the reductions),
+      style: ``"jit"`` (one program, XLA places the reductions),
         ``"shard_map"`` or ``"pmap"``: the gradient rule of
         :func:`bnlab.parallel.value_and_grad`.
       axis_name: the data axis (or axes) of shard_map / pmap.
@@ -247,7 +247,7 @@ def make_arm_step(
       train_kwargs: ``(step, hparams) -> dict`` of extra keyword arguments of
         the model in training (e.g. a batch-renorm schedule).
     """
-    grad_style = "jit" if style in ("single", "auto") else style
+    grad_style = parallel.canonical_style(style)
 
     def step(state: TrainState, x, y, hparams: dict) -> TrainState:
         variables = state.variables
