@@ -195,7 +195,8 @@ def run(ctx: P.Context) -> P.Outcome:
         by_step = {}
         for step in sorted({r["step"] for r in result.records})[-2:]:
             loaded = load(ctx.out / f"b{b}", step)
-            by_step[step] = evaluate(loaded.variables, stats_x, sets)
+            per_arm = [loaded.arm(i) for i in range(len(loaded.arms))]
+            by_step[step] = evaluate(per_arm, stats_x, sets)
         for r in result.records:
             if r["step"] in by_step and r.get("val_accuracy") is not None:
                 r["pop_val_accuracy"] = float(by_step[r["step"]][r["arm"], 0])

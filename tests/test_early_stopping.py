@@ -137,7 +137,7 @@ def test_a_run_stops_early_keeps_each_arms_best_and_resumes_to_the_same_bits(tmp
     loaded = load(tmp_path / "whole", best=True)
     for i in range(2):
         for a, b in zip(
-            jax.tree.leaves(loaded.variables[i]),
+            jax.tree.leaves(loaded.arm(i)),
             jax.tree.leaves(jax.tree.map(lambda a, i=i: a[i], whole.best)),
             strict=True,
         ):

@@ -388,7 +388,7 @@ class Dropper(nnx.Module):
 def test_an_nnx_model_with_rng_streams_loads_back(tmp_path):
     result = _fit(tmp_path / "run", model=lambda rngs: Dropper(rngs))
     loaded = load(tmp_path / "run")
-    model = nnx_update(Dropper(nnx.Rngs(5)), loaded.variables[0])
+    model = nnx_update(Dropper(nnx.Rngs(5)), loaded.arm(0))
     model.eval()
     got = np.asarray(model(jnp.asarray(x[48:])))
     model2 = nnx_update(Dropper(nnx.Rngs(7)), result.arm(0))

@@ -504,9 +504,10 @@ def test_checkpoints_restore_with_plain_orbax_by_name(tmp_path):
     )
     np.testing.assert_array_equal(np.asarray(restored["step"]), [20] * 4)
     loaded = load(tmp_path)
-    assert loaded.step == 20 and len(loaded.variables) == 4
-    assert loaded.arms[2] == {"seed": 0, "hparams": {"lr": 0.2}}
-    _assert_bit_identical(loaded.variables[1], r.arm(1))
+    assert loaded.step == 20 and len(loaded.arms) == 4
+    assert (loaded.arms[2].seed, loaded.arms[2].hparams) == (0, {"lr": 0.2})
+    assert loaded.records == r.records  # one type for a run and its load
+    _assert_bit_identical(loaded.arm(1), r.arm(1))
     assert load(tmp_path, step=10).step == 10
     with pytest.raises(FileNotFoundError, match="has no checkpoint 7"):
         load(tmp_path, step=7)
@@ -618,7 +619,7 @@ def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path, parallel):
     multi = load(work)
     for i in range(4):
         np.testing.assert_allclose(
-            _flat(multi.variables[i]), _flat(ref.arm(i)), rtol=1e-5, atol=1e-6
+            _flat(multi.arm(i)), _flat(ref.arm(i)), rtol=1e-5, atol=1e-6
         )
 
 

@@ -229,7 +229,7 @@ def _raw_to_keys(tree: Any, template: Any) -> Any:
 
 
 def nnx_update(module: Any, variables: dict) -> Any:
-    """Loads one arm's variables (``FitResult.arm(i)``, ``load(...).variables[i]``)
+    """Loads one arm's variables (``FitResult.arm(i)``, ``load(...).arm(i)``)
     into an NNX module in place, and returns it.
 
     Example:

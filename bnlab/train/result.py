@@ -1,5 +1,6 @@
-"""A run's result: :class:`FitResult` (what :func:`bnlab.train.fit` returns)
-and :class:`Loaded` (what :func:`load` reads back from a run directory)."""
+"""A run's result: :class:`FitResult`, what :func:`bnlab.train.fit` returns
+and what :func:`load` reads back from a run directory (one type for a run in
+memory and a run loaded back)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from bnlab.train.checkpoint import (
     read_state,
 )
 from bnlab.train.plan import RESERVED
+from bnlab.train.rundir import METRICS_FILE, read_records
 
 
 class FitResult(NamedTuple):
@@ -32,6 +34,8 @@ class FitResult(NamedTuple):
         "best_step", "done_at"}``; the best variables are ``best``.
       best: with ``early_stopping=``, each arm's variables at its best
         evaluation (leading axis of arms), else None.
+      config: the run's configuration (``config.json``; as saved with the
+        checkpoint for :func:`load`).
     """
 
     variables: dict
@@ -41,6 +45,7 @@ class FitResult(NamedTuple):
     step: int
     early_stopping: list[dict] | None = None
     best: dict | None = None
+    config: dict | None = None
 
     def table(self) -> str:
         """The arms as a table: index, seed, hyper-parameters, stopped.
@@ -74,33 +79,8 @@ class FitResult(NamedTuple):
         return np.asarray(steps), out
 
 
-class Loaded(NamedTuple):
-    """A run read back by :func:`load`.
-
-    Attributes:
-      variables: per arm, the variables as ``model.apply`` takes them
-        (numpy arrays).
-      arms: per arm, ``{"seed", "hparams"}``.
-      step: the checkpoint's step.
-      config: the run's ``config.json`` contents (as saved with the
-        checkpoint).
-      stopped_at: per arm, None or the step at which it stopped.
-    """
-
-    variables: list[dict]
-    arms: list[dict]
-    step: int
-    config: dict
-    stopped_at: list[int | None]
-
-    def table(self) -> str:
-        """The arms as a table: index, seed, hyper-parameters, stopped."""
-        return _arms_table(
-            [(a["seed"], a["hparams"]) for a in self.arms], self.stopped_at
-        )
-
-    def __repr__(self) -> str:
-        return f"Loaded(step={self.step}, {len(self.arms)} arm(s))\n{self.table()}"
+# The former name of a run read back by load: the same type as fit's result.
+Loaded = FitResult
 
 
 def _arms_table(arms: list[tuple[int, dict]], stopped: list[int | None]) -> str:
@@ -121,14 +101,18 @@ def _arms_table(arms: list[tuple[int, dict]], stopped: list[int | None]) -> str:
     )
 
 
-def load(workdir: str | Path, step: int | None = None, *, best: bool = False) -> Loaded:
+def load(
+    workdir: str | Path, step: int | None = None, *, best: bool = False
+) -> FitResult:
     """The variables of every arm of a run, verified, for your own code.
 
     Reads the newest finished checkpoint of ``workdir`` (or ``step``) with
     orbax, checks every array against the SHA-256 recorded when it was saved,
-    and returns each arm's model variables (``params``, ``batch_stats``, ...)
-    as numpy arrays. No model is needed. With ``best``: each arm's variables
-    at its best evaluation (a run with ``early_stopping``).
+    and returns the run as a :class:`FitResult`: each arm's model variables
+    (``params``, ``batch_stats``, ...) as numpy arrays with a leading axis of
+    arms (``result.arm(i)`` for one), its arms, the records up to that step
+    and its configuration. No model is needed. With ``best``: each arm's
+    variables at its best evaluation (a run with ``early_stopping``).
 
     Raises:
       FileNotFoundError: no such run or checkpoint.
@@ -139,7 +123,7 @@ def load(workdir: str | Path, step: int | None = None, *, best: bool = False) ->
 
     Example:
       >>> run = load(workdir)  # doctest: +SKIP
-      >>> logits = model.apply(run.variables[0], x, train=False)  # doctest: +SKIP
+      >>> logits = model.apply(run.arm(0), x, train=False)  # doctest: +SKIP
     """
     directory = Path(workdir) / "checkpoints"
     if not directory.is_dir():
@@ -148,19 +132,30 @@ def load(workdir: str | Path, step: int | None = None, *, best: bool = False) ->
         raise FileNotFoundError(f"{directory} holds no finished checkpoint.")
     tree, meta = read_state(directory, step)
     config = meta["config"]
-    arms = config.get("arms", [])
-    if best:
-        if "best" not in tree:
-            raise ValueError(
-                f"{workdir} was trained without early_stopping: it keeps no best "
-                "variables; load(workdir) gives the last ones."
-            )
-        source = tree["best"]
-    else:
-        source = {k: v for k, v in tree.items() if k not in RESERVED}
-    variables = [
-        {c: jax.tree.map(lambda a, i=i: a[i], v) for c, v in source.items()}
-        for i in range(len(arms))
+    arms = [
+        Arm(i, int(a["seed"]), dict(a["hparams"]))
+        for i, a in enumerate(config.get("arms", []))
     ]
+    model = {k: v for k, v in tree.items() if k not in RESERVED}
+    if best and "best" not in tree:
+        raise ValueError(
+            f"{workdir} was trained without early_stopping: it keeps no best "
+            "variables; load(workdir) gives the last ones."
+        )
     stopped = [None if s < 0 else int(s) for s in np.asarray(tree["stopped_at"])]
-    return Loaded(variables, arms, int(meta["step"]), config, stopped)
+    step = int(meta["step"])
+    records = [
+        r
+        for r in read_records(Path(workdir) / METRICS_FILE, False)
+        if r["step"] <= step
+    ]
+    return FitResult(
+        tree["best"] if best else model,
+        arms,
+        records,
+        stopped,
+        step,
+        None,
+        tree.get("best"),
+        config,
+    )
