@@ -348,6 +348,8 @@ def _reproduce(args: argparse.Namespace) -> int:
             seeds=args.seeds,
             first_seed=args.first_seed,
             smoke=args.smoke,
+            register=args.register,
+            registry=args.registry,
         )
     except ValueError as e:
         return _fail(2, "reproduce", str(e))
@@ -468,6 +470,17 @@ def _parser() -> argparse.ArgumentParser:
         "--smoke",
         action="store_true",
         help="a few steps of each experiment, to check that all run (CI)",
+    )
+    r.add_argument(
+        "--register",
+        action="store_true",
+        help="register the designs of these experiments and seeds (a design digest "
+        "per experiment) and run nothing: a later run on them is confirmatory",
+    )
+    r.add_argument(
+        "--registry",
+        default=None,
+        help="the registry file (default experiments/registry.json)",
     )
     _output_options(r)
     return parser

@@ -331,3 +331,27 @@ def test_registry_command_registers(tmp_path, monkeypatch):
     assert (e["scale"], e["seeds"]) == ("full", list(range(7200, 7206)))
     with pytest.raises(SystemExit):  # options are checked as reproduce does
         registry.main(["--only", "nope", "--registry", str(path)])
+
+
+@pytest.mark.filterwarnings("ignore:registering a design with uncommitted")
+def test_the_cli_registers_and_runs_nothing(tmp_path, capsys):
+    from bnlab.cli import main
+
+    path = tmp_path / "registry.json"
+    code = main(
+        [
+            "reproduce",
+            "--register",
+            "--registry",
+            str(path),
+            "--only",
+            "feature_scale",
+            "--quick",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    entries = json.loads(path.read_text())["experiments"]["feature_scale"]
+    assert entries[-1]["seeds"] == [0, 1, 2, 3, 4]
+    assert not (tmp_path / "out").exists()  # nothing was run
