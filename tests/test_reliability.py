@@ -638,6 +638,55 @@ def _trained_for_nobody(base: Path) -> Path:
     return work
 
 
+_UNWRITABLE = """
+import os, sys
+import numpy as np, optax, flax.linen as nn, jax
+import bnlab.linen
+from bnlab.data import Dataset
+from bnlab.train import WriteError, fit
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        x = bnlab.linen.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+        return nn.Dense(3)(nn.relu(x))
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(96, 4)).astype(np.float32)
+y = (np.abs(x[:, 0] * 2).astype(np.int32)) % 3
+work = sys.argv[1]
+
+def lock_out(p):
+    if p.get("step") == 20 and "event" not in p:
+        os.chmod(os.path.join(work, "checkpoints"), 0o555)
+
+try:
+    with jax.numpy_dtype_promotion("standard"):
+        fit(Net(), Dataset(x[:64], y[:64], x[64:], y[64:], 3), work,
+            optimizer=optax.sgd(0.1), steps=200, batch_size=8, eval_every=10,
+            on_progress=lock_out)
+except WriteError as e:
+    print("WriteError", type(e).__name__, e)
+"""
+
+
+@pytest.mark.slow  # a subprocess
+def test_a_checkpoint_directory_made_unwritable_stops_the_run_and_exits(nobody_dir):
+    # It printed the exit-6 line and then never exited: orbax's threads were
+    # left waiting. Run as 'nobody' (root writes through permissions).
+    home = nobody_dir / "home"
+    run = _run(
+        _as_nobody([sys.executable, "-c", _UNWRITABLE, str(nobody_dir / "run")], home),
+        env=_env(HOME=str(home), TMPDIR=str(home)),
+        cwd=nobody_dir,
+    )  # _run's timeout (300 s) fails the test if the process hangs
+    assert run.stdout.startswith("WriteError WritePermissionError"), (
+        run.stdout + run.stderr[-2000:]
+    )
+    assert "earlier checkpoints are kept" in run.stdout
+    assert (nobody_dir / "run" / "checkpoints" / "10").is_dir()
+
+
 @pytest.mark.slow  # a subprocess
 def test_chmod_000_on_a_checkpoint_as_an_ordinary_user(nobody_dir):
     work = _trained_for_nobody(nobody_dir)

@@ -412,6 +412,7 @@ class Checkpointer:
             io_errors(f"writing checkpoint {step}", self.directory),
             _signals_deferred(),
         ):
+            self._probe_writable(step)
             saved = self._manager.save(
                 step,
                 args=ocp.args.Composite(
@@ -423,6 +424,18 @@ class Checkpointer:
                 f"checkpoint for step {step} was not written (it exists already in "
                 f"{self.directory})."
             )
+
+    def _probe_writable(self, step: int) -> None:
+        """Creates and removes a directory where orbax will create the
+        step's: orbax's save, when it cannot create its temporary directory,
+        leaves threads waiting for a signal that never comes, and the process
+        then never exits (orbax 0.12). A failure here is the same error,
+        raised before orbax starts."""
+        if jax.process_index() != 0:
+            return
+        probe = self.directory / f".bnlab-probe-{step}-{os.getpid()}"
+        os.mkdir(probe)
+        os.rmdir(probe)
 
     def _join(self) -> None:
         """Waits for the background save; raises its error."""
