@@ -333,6 +333,34 @@ def io_errors(what: str, directory: Path):
         raise
 
 
+def _release_waiting_orbax_threads() -> int:
+    """After a failed save: wakes orbax's threads that wait for a signal of
+    the failed save (cancelled first, so they end without writing).
+
+    orbax 0.12 runs a save's steps in threads that wait for the previous
+    step's signal; when a step fails (e.g. its temporary directory cannot be
+    created) the later ones wait for their timeout (10 minutes), and the
+    interpreter waits for them at exit. This uses orbax's private
+    ``_SignalingThread``; where orbax has none, nothing is done."""
+    try:
+        from orbax.checkpoint._src.futures import future as orbax_future
+    except ImportError:  # pragma: no cover - another orbax layout
+        return 0
+    thread_type = getattr(orbax_future, "_SignalingThread", None)
+    if thread_type is None:  # pragma: no cover
+        return 0
+    released = 0
+    for thread in threading.enumerate():
+        if isinstance(thread, thread_type) and thread.is_alive():
+            thread.cancel()
+            with contextlib.suppress(Exception):
+                orbax_future.set_signals(
+                    thread._receive_signals, operation_id=thread._operation_id
+                )
+                released += 1
+    return released
+
+
 # ---------------------------------------------------------- checkpointer
 
 
@@ -388,9 +416,13 @@ class Checkpointer:
         self._pending = self._saver.submit(self._write_in_background, step, host, meta)
 
     def _write_in_background(self, step: int, host: Any, meta: dict) -> None:
-        self._write(step, host, meta, _digests(host, self.n_arms))
-        with io_errors(f"writing checkpoint {step}", self.directory):
-            self._manager.wait_until_finished()
+        try:
+            self._write(step, host, meta, _digests(host, self.n_arms))
+            with io_errors(f"writing checkpoint {step}", self.directory):
+                self._manager.wait_until_finished()
+        except BaseException:
+            _release_waiting_orbax_threads()
+            raise
 
     def _write(self, step: int, tree: Any, meta: dict, hashed: tuple) -> None:
         digests, finite = hashed
