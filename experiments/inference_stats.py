@@ -111,10 +111,6 @@ class BNMLP(nn.Module):
         return nn.Dense(self.num_outputs, kernel_init=nn.initializers.he_normal())(x)
 
 
-def stack(trees: list) -> dict:
-    return jax.tree.map(lambda *a: np.stack(a), *trees)
-
-
 def evaluators(model: BNMLP):
     """``evaluate(v, population, x, y)`` -> correct test predictions per arm
     with the running averages, with the population statistics and with each
@@ -178,7 +174,7 @@ def run(ctx: P.Context) -> P.Outcome:
     cells = {}  # (momentum, steps) -> {"ema", "population", "batch": {b}} per seed
     for length in (short, steps):
         run_dir = load(ctx.out / "arms", step=length)
-        v = stack(run_dir.variables)
+        v = run_dir.variables  # stacked over arms (a FitResult)
         population = bnlab.precise_stats(run_train, v, pop_batches)
         with warnings.catch_warnings():  # b = 1: BN warns that it outputs beta
             warnings.simplefilter("ignore")
@@ -186,8 +182,7 @@ def run(ctx: P.Context) -> P.Outcome:
                 lambda c: np.asarray(c) / n_te, evaluate(v, population, x_te, y_te)
             )
         position = {
-            (a["hparams"]["bn_momentum"], a["seed"]): i
-            for i, a in enumerate(run_dir.arms)
+            (a.hparams["bn_momentum"], a.seed): i for i, a in enumerate(run_dir.arms)
         }
         for m in MOMENTA:
             idx = [position[(m, seed)] for seed in ctx.seeds]

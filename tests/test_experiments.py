@@ -60,6 +60,7 @@ def smoke(tmp_path_factory):
     return out, verdicts, lines
 
 
+@pytest.mark.slow  # the experiments' smoke run
 def test_every_experiment_runs_and_writes_its_outputs(smoke):
     out, verdicts, lines = smoke
     assert [v["experiment"] for v in verdicts] == list(reproduce.EXPERIMENTS)
@@ -137,6 +138,7 @@ def test_the_verdict_check_can_fail():
             _assert_verdict_follows_its_checks(bad)
 
 
+@pytest.mark.slow  # the experiments' smoke run
 def test_a_second_run_recomputes_nothing(smoke, monkeypatch):
     out, verdicts, _ = smoke
 
@@ -150,6 +152,7 @@ def test_a_second_run_recomputes_nothing(smoke, monkeypatch):
         reproduce.run(reproduce.options(out, quick=True), show=lambda s: None)
 
 
+@pytest.mark.slow  # the experiments' smoke run
 @pytest.mark.parametrize("damage", ["edited", "truncated"])
 def test_a_damaged_verdict_is_recomputed_not_trusted(smoke, tmp_path, damage):
     import shutil
