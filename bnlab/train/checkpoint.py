@@ -175,16 +175,18 @@ def _meta_digest(meta: dict[str, Any]) -> str:
 def finalized_steps(directory: Path) -> list[int]:
     """Steps with a finished checkpoint in ``directory`` (orbax's temporary
     directories of a save that was interrupted are not checkpoints)."""
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
+    directory = Path(directory).absolute()
+    if not directory.is_dir():
         return []
-    except PermissionError:
+    try:
+        return sorted(ocp.path.step.checkpoint_steps(directory))
+    except OSError as e:
+        if os_error_kind(e) != "permission":
+            raise
         raise RunDirError(
             f"cannot read {directory}: permission denied. Fix its permissions "
             f"(e.g. chmod -R u+rwX {directory}) and run again; nothing was moved."
         ) from None
-    return sorted(int(n) for n in names if n.isdigit() and (directory / n).is_dir())
 
 
 # -------------------------------------------------------------- errors
