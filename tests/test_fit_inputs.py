@@ -481,3 +481,18 @@ def test_a_conv_net_resumes_to_the_same_bits(tmp_path):
         jax.tree.leaves(whole.variables), jax.tree.leaves(parts.variables), strict=True
     ):
         assert np.array_equal(a, b)
+
+
+def test_os_errors_from_tensorstore_are_classified():
+    from bnlab.train.rundir import os_error_kind
+
+    gone = ValueError(
+        'NOT_FOUND: Error opening "zarr" driver: Error writing "params.w/.zarray" in '
+        'OCDBT database at local file "/x/checkpoints/100.orbax-checkpoint-tmp/"'
+    )
+    wrapped = RuntimeError("save failed")
+    wrapped.__cause__ = gone
+    assert os_error_kind(gone) == os_error_kind(wrapped) == "missing"
+    assert os_error_kind(ValueError("NOT_FOUND: Error reading x")) is None
+    assert os_error_kind(OSError(28, "No space left on device")) == "disk_full"
+    assert os_error_kind(PermissionError(13, "denied")) == "permission"

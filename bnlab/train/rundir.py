@@ -89,7 +89,12 @@ def os_error_kind(e: BaseException | None) -> str | None:
             return "permission"
         if code == errno.ELOOP:
             return "link"
-        if isinstance(e, FileNotFoundError) or code == errno.ENOENT:
+        if (
+            isinstance(e, FileNotFoundError)
+            or code == errno.ENOENT
+            # TensorStore's ENOENT: a write under a directory that is gone
+            or ("NOT_FOUND" in text and "Error writing" in text)
+        ):
             return "missing"
         e = e.__cause__ or e.__context__
     return None
