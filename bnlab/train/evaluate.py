@@ -31,7 +31,7 @@ class Evaluator:
     """``evaluator(variables, hparams) -> {"<split>_loss": (arms,), ...}``.
 
     Args:
-      plan_splits: the run's data.
+      splits: the run's data.
       loss_fn: the run's loss.
       fns: the model's functions.
       evaluation: what to evaluate.
