@@ -55,9 +55,12 @@ __all__ = [
     "Context",
     "Criterion",
     "Decision",
+    "Grid",
     "Measured",
     "NormMLP",
     "Outcome",
+    "Premise",
+    "Sensitivity",
     "SignTest",
     "Tuned",
     "UsableRate",
@@ -68,6 +71,7 @@ __all__ = [
     "decide",
     "decide_check",
     "exact_sign_test",
+    "extension",
     "grid_by_hparams",
     "judge",
     "largest_usable_rate",
@@ -593,10 +597,46 @@ def sensitivity(
     return {v: judge(v) for v in values}
 
 
+class Premise(NamedTuple):
+    """Whether a claim's premise holds in the run (a generalization gap to
+    close, a divergence to move), with its numbers in words; a check whose
+    premise is absent is NOT_TESTABLE whatever its interval."""
+
+    holds: bool
+    text: str
+
+
+class Sensitivity(NamedTuple):
+    """A free constant of a check and its verdict at neighbouring values.
+
+    Attributes:
+      constant: the constant's name in words (e.g. "threshold fraction").
+      outcomes: ``{value: outcome}`` (:func:`sensitivity` of a function
+        returning :func:`decide`'s outcome), the registered value included.
+      value: the registered value.
+    """
+
+    constant: str
+    value: float
+    outcomes: dict
+
+    def to_json(self) -> dict:
+        return {
+            "constant": self.constant,
+            "value": self.value,
+            "outcomes": {f"{k:g}": v for k, v in self.outcomes.items()},
+        }
+
+
 @dataclasses.dataclass
 class Outcome:
     """What an experiment's ``run`` returns: measurements for its criteria
-    (by criterion id) and what the report shows."""
+    (by criterion id) and what the report shows.
+
+    ``premises`` maps a criterion id to its :class:`Premise` (absent: the
+    check needs none); ``sensitivity`` maps a criterion id to the
+    :class:`Sensitivity` of its free constant (absent: it has none).
+    """
 
     measured: dict[str, Measured]
     table: list[dict] = dataclasses.field(default_factory=list)
@@ -604,6 +644,8 @@ class Outcome:
     records: list[dict] = dataclasses.field(default_factory=list)
     notes: str = ""
     reported: dict[str, Measured] = dataclasses.field(default_factory=dict)
+    premises: dict[str, Premise] = dataclasses.field(default_factory=dict)
+    sensitivity: dict[str, Sensitivity] = dataclasses.field(default_factory=dict)
 
 
 # ------------------------------------------------------------- context
@@ -731,6 +773,71 @@ class Context:
             }
         )
         return result
+
+    def fit_grid(
+        self,
+        group: str,
+        model: Any,
+        *,
+        arms: Sequence[dict],
+        grid: Sequence[float] | Callable[[dict], Sequence[float]],
+        hp: str = "lr",
+        factor: float | None = None,
+        limits: tuple[float, float] = (0.0, math.inf),
+        tune_kw: dict | None = None,
+        **kw: Any,
+    ) -> Grid:
+        """Fits every arm over its grid of ``hp`` and extends the grid where
+        an arm's choice (:func:`tune` with ``tune_kw``) is an edge: the
+        equal-tuning rule, the same for every arm whichever the claim
+        expects to lose.
+
+        Each round adds, for each arm whose choice is an end of its grid,
+        the next value past that end (:func:`extension`: times ``factor``,
+        default the ratio of the grid's two values at that end) in one more
+        fit (``group+1``, ``group+2``, ...), until every choice is interior,
+        :data:`MAX_EXTENSIONS` values were added past an end, or the next
+        value would leave ``limits``; a choice still on an edge is marked by
+        :meth:`Tuned.text`. Smoke runs do not extend.
+
+        Args:
+          group: the fit's directory name under the experiment's.
+          model: as :meth:`fit`.
+          arms: each arm's hyper-parameters without ``hp`` (floats).
+          grid: the values of ``hp`` for every arm, or a function of the arm.
+          hp: the tuned hyper-parameter.
+          factor: the step past an edge (> 1).
+          limits: the lowest and highest value any extension may add.
+          tune_kw: :func:`tune`'s keywords for choosing (``select``,
+            ``last``, ``steps``), as the experiment tunes later.
+          **kw: :meth:`fit`'s keywords (not ``hparams``).
+        """
+        tune_kw = dict(tune_kw or {})
+        grids = {
+            i: sorted(grid(a) if callable(grid) else grid) for i, a in enumerate(arms)
+        }
+        settings = [{**a, hp: float(v)} for i, a in enumerate(arms) for v in grids[i]]
+        out = Grid([self.fit(group, model, hparams=settings, **kw)], hp)
+        added: dict[tuple[int, str], int] = {}
+        for k in range(1, 0 if self.smoke else 2 * MAX_EXTENSIONS + 1):
+            new = []
+            for i, a in enumerate(arms):
+                t = tune(out, hp=hp, where=a, **tune_kw)
+                values = sorted(t.grid)
+                if t.index == len(values) - 1:
+                    step = factor or values[-1] / values[-2]
+                else:
+                    step = factor or values[1] / values[0]
+                ext = extension(values, t.index, step, limits)
+                if ext is None or added.get((i, ext[0]), 0) >= MAX_EXTENSIONS:
+                    continue
+                added[(i, ext[0])] = added.get((i, ext[0]), 0) + 1
+                new.append({**a, hp: ext[1]})
+                out.extensions.append({"arm": dict(a), "edge": ext[0], hp: ext[1]})
+            if not new:
+                break
+            out.results.append(self.fit(f"{group}+{k}", model, hparams=new, **kw))
+        return out
 
     def save_figure(self, fig: Any, stem: str) -> str:
         """Writes ``stem.png`` (and closes the figure); returns its name."""
@@ -864,23 +971,39 @@ def _significant(v: float, digits: int | None) -> str:
     return f"{v:.{digits}g}"
 
 
+def _results(result) -> list:
+    """The fits behind ``result``: a FitResult, a :class:`Grid` or a list of
+    fits."""
+    if isinstance(result, Grid):
+        return list(result.results)
+    if isinstance(result, list):  # (a FitResult is a tuple)
+        return list(result)
+    return [result]
+
+
 def grid_by_hparams(
     result, key: str, hp: str, where: dict | None = None
 ) -> tuple[list[float], np.ndarray]:
     """``(values of hp, array (evals, len(values), seeds))`` of a record key
     for the arms whose other hyper-parameters match ``where`` (all arms by
-    default), laid out as ``hp`` values x seeds."""
-    arms = [
-        a
-        for a in result.arms
+    default), laid out as ``hp`` values x seeds. ``result`` is one fit, a
+    :class:`Grid` or a list of fits with one evaluation schedule (a grid
+    extended by later fits)."""
+    results = _results(result)
+    found = [
+        (r, a)
+        for r in results
+        for a in r.arms
         if all(a.hparams.get(k) == v for k, v in (where or {}).items())
     ]
-    values = sorted({a.hparams[hp] for a in arms})
-    seeds = sorted({a.seed for a in arms})
-    _, curve = result.curve(key)
-    out = np.full((curve.shape[0], len(values), len(seeds)), np.nan)
-    for a in arms:
-        out[:, values.index(a.hparams[hp]), seeds.index(a.seed)] = curve[:, a.index]
+    values = sorted({a.hparams[hp] for _, a in found})
+    seeds = sorted({a.seed for _, a in found})
+    curves = {id(r): r.curve(key)[1] for r in results}
+    n_evals = max(c.shape[0] for c in curves.values())
+    out = np.full((n_evals, len(values), len(seeds)), np.nan)
+    for r, a in found:
+        c = curves[id(r)][:, a.index]
+        out[: len(c), values.index(a.hparams[hp]), seeds.index(a.seed)] = c
     return values, out
 
 
@@ -949,7 +1072,7 @@ def tune(
     if steps is None:
         rows: Any = slice(-last, None)
     else:
-        at, _ = result.curve(select)
+        at, _ = _results(result)[0].curve(select)
         rows = [list(at).index(s) for s in steps]
     window = val[rows]
     score = np.where(np.all(np.isfinite(window), axis=0), window.mean(axis=0), -np.inf)
@@ -966,6 +1089,79 @@ def tune(
         else at_best(report)
     )
     return Tuned(grid[i], grid, by_value.tolist(), reported, i)
+
+
+# ------------------------------------------------------- equal tuning
+
+# How far a grid extends past an edge its arm chose: at most this many
+# values beyond each end (the stated limit of the equal-tuning rule).
+MAX_EXTENSIONS = 2
+
+
+@dataclasses.dataclass
+class Grid:
+    """A hyper-parameter grid fitted for several arms, extended by
+    :meth:`Context.fit_grid` where an arm chose an edge.
+
+    Attributes:
+      results: the fits (the first grid, then one per extension), each a
+        :class:`bnlab.train.FitResult` with the same evaluation schedule.
+      hp: the tuned hyper-parameter (``"lr"``).
+      extensions: one entry per extension: the arm (its hyper-parameters
+        without ``hp``), the edge (``"top"`` / ``"bottom"``) and the value
+        added.
+    """
+
+    results: list
+    hp: str = "lr"
+    extensions: list[dict] = dataclasses.field(default_factory=list)
+
+    @property
+    def arms(self) -> list:
+        return [a for r in self.results for a in r.arms]
+
+    def curve(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """The first fit's evaluation steps and its curve (for the steps)."""
+        return self.results[0].curve(key)
+
+    def values(self, where: dict | None = None) -> list[float]:
+        """Every value of ``hp`` tried for the arms matching ``where``."""
+        return grid_by_hparams(self, "val_accuracy", self.hp, where)[0]
+
+    def tune(self, **kw: Any) -> Tuned:
+        """:func:`tune` over every fit of the grid."""
+        return tune(self, hp=self.hp, **kw)
+
+
+def extension(
+    grid: Sequence[float], index: int, factor: float, limits: tuple[float, float]
+) -> tuple[str, float] | None:
+    """The value an arm's grid adds when its choice ``grid[index]`` is an
+    edge: ``("top", grid[-1] * factor)`` or ``("bottom", grid[0] /
+    factor)``; None when the choice is interior or the new value would
+    pass ``limits`` (``(lowest, highest)`` allowed).
+
+    Example:
+      >>> extension([0.01, 0.1, 1.0], 2, 10.0, (1e-4, 100.0))
+      ('top', 10.0)
+      >>> extension([0.01, 0.1, 1.0], 1, 10.0, (1e-4, 100.0)) is None
+      True
+      >>> extension([0.01, 0.1, 1.0], 0, 10.0, (0.01, 100.0)) is None
+      True
+    """
+    grid = sorted(grid)
+    if not factor > 1:
+        raise ValueError(f"an extension factor must exceed 1, got {factor}")
+    if len(grid) > 1 and index == len(grid) - 1:
+        edge, value = "top", grid[-1] * factor
+    elif len(grid) > 1 and index == 0:
+        edge, value = "bottom", grid[0] / factor
+    else:
+        return None
+    lo, hi = limits
+    if value > hi * (1 + 1e-9) or value < lo * (1 - 1e-9):
+        return None
+    return edge, float(value)
 
 
 # ------------------------------------------------------- shared model

@@ -30,7 +30,7 @@ import platform
 import subprocess
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -272,22 +272,28 @@ def verdict_of(
     checks = []
     for c in module.CRITERIA:
         m = outcome.measured[c.id]
+        premise = outcome.premises.get(c.id)
+        decision = protocol.decide_check(
+            c, m, ctx.scale, premise=premise is None or premise.holds
+        )
+        sens = outcome.sensitivity.get(c.id)
         checks.append(
             {
                 "id": c.id,
                 "quantity": c.quantity,
                 "op": c.op,
                 "threshold": c.at(ctx.scale),
+                "null": c.null,
                 "criterion": c.text(ctx.scale, exact=m.low == m.high),
                 "source": c.source,
                 "measured": m.to_json(),
-                "pass": protocol.judge(c, m, ctx.scale),
-                "outcome": protocol.decide_check(c, m, ctx.scale).to_json(),
+                "pass": decision.outcome == protocol.SUPPORTED,
+                "outcome": decision.to_json(),
+                "premise": None if premise is None else premise._asdict(),
+                "sensitivity": None if sens is None else sens.to_json(),
             }
         )
-    verdict = (
-        "REPORT" if not checks else "PASS" if all(c["pass"] for c in checks) else "FAIL"
-    )
+    verdict = claim_outcome([c["outcome"]["outcome"] for c in checks])
     return {
         "experiment": module.NAME,
         "claim": module.CLAIM,
@@ -303,6 +309,27 @@ def verdict_of(
         "seconds": seconds,
         "training": ctx.training,
     }
+
+
+def claim_outcome(outcomes: Sequence[str]) -> str:
+    """A claim's outcome from its checks': CONTRADICTED if any check is,
+    SUPPORTED if every check is, else INCONCLUSIVE if any check is, else
+    NOT_TESTABLE (a premise absent, nothing contradicted or undecided);
+    REPORT for an experiment without criteria.
+
+    Example:
+      >>> claim_outcome(["SUPPORTED", "INCONCLUSIVE"]), claim_outcome([])
+      ('INCONCLUSIVE', 'REPORT')
+    """
+    if not outcomes:
+        return "REPORT"
+    if protocol.CONTRADICTED in outcomes:
+        return protocol.CONTRADICTED
+    if all(o == protocol.SUPPORTED for o in outcomes):
+        return protocol.SUPPORTED
+    if protocol.INCONCLUSIVE in outcomes:
+        return protocol.INCONCLUSIVE
+    return protocol.NOT_TESTABLE
 
 
 def _records(directory: Path, records: list[dict]) -> None:
