@@ -78,6 +78,7 @@ __all__ = [
     "make_accuracy",
     "mean_ci",
     "paired_ci",
+    "plateau",
     "plateau_scores",
     "ratio_ci",
     "select_arms",
@@ -1089,6 +1090,37 @@ def tune(
         else at_best(report)
     )
     return Tuned(grid[i], grid, by_value.tolist(), reported, i)
+
+
+# ------------------------------------------------------------ plateau
+
+# A final-accuracy claim needs each arm trained to a plateau: its mean
+# validation accuracy (over seeds, at its chosen value) rose by less than
+# this over the last third of training.
+PLATEAU_RISE = 0.005
+
+
+def plateau(result, where: dict, hp: str, value: float, key: str = "val_accuracy"):
+    """Whether one arm (``where``, at ``hp = value``) reached a plateau:
+    :data:`PLATEAU_RISE`'s rule on the mean over seeds of ``key``, the
+    last third of the evaluations compared with the evaluation before them.
+
+    Returns a :class:`Premise` whose text gives the rise.
+    """
+    values, curves = grid_by_hparams(result, key, hp, where)
+    c = np.nanmean(curves[:, values.index(value), :], axis=1)
+    c = c[np.isfinite(c)]
+    if len(c) < 3:
+        return Premise(False, f"{len(c)} finite evaluations: no plateau to check")
+    k = max(1, len(c) // 3)
+    rise = float(np.max(c[-k:]) - c[-k - 1])
+    ok = rise < PLATEAU_RISE
+    return Premise(
+        ok,
+        f"{key} rose {rise:+.4f} over the last {k} of {len(c)} evaluations "
+        f"({'<' if ok else '>='} {PLATEAU_RISE:g}: "
+        f"{'a plateau' if ok else 'still rising'})",
+    )
 
 
 # ------------------------------------------------------- equal tuning
