@@ -39,6 +39,8 @@ EXIT_CODES = {
     "model/config (nothing was moved)",
     5: "dataset missing or corrupt",
     6: "disk full or not writable while running (earlier checkpoints kept)",
+    7: "reproduce finished and at least one claim is CONTRADICTED (see the "
+    "report; SUPPORTED, INCONCLUSIVE and NOT TESTABLE exit 0)",
     130: "interrupted (Ctrl-C); run the same command again to resume",
     143: "terminated (SIGTERM, e.g. a scheduler's preemption); run the same "
     "command again to resume",
@@ -350,6 +352,7 @@ def _reproduce(args: argparse.Namespace) -> int:
             smoke=args.smoke,
             register=args.register,
             registry=args.registry,
+            pilots=args.pilots.split(",") if args.pilots else None,
         )
     except ValueError as e:
         return _fail(2, "reproduce", str(e))
@@ -364,10 +367,15 @@ def _reproduce(args: argparse.Namespace) -> int:
     def show(line: str) -> None:
         print(line, file=_results(), flush=True)
 
+    verdicts: list[dict] = []
     try:
-        return _guarded(
-            "reproduce", lambda: plugin.run(options, progress=progress, show=show)
+        code = _guarded(
+            "reproduce",
+            lambda: verdicts.extend(plugin.run(options, progress=progress, show=show)),
         )
+        if code == 0 and any(v.get("verdict") == "CONTRADICTED" for v in verdicts):
+            return 7
+        return code
     finally:
         if progress is not None:
             progress.close()
@@ -453,13 +461,20 @@ def _parser() -> argparse.ArgumentParser:
         help="small scale on data shipped with bnlab (minutes on a laptop CPU)",
     )
     r.add_argument("--only", default=None, help="comma-separated experiment names")
-    r.add_argument("--seeds", type=int, default=None, help="seeds per arm")
+    r.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="seeds per arm (default: the registered seeds; with --register, "
+        "each experiment's power plan)",
+    )
     r.add_argument(
         "--first-seed",
         type=int,
-        default=0,
+        default=None,
         dest="first_seed",
-        help="first seed (replicate with fresh seeds, e.g. --first-seed 100)",
+        help="first seed (default: the registered seeds, else 3000 quick / 4000 "
+        "full; seeds 0-2999 are pilot seeds: exploratory only)",
     )
     r.add_argument(
         "--out",
@@ -480,7 +495,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--registry",
         default=None,
-        help="the registry file (default experiments/registry.json)",
+        help="the registry file (default experiments/registry.json; a run counts "
+        "only the registrations committed at HEAD)",
+    )
+    r.add_argument(
+        "--pilots",
+        default=None,
+        help="with --register: comma-separated pilot run directories the power "
+        "plans read (default experiments/results/pilots/, full runs first)",
     )
     _output_options(r)
     return parser

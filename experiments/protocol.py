@@ -3,26 +3,45 @@
 
 - **Data.** Full runs use Fashion-MNIST (28x28, 60k/10k); quick runs a
   shipped subset (14x14, 10k/2k, :func:`bnlab.data.load` of
-  ``"fashion_mnist_small"``). A fixed 10 % of the training set is the
-  validation split: every choice (learning rate, best step, thresholds) is
-  made on it; the test set only reports.
+  ``"fashion_mnist_small"``). A fixed 10 % of the training set (split seed
+  0) is the validation split: every choice (learning rate, best step,
+  thresholds) is made on it; the test set only reports.
+- **Seeds.** Seeds 0-2999 are pilot seeds: designs were explored on them
+  (committed under ``experiments/results/pilots/``) and they never judge.
+  Judging runs use fresh seeds: quick runs 3000 on, the confirmatory full
+  run 4000 on, as registered.
 - **Arms.** Compared arms get the same tuning budget: each its own grid of
-  learning rates, the best chosen on validation. Arms with the same seed
-  share initialization and data order, so comparisons are paired by seed.
+  learning rates, the best chosen on validation; where an arm's choice is
+  an end of its grid the grid extends past it (for every arm alike) until
+  the choice is interior or two values were added (tables mark a remaining
+  edge). Arms with the same seed share initialization and data order, so
+  comparisons are paired by seed.
 - **Intervals.** Every measured quantity is a mean over seeds (or over
-  per-seed paired differences / ratios) with a 95 % Student-t interval
-  (``ddof=1``); a criterion passes only if the whole interval clears it.
-- **Pre-registration.** Criteria are data (:class:`Criterion`: quantity,
-  operator, threshold per scale, source), committed before the run that
-  judges them; the report prints them from this data, and a changed design
-  keeps the old criterion and its result in the experiment's ``HISTORY``.
-  Each verdict records its registration (:mod:`experiments.registry`):
-  confirmatory if its design digest was registered with its seeds before
-  the run started, else exploratory.
-- **Outcomes.** Beside PASS/FAIL each check records :func:`decide`'s
-  SUPPORTED (the whole interval clears the criterion), CONTRADICTED (it
-  lies wholly past the null, or outside an equivalence margin) or
-  INCONCLUSIVE (with the seeds that would decide).
+  per-seed paired differences / log ratios) with a 95 % Student-t interval
+  (``ddof=1``), on a continuous quantity (never on a grid's values: a
+  largest usable rate is bisected, counts get an exact test). Accuracy
+  intervals are over seeds on the fixed test set: the claims compare
+  training methods on this benchmark's test set, and replications vary the
+  seeds, not the test images.
+- **Outcomes.** Each check is SUPPORTED (the whole interval clears the
+  criterion), CONTRADICTED (it lies wholly past the null, the value of no
+  effect, or outside an equivalence margin: two one-sided tests),
+  INCONCLUSIVE (with the seeds that would decide) or NOT TESTABLE (the
+  claim's premise, e.g. a gap to close, is absent in the run; its numbers
+  are shown). A claim is CONTRADICTED if any check is, SUPPORTED if all
+  are, else INCONCLUSIVE (or NOT TESTABLE). A free constant's row shows the
+  outcome at its neighbouring values.
+- **Regimes.** Final-accuracy claims check a plateau (validation accuracy
+  rose less than 0.5 points over the last third of training) per arm, or
+  state the shorter regime they test.
+- **Registration.** Criteria are data (:class:`Criterion`: quantity,
+  operator, threshold per scale, null, source). Before a judging run each
+  experiment's design digest (module, protocol, criteria), seeds and power
+  plan (seeds from the pilots' spread, 5 to 10) are registered and
+  committed (:mod:`experiments.registry`); a verdict is confirmatory only
+  if a registration in the run's commit matches its design and seeds. A
+  changed design keeps the old one and its result (generated from its
+  pilot) in the experiment's ``HISTORY``.
 """
 
 from __future__ import annotations

@@ -33,15 +33,33 @@ __all__ = [
     "CONFIRMATORY",
     "DEFAULT_PATH",
     "EXPLORATORY",
+    "FIRST_SEED",
+    "MAX_SEEDS",
+    "MIN_SEEDS",
+    "PILOT_SEEDS",
     "criteria_data",
     "design_digest",
+    "is_pilot",
+    "latest",
     "load",
+    "load_committed",
+    "power_plan",
     "register",
     "registration",
     "status",
 ]
 
 DEFAULT_PATH = Path(__file__).resolve().parent / "registry.json"
+# Seeds that design experiments (pilots, probes, earlier runs): never the
+# seeds that judge them. Registration refuses them; a run on them is a pilot.
+PILOT_SEEDS = range(0, 3000)
+# The default first seed of a run that judges (quick and full); smoke runs
+# judge nothing and use the quick seeds.
+FIRST_SEED = {"smoke": 3000, "quick": 3000, "full": 4000}
+# Seed counts a power plan may ask for: at least 5; at most this per scale
+# (the run's time budget: quick <= 8 min, full <= 120 min on 2 cores).
+MIN_SEEDS = 5
+MAX_SEEDS = {"smoke": 2, "quick": 5, "full": 10}
 CONFIRMATORY = "confirmatory"
 EXPLORATORY = "exploratory"
 _FORMAT = 1
@@ -106,6 +124,177 @@ def load(path: str | Path = DEFAULT_PATH) -> dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("experiments"), dict):
         raise ValueError(f"{path} is not a registry: no 'experiments' mapping")
     return data
+
+
+def is_pilot(seeds: Iterable[int]) -> bool:
+    """Whether any of ``seeds`` is in :data:`PILOT_SEEDS`."""
+    return any(int(s) in PILOT_SEEDS for s in seeds)
+
+
+def load_committed(path: str | Path = DEFAULT_PATH) -> tuple[dict[str, Any], str]:
+    """The registry as the checkout's HEAD commit holds it, and where it was
+    read from: only a committed registration can precede a run verifiably
+    (an edit of the working file could be written at any time). Outside a
+    git checkout, or for a file git does not track, the file itself.
+
+    Raises:
+      ValueError: the registry cannot be parsed.
+    """
+    import subprocess
+
+    path = Path(path).resolve()
+    try:
+        top = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"],
+            cwd=path.parent if path.parent.exists() else None,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if top.returncode == 0:
+            rel = path.relative_to(Path(top.stdout.strip()).resolve())
+            shown = subprocess.run(
+                ["git", "show", f"HEAD:{rel.as_posix()}"],
+                cwd=top.stdout.strip(),
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            if shown.returncode == 0:
+                return _parse(shown.stdout, f"HEAD:{rel.as_posix()}"), "HEAD"
+            tracked = subprocess.run(
+                ["git", "ls-files", "--error-unmatch", rel.as_posix()],
+                cwd=top.stdout.strip(),
+                capture_output=True,
+                timeout=10,
+            )
+            if tracked.returncode != 0 and path.exists():
+                return load(path), "file (not tracked by git)"
+            return {"format": _FORMAT, "experiments": {}}, "HEAD (no registry)"
+    except (OSError, ValueError, subprocess.SubprocessError):
+        pass
+    return load(path), "file"
+
+
+def _parse(text: str, where: str) -> dict[str, Any]:
+    data = json.loads(text)
+    if not isinstance(data, dict) or not isinstance(data.get("experiments"), dict):
+        raise ValueError(f"{where} is not a registry: no 'experiments' mapping")
+    return data
+
+
+def latest(registry: Mapping[str, Any], name: str, scale: str) -> dict[str, Any] | None:
+    """The newest registration of ``name`` at ``scale`` whose digest is the
+    current design's, or None."""
+    digest = design_digest(name)
+    entries = [
+        e
+        for e in registry.get("experiments", {}).get(name, [])
+        if e.get("scale") == scale and e.get("digest") == digest
+    ]
+    return max(entries, key=lambda e: _utc(e["registered_at"])) if entries else None
+
+
+def power_plan(
+    name: str, pilots: Sequence[str | Path], scale: str = "full"
+) -> dict[str, Any]:
+    """How many seeds ``name`` needs, from the spread of its checks in the
+    first pilot run (a directory of verdicts, in ``pilots`` order) that
+    measured them.
+
+    Per check with per-seed values: the pilot interval's centre ``c`` and
+    half-width ``h`` over ``n0`` seeds; the seeds ``n`` at which an interval
+    of that centre and spread decides (clears the threshold, or the null on
+    the other side; ``within``: the margin) are the smallest ``n >= 5`` with
+    ``h sqrt(n0 / n) t(n - 1) / t(n0 - 1) < d``, ``d`` the centre's distance
+    to the bound it would cross. The experiment asks for the largest ``n``
+    over its checks, capped at :data:`MAX_SEEDS`; a check that no ``n`` up to
+    the cap decides is listed as underpowered (expect INCONCLUSIVE unless
+    its effect is larger than the pilot's). Ratios (geometric means) are
+    planned on the log scale.
+    """
+    module = _module(name)
+    cap, floor = MAX_SEEDS[scale], min(MIN_SEEDS, MAX_SEEDS[scale])
+    for pilot in pilots:
+        f = Path(pilot) / name / "verdict.json"
+        if not f.exists():
+            continue
+        verdict = json.loads(f.read_text())
+        checks = {c["id"]: c for c in verdict.get("checks", [])}
+        rows, needs = [], []
+        for crit in module.CRITERIA:
+            c = checks.get(crit.id)
+            if c is None:
+                rows.append({"check": crit.id, "basis": "not in this pilot"})
+                continue
+            rows.append(_check_plan(crit, c, scale, cap))
+            if rows[-1].get("seeds") is not None:
+                needs.append(rows[-1]["seeds"])
+        measured = [r for r in rows if "centre" in r]
+        if not measured:
+            continue
+        n = max([floor, *[min(x, cap) for x in needs]])
+        return {
+            "seeds": n,
+            "pilot": Path(pilot).name,
+            "pilot_seeds": verdict.get("seeds"),
+            "pilot_commit": (verdict.get("provenance") or {}).get("commit"),
+            "pilot_scale": verdict.get("scale"),
+            "checks": rows,
+            "underpowered": [
+                r["check"] for r in rows if r.get("seeds") is None and "centre" in r
+            ],
+            "basis": f"the largest of the checks' seeds (>= {floor}, <= {cap})",
+        }
+    return {
+        "seeds": floor,
+        "basis": "no pilot measured this design's checks: the minimum seed count",
+    }
+
+
+def _check_plan(crit: Any, c: Mapping[str, Any], scale: str, cap: int) -> dict:
+    import math
+
+    m = c.get("measured") or {}
+    per_seed = [v for v in (m.get("per_seed") or []) if v is not None]
+    lo, hi = (m.get("ci") or [None, None])[:2]
+    row: dict[str, Any] = {"check": crit.id}
+    if len(per_seed) < 2 or lo is None or hi is None or lo == hi:
+        row["basis"] = "no spread over seeds in the pilot (an exact quantity)"
+        row["seeds"] = None if lo is None else MIN_SEEDS
+        return row
+    t, null = crit.at(scale), crit.null
+    geometric = (
+        crit.op != "within"
+        and lo > 0
+        and (null == 1.0 or "ratio" in crit.quantity.lower())
+    )
+    f = math.log if geometric else float
+    try:
+        a, b, t_, null_ = f(lo), f(hi), f(t), None if null is None else f(null)
+    except ValueError:
+        geometric, a, b, t_, null_ = False, lo, hi, t, null
+    centre, half, n0 = (a + b) / 2, (b - a) / 2, len(per_seed)
+    if crit.op == "within":
+        d = abs(abs(centre) - t_)
+    else:
+        up = crit.op in (">=", ">")
+        supports = centre > t_ if up else centre < t_
+        bound = t_ if supports or null_ is None else null_
+        d = abs(centre - bound)
+    row.update(
+        centre=math.exp(centre) if geometric else centre,
+        half_width=half,
+        pilot_seeds=n0,
+        scale="log" if geometric else "linear",
+    )
+    need = None
+    for n in range(max(2, MIN_SEEDS if cap >= MIN_SEEDS else cap), cap + 1):
+        if half * math.sqrt(n0 / n) * protocol.t975(n - 1) / protocol.t975(n0 - 1) < d:
+            need = n
+            break
+    row["seeds"] = need
+    return row
 
 
 def register(
@@ -198,17 +387,26 @@ def registration(
             return {"status": EXPLORATORY, "digest": None, "registered_at": None}
         digest = design_digest(module)
     start = _utc(run_started_at)
-    times = sorted(
-        _utc(e["registered_at"])
-        for e in data.get("experiments", {}).get(name, [])
-        if e.get("digest") == digest
-        and (seeds is None or list(e.get("seeds", [])) == list(seeds))
-        and (scale is None or e.get("scale") == scale)
-        and _utc(e["registered_at"]) < start
+    found = sorted(
+        (
+            e
+            for e in data.get("experiments", {}).get(name, [])
+            if e.get("digest") == digest
+            and (seeds is None or list(e.get("seeds", [])) == list(seeds))
+            and (scale is None or e.get("scale") == scale)
+            and _utc(e["registered_at"]) < start
+        ),
+        key=lambda e: _utc(e["registered_at"]),
     )
-    if not times:
+    if not found:
         return {"status": EXPLORATORY, "digest": digest, "registered_at": None}
-    return {"status": CONFIRMATORY, "digest": digest, "registered_at": _iso(times[0])}
+    return {
+        "status": CONFIRMATORY,
+        "digest": digest,
+        "registered_at": _iso(_utc(found[0]["registered_at"])),
+        "commit": found[0].get("commit"),
+        "power_plan": found[0].get("power_plan"),
+    }
 
 
 def status(
@@ -233,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--only", default=None)
     p.add_argument("--seeds", type=int, default=None)
-    p.add_argument("--first-seed", type=int, default=0, dest="first_seed")
+    p.add_argument("--first-seed", type=int, default=None, dest="first_seed")
     p.add_argument("--registry", default=None)
     args = p.parse_args(argv)
     try:

@@ -13,21 +13,26 @@ in Ioffe's two experiments:
 - micro-batches: each batch of 32 i.i.d. examples is normalized as 8
   micro-batches of 4, each with its own statistics (the loss is over the
   whole batch; the running statistics follow the whole batch);
-- non-i.i.d.: each batch of 32 holds 2 classes, 16 examples of each (the
-  earlier design, kept), normalized together; reported beside it, Ioffe's
-  own variant, 16 pairs of examples of the same class per batch. ``fit`` has
-  no sampler, so the training set is rebuilt as class-pure groups (an
-  example is a group of 16, or 2, examples of one class; the model flattens
-  groups into rows and the loss scores every row): fit's per-seed shuffle
-  then draws random groups. Groups are fixed (each example keeps its group
-  across epochs), where Ioffe drew fresh pairs every step. With 10 classes,
-  pairs change little: an i.i.d. batch of 32 holds about 9.7 distinct
-  classes and one of 16 pairs about 8.5, where on ImageNet pairs halve them.
+- non-i.i.d. (judged): Ioffe's own design, each batch of 32 holds 16
+  pairs of examples of the same class, normalized together; reported beside
+  it, the earlier design of 2 classes per batch (16 examples of each).
+  ``fit`` has no sampler, so the training set is rebuilt as class-pure
+  groups (an example is a group of 2, or 16, examples of one class; the
+  model flattens groups into rows and the loss scores every row): fit's
+  per-seed shuffle then draws random groups. Groups are fixed (each example
+  keeps its group across epochs), where Ioffe drew fresh pairs every step.
+  With 10 classes, pairs change little: an i.i.d. batch of 32 holds about
+  9.7 distinct classes and one of 16 pairs about 8.5, where on ImageNet
+  pairs halve them; the judged check is still Ioffe's design (issue 21),
+  and the milder mismatch is a reason it may not separate the variants.
 
 Renorm follows the paper's schedule scaled to the run (plain BN for the
 first 5 %, r_max 1 -> 3 by 50 %, d_max 0 -> 5 by 30 %). Every variant gets
-its own lr grid, chosen on validation; inference uses the running
-statistics (momentum 0.99).
+its own lr grid, chosen on validation and extended past an edge it chose
+(:meth:`protocol.Context.fit_grid`); inference uses the running statistics
+(momentum 0.99). The runs are short (1000 steps of 32 at full scale, 0.6
+epochs): the claim is judged at the end of that run, and whether each arm
+reached a plateau (:func:`protocol.plateau`) is reported per arm.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ CLAIM = (
     "batches (Ioffe 2017)."
 )
 # lr grid per setting (the same for both variants), placed by quick pilots
-# (2026-12-01) around both variants' best: 2-class batches want a smaller lr
+# (2026-12-01) around both variants' best: 2-class batches want a smaller lr;
+# a variant that chooses an edge gets the next value past it (fit_grid)
 LRS = {
     "micro": (0.01, 0.03, 0.1),
     "classes2": (0.001, 0.003, 0.01),
@@ -60,9 +66,11 @@ VARIANTS = {0: "BN", 1: "batch renorm"}
 GROUP = {"classes2": BATCH // 2, "pairs": 2}  # class-pure group sizes
 SETTINGS = {
     "micro": f"micro-batches of {MICRO} (batch {BATCH})",
-    "classes2": f"non-i.i.d.: 2 classes per batch ({BATCH // 2} + {BATCH // 2})",
     "pairs": f"non-i.i.d.: {BATCH // 2} class-pure pairs per batch (Ioffe's)",
+    "classes2": f"non-i.i.d.: 2 classes per batch ({BATCH // 2} + {BATCH // 2})",
 }
+# the equal-tuning rule's limits on an extended lr grid
+LR_LIMITS = (1e-4, 1.0)
 _SRC = (
     "Ioffe 2017 (small and non-i.i.d. minibatches: renorm several points above "
     "BN); threshold of the earlier design (2026-11-20), kept"
@@ -70,18 +78,22 @@ _SRC = (
 CRITERIA = [
     P.Criterion(
         "micro_batches",
-        f"micro-batches of {MICRO}: renorm - BN test accuracy (paired by seed, each "
-        "at its lr chosen on validation)",
+        f"micro-batches of {MICRO}: renorm - BN test accuracy at the end of the run "
+        "(paired by seed, each at its lr chosen on validation)",
         ">=",
         0.02,
         _SRC,
+        null=0.0,
     ),
     P.Criterion(
         "non_iid",
-        "non-i.i.d. batches (2 classes per batch): renorm - BN test accuracy",
+        f"non-i.i.d. batches as Ioffe 2017: {BATCH // 2} class-pure pairs per batch "
+        f"of {BATCH}; renorm - BN test accuracy at the end of the run (paired by "
+        "seed, each at its lr chosen on validation)",
         ">=",
         0.02,
         _SRC,
+        null=0.0,
     ),
 ]
 HISTORY = [
@@ -105,6 +117,19 @@ HISTORY = [
         "distinct classes of 32 examples against 9.7), where on ImageNet they halve "
         "the classes per batch; the criterion went back to the earlier design's 2 "
         "classes per batch, and the pairs are reported",
+    },
+    {
+        "date": "2026-12-05",
+        "criterion": "non_iid judged on 2 classes per batch (16 + 16), renorm - BN "
+        ">= 0.02 (Ioffe's 16 class-pure pairs reported only); every lr chosen on a "
+        "fixed grid of 3 (BN's at an edge in two settings); no null",
+        "pilot": "full-1000",
+        "why": "the swap to 2 classes per batch (2026-12-01) followed a failing "
+        "pilot, not the source: Ioffe 2017 (sec. 4.3) builds non-i.i.d. batches "
+        "of 32 from 16 pairs of one class, so that is the judged design again "
+        "(issue 21), the 2-class design reported; grids extend past a chosen edge "
+        "for every variant (equal tuning); null 0 so that CONTRADICTED means "
+        "renorm is worse, not short of 2 points",
     },
 ]
 
@@ -241,12 +266,14 @@ def run(ctx: P.Context) -> P.Outcome:
     batch = {"micro": BATCH}
     for s, k in GROUP.items():  # an example is a group of k
         data[s], batch[s] = grouped_dataset(ctx.data, k), BATCH // k
-    tuned, results = {}, {}
+    tuned, results, plateaus = {}, {}, {}
     for s in SETTINGS:
-        results[s] = ctx.fit(
+        results[s] = ctx.fit_grid(
             s,
             RenormMLP((width,) * depth, 10, groups=groups[s]),
-            hparams=[{"renorm": float(v), "lr": lr} for v in VARIANTS for lr in LRS[s]],
+            arms=[{"renorm": float(v)} for v in VARIANTS],
+            grid=LRS[s],
+            limits=LR_LIMITS,
             optimizer=lambda hp: optax.sgd(hp["lr"], momentum=0.9),
             train_kwargs=schedule(steps),
             steps=steps,
@@ -255,19 +282,19 @@ def run(ctx: P.Context) -> P.Outcome:
             data=data[s],
         )
         for v in VARIANTS:
-            tuned[(s, v)] = P.tune(results[s], where={"renorm": float(v)})
-    measured = {
-        "micro_batches": P.paired_ci(
-            tuned[("micro", 1)].report, tuned[("micro", 0)].report
-        ),
-        "non_iid": P.paired_ci(
-            tuned[("classes2", 1)].report, tuned[("classes2", 0)].report
-        ),
-    }
+            where = {"renorm": float(v)}
+            tuned[(s, v)] = results[s].tune(where=where)
+            plateaus[(s, v)] = P.plateau(
+                results[s], where=where, hp="lr", value=tuned[(s, v)].value
+            )
+
+    def diff(s):
+        return P.paired_ci(tuned[(s, 1)].report, tuned[(s, 0)].report)
+
+    measured = {"micro_batches": diff("micro"), "non_iid": diff("pairs")}
     reported = {
-        "non-i.i.d., Ioffe's class-pure pairs: renorm - BN test accuracy": (
-            P.paired_ci(tuned[("pairs", 1)].report, tuned[("pairs", 0)].report)
-        )
+        "non-i.i.d., 2 classes per batch (the earlier design): renorm - BN test "
+        "accuracy": diff("classes2")
     }
     table = [
         {
@@ -276,9 +303,10 @@ def run(ctx: P.Context) -> P.Outcome:
             "chosen lr (validation)": tuned[(s, v)].text(),
             "validation accuracy by lr": ", ".join(
                 f"{lr:g}: {a:.3f}"
-                for lr, a in zip(LRS[s], tuned[(s, v)].val, strict=True)
+                for lr, a in zip(tuned[(s, v)].grid, tuned[(s, v)].val, strict=True)
             ),
             "test accuracy (95% interval)": P.fmt(P.mean_ci(tuned[(s, v)].report)),
+            "plateau (validation)": plateaus[(s, v)].text,
         }
         for s, label in SETTINGS.items()
         for v in VARIANTS
@@ -295,6 +323,11 @@ def run(ctx: P.Context) -> P.Outcome:
         for v in VARIANTS
         for seed, a in zip(ctx.seeds, tuned[(s, v)].report, strict=True)
     ]
+    extended = "; ".join(
+        f"{SETTINGS[s]}: {VARIANTS[int(e['arm']['renorm'])]} {e['edge']} {e['lr']:.3g}"
+        for s in SETTINGS
+        for e in results[s].extensions
+    )
     figure = _figure(ctx, results, tuned)
     grids = "; ".join(f"{SETTINGS[k]} {v}" for k, v in LRS.items())
     k16 = GROUP["classes2"]
@@ -311,9 +344,12 @@ def run(ctx: P.Context) -> P.Outcome:
             f"SGD (momentum 0.9), {BATCH} examples per batch; lr grids: {grids}, "
             "each variant's chosen on validation (mean of the last 3 evaluations); "
             "test accuracy with running statistics (momentum 0.99), mean of the "
-            f"last 3 evaluations. With groups of {k16}, validation and test keep "
-            f"{kept_val} and {kept_test} examples (the remainder of a group is "
-            "dropped)."
+            f"last 3 evaluations. Grids extended past a chosen edge (equal "
+            f"tuning, limits {LR_LIMITS}): {extended or 'none'}. With groups of "
+            f"{k16}, validation and test keep {kept_val} and {kept_test} examples "
+            "(the remainder of a group is dropped). Plateau: validation accuracy "
+            f"rose < {P.PLATEAU_RISE:g} over the last third of the run; the claim "
+            f"is judged at the end of the run ({steps} steps) whether or not."
         ),
     )
 

@@ -15,7 +15,29 @@ from typing import Any
 
 from experiments import protocol
 
-__all__ = ["markdown_html", "write"]
+__all__ = ["markdown_html", "tally", "write"]
+
+# The claims' outcomes in the order the report counts them.
+WORDS = ("SUPPORTED", "CONTRADICTED", "INCONCLUSIVE", "NOT_TESTABLE")
+PILOTS = Path(__file__).resolve().parent / "results" / "pilots"
+
+
+def tally(verdicts: list[dict]) -> str:
+    """``"n claims: a SUPPORTED, b CONTRADICTED, ..."`` (reports apart).
+
+    Example:
+      >>> tally([{"verdict": "SUPPORTED"}, {"verdict": "REPORT"}])
+      '1 claim: 1 SUPPORTED, 0 CONTRADICTED, 0 INCONCLUSIVE, 0 NOT TESTABLE; 1 reported without a criterion'
+    """
+    judged = [v for v in verdicts if v["verdict"] != "REPORT"]
+    counts = ", ".join(
+        f"{sum(v['verdict'] == w for v in judged)} {w.replace('_', ' ')}" for w in WORDS
+    )
+    plural = "" if len(judged) == 1 else "s"
+    return (
+        f"{len(judged)} claim{plural}: {counts}; "
+        f"{len(verdicts) - len(judged)} reported without a criterion"
+    )
 
 
 def measured(v: Any) -> str:
@@ -75,14 +97,34 @@ def _checks(v: dict) -> list[dict]:
             "check": c["quantity"]
             + (f" ({c['measured']['note']})" if c["measured"].get("note") else ""),
             "measured (95% interval)": c["measured"],
-            "criterion": c["criterion"],
+            "criterion": c["criterion"]
+            + (
+                f"; contradicted past {c['null']:g}"
+                if c.get("null") is not None
+                else ""
+            ),
             "source": c["source"],
-            "result": "PASS" if c["pass"] else "FAIL",
         }
-        if c.get("outcome"):  # optional: verdicts written before it lack it
+        if c.get("outcome"):
             row["outcome"] = outcome_text(c["outcome"])
+        else:  # verdicts written before outcomes
+            row["outcome"] = "PASS" if c["pass"] else "FAIL"
+        if c.get("premise"):
+            p = c["premise"]
+            row["premise"] = ("holds: " if p["holds"] else "ABSENT: ") + p["text"]
+        if c.get("sensitivity"):
+            row["sensitivity"] = sensitivity_text(c["sensitivity"])
         rows.append(row)
     return rows
+
+
+def sensitivity_text(s: dict) -> str:
+    """``constant: v1 OUTCOME, v2* OUTCOME, ...`` (``*`` the registered)."""
+    parts = []
+    for k, o in s["outcomes"].items():
+        star = "*" if float(k) == float(s["value"]) else ""
+        parts.append(f"{k}{star} {str(o).replace('_', ' ')}")
+    return f"{s['constant']}: " + ", ".join(parts)
 
 
 def outcome_text(o: dict) -> str:
@@ -100,7 +142,27 @@ def registration_text(r: dict | None) -> str:
     design = f"design {str(r.get('digest'))[:12]}"
     if r.get("status") == "confirmatory":
         return f"confirmatory: {design} registered at {r.get('registered_at')}"
+    if r.get("status") == "pilot":
+        return f"pilot (seeds in the pilot range): {design}, exploratory"
     return f"{r.get('status')}: {design} not registered before the run"
+
+
+def power_text(v: dict) -> str:
+    """Seeds reached vs planned, and the plan's basis."""
+    n = len(v.get("seeds", []))
+    plan = (v.get("registration") or {}).get("power_plan")
+    if not plan:
+        return f"{n} seeds; no registered power plan"
+    text = f"{n} seeds (planned {plan.get('seeds')}"
+    if plan.get("pilot"):
+        text += f" from pilot {plan['pilot']}, seeds {plan.get('pilot_seeds')}"
+    text += ")"
+    if plan.get("underpowered"):
+        text += (
+            "; underpowered at the cap (an INCONCLUSIVE outcome was expected "
+            f"unless the effect exceeds the pilot's): {', '.join(plan['underpowered'])}"
+        )
+    return text
 
 
 def _reported(v: dict) -> list[dict]:
@@ -114,11 +176,38 @@ def _history(v: dict) -> list[dict]:
         {
             "date": h.get("date", ""),
             "earlier design / criterion": h.get("criterion", ""),
-            "its result": h.get("result", ""),
+            "its result": h.get("result") or pilot_result(h.get("pilot"), v),
             "why it changed": h.get("why", ""),
         }
         for h in v.get("history", [])
     ]
+
+
+def pilot_result(pilot: str | None, v: dict, root: Path = PILOTS) -> str:
+    """A HISTORY row's result, generated from the pilot run it names
+    (``experiments/results/pilots/<pilot>/<experiment>/verdict.json``)."""
+    if not pilot:
+        return ""
+    f = root / pilot / v["experiment"] / "verdict.json"
+    if not f.exists():
+        return f"(pilot {pilot}: no verdict at {f.relative_to(root.parent)})"
+    import json
+
+    p = json.loads(f.read_text())
+    checks = "; ".join(
+        f"{c['id']}: {measured(c['measured'])} "
+        + (
+            outcome_text(c["outcome"])
+            if c.get("outcome")
+            else ("PASS" if c["pass"] else "FAIL")
+        )
+        for c in p.get("checks", [])
+    )
+    commit = str((p.get("provenance") or {}).get("commit"))[:10]
+    return (
+        f"{p.get('verdict')} (pilot {pilot}: {p.get('scale')}, seeds "
+        f"{p.get('seeds')}, commit {commit}): {checks}"
+    )
 
 
 def method_text() -> str:
@@ -195,9 +284,13 @@ def write(
     prov = first.get("provenance", {})
     commits = sorted({str(v.get("provenance", {}).get("commit")) for v in verdicts})
     dirty = any(v.get("provenance", {}).get("dirty") for v in verdicts)
-    seeds = first.get("seeds", [])
-    judged = [v for v in verdicts if v["checks"]]
-    passed = sum(v["verdict"] == "PASS" for v in judged)
+    seed_sets = sorted(
+        {(v["seeds"][0], len(v["seeds"])) for v in verdicts if v.get("seeds")}
+    )
+    seeds = "; ".join(f"{n} from {a}" for a, n in seed_sets) or "none"
+    roles = sorted(
+        {(v.get("registration") or {}).get("status", "unregistered") for v in verdicts}
+    )
     exp_seconds = sum(v.get("seconds", 0.0) for v in verdicts)
     train = [t for v in verdicts for t in v.get("training", [])]
     arm_steps = sum(t["arms"] * t["steps"] for t in train)
@@ -211,9 +304,9 @@ def write(
         "# bnlab reproduce: Batch Normalization's claims, tested",
         "",
         f"- Command: `{command} --out {out}`",
-        f"- Scale: {scale}; data: {data}; seeds {seeds}",
-        f"- Result: {passed}/{len(judged)} experiments with criteria PASS; "
-        f"{len(verdicts) - len(judged)} reported without a criterion",
+        f"- Scale: {scale}; data: {data}; seeds per experiment: {seeds}",
+        f"- Result: {tally(verdicts)}",
+        f"- Registration: {', '.join(roles)}",
         f"- Code: commit {', '.join(commits)}"
         + (" (with uncommitted changes)" if dirty else "")
         + f"; bnlab {prov.get('bnlab', '?')}",
@@ -232,14 +325,16 @@ def write(
         "",
         "## Summary",
         "",
-        "| experiment | claim | verdict | checks | time |",
-        "|---|---|---|---|---|",
+        "| experiment | claim | outcome | checks supported | seeds | registration | time |",
+        "|---|---|---|---|---|---|---|",
     ]
     for v in verdicts:
         ok = sum(c["pass"] for c in v["checks"])
+        status = (v.get("registration") or {}).get("status", "")
         head.append(
             f"| [{v['experiment']}](#{v['experiment']}) | {_cell(v['claim'])} | "
-            f"**{v['verdict']}** | {ok}/{len(v['checks'])} | {v.get('seconds', 0):.0f} s |"
+            f"**{v['verdict'].replace('_', ' ')}** | {ok}/{len(v['checks'])} | "
+            f"{len(v.get('seeds', []))} | {status} | {v.get('seconds', 0):.0f} s |"
         )
     md = [*head, "", "## Method", "", method_text(), ""]
     for v in verdicts:
@@ -252,6 +347,8 @@ def write(
         ]
         if v.get("registration"):
             md += [f"*Registration.* {registration_text(v['registration'])}", ""]
+        if v["checks"]:
+            md += [f"*Power.* {power_text(v)}", ""]
         md += [
             _table_md(_checks(v)),
             "",
@@ -288,8 +385,10 @@ def _html(out: Path, verdicts: list[dict], head_md: list[str]) -> str:
         "table{border-collapse:collapse;margin:0.8em 0;font-size:0.9em}",
         "td,th{border:1px solid #ccc;padding:0.25em 0.5em;text-align:left;"
         "vertical-align:top}",
-        ".PASS{color:#0a7a2f;font-weight:bold}.FAIL{color:#b00020;font-weight:bold}"
-        ".REPORT{color:#555;font-weight:bold}",
+        ".SUPPORTED,.PASS{color:#0a7a2f;font-weight:bold}"
+        ".CONTRADICTED,.FAIL{color:#b00020;font-weight:bold}"
+        ".INCONCLUSIVE{color:#9a6700;font-weight:bold}"
+        ".NOT_TESTABLE,.REPORT{color:#555;font-weight:bold}",
         "img{max-width:100%;border:1px solid #eee}code{background:#f4f4f4;"
         "padding:0 0.2em}",
         "</style></head><body>",
@@ -321,6 +420,8 @@ def _html(out: Path, verdicts: list[dict], head_md: list[str]) -> str:
                 "<p><i>Registration.</i> "
                 f"{html.escape(registration_text(v['registration']))}</p>"
             )
+        if v["checks"]:
+            parts.append(f"<p><i>Power.</i> {html.escape(power_text(v))}</p>")
         parts.append(_table_html(_checks(v)))
         parts.append(_table_html(_reported(v)))
         for fig in v["figures"]:

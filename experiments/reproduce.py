@@ -73,23 +73,32 @@ DEFAULT_SEEDS = {"smoke": 2, "quick": 5, "full": 5}
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """One invocation's settings (checked by :func:`options`)."""
+    """One invocation's settings (checked by :func:`options`).
+
+    ``seeds`` maps each experiment to its seeds: the registered ones when the
+    command names none (a confirmatory run), else ``--seeds`` from
+    ``--first-seed``. ``pilots``: the pilot runs a registration's power plan
+    reads (``--register``)."""
 
     names: list[str]
     out: Path
     scale: str
-    seeds: list[int]
+    seeds: dict[str, list[int]]
     register: bool = False
     registry: Path = reg.DEFAULT_PATH
+    pilots: tuple[Path, ...] = ()
 
-    @property
-    def command(self) -> str:
+    def command(self, name: str | None = None) -> str:
+        """The command that runs ``name`` (or every experiment, when its
+        seeds are the same) with these seeds."""
         parts = ["bnlab reproduce"]
         if self.scale != "full":
             parts.append(f"--{self.scale}")
-        parts.append(f"--seeds {len(self.seeds)}")
-        if self.seeds[0]:
-            parts.append(f"--first-seed {self.seeds[0]}")
+        seeds = self.seeds[name] if name else self.seeds[self.names[0]]
+        if name is not None or len({tuple(v) for v in self.seeds.values()}) == 1:
+            parts.append(f"--seeds {len(seeds)} --first-seed {seeds[0]}")
+        if name is not None:
+            parts.append(f"--only {name}")
         return " ".join(parts)
 
 
@@ -105,26 +114,37 @@ def missing_requirements() -> list[str]:
     return missing
 
 
+PILOTS = Path(__file__).resolve().parent / "results" / "pilots"
+
+
 def options(
     out: str | Path | None = None,
     quick: bool = False,
     only: str | None = None,
     seeds: int | None = None,
-    first_seed: int = 0,
+    first_seed: int | None = None,
     smoke: bool = False,
     register: bool = False,
     registry: str | Path | None = None,
+    pilots: Sequence[str | Path] | None = None,
 ) -> Options:
     """Checked settings of one invocation.
 
-    ``register``: write the registrations of these experiments and seeds
-    to ``registry`` (default :data:`experiments.registry.DEFAULT_PATH`) and
-    run nothing; otherwise ``registry`` is the one verdicts are checked
-    against.
+    Seeds: with neither ``seeds`` nor ``first_seed``, each experiment runs
+    the seeds registered for its current design at this scale (the
+    committed registry), else :data:`DEFAULT_SEEDS` from
+    :data:`experiments.registry.FIRST_SEED` (outside the pilot seeds).
+
+    ``register``: write the registrations of these experiments to
+    ``registry`` (default :data:`experiments.registry.DEFAULT_PATH`) and run
+    nothing; each experiment's seed count comes from its power plan on the
+    ``pilots`` (directories of pilot verdicts, searched in order; default
+    the committed pilots of this scale) unless ``seeds`` is given. Pilot
+    seeds (:data:`experiments.registry.PILOT_SEEDS`) cannot be registered.
 
     Raises:
-      ValueError: an unknown experiment, or a seed count / first seed that
-        cannot run.
+      ValueError: an unknown experiment, a seed count / first seed that
+        cannot run, or pilot seeds to register.
     """
     scale = "smoke" if smoke else "quick" if quick else "full"
     names = list(EXPERIMENTS)
@@ -135,25 +155,77 @@ def options(
             raise ValueError(
                 f"unknown experiment(s) {bad}; choose from {list(EXPERIMENTS)}."
             )
-    n = DEFAULT_SEEDS[scale] if seeds is None else seeds
-    if n < 2 and scale != "smoke":
+    if seeds is not None and seeds < 2 and scale != "smoke":
         raise ValueError(
-            f"--seeds {n}: intervals need at least 2 seeds (the full run uses 5)."
+            f"--seeds {seeds}: intervals need at least 2 seeds (use 5 or more)."
         )
-    if n < 1:
-        raise ValueError(f"--seeds {n}: use at least 1.")
-    if first_seed < 0 or first_seed + n > 2**31:
+    if seeds is not None and seeds < 1:
+        raise ValueError(f"--seeds {seeds}: use at least 1.")
+    if first_seed is not None and not 0 <= first_seed <= 2**31 - 100:
         raise ValueError(f"--first-seed {first_seed}: use a non-negative integer.")
+    path_of = reg.DEFAULT_PATH if registry is None else Path(registry)
+    pilot_dirs = tuple(Path(p) for p in (pilots or _default_pilots(scale)))
+    first = reg.FIRST_SEED[scale] if first_seed is None else first_seed
+    per_name: dict[str, list[int]] = {}
+    committed = None
+    for name in names:
+        if register:
+            n = seeds or reg.power_plan(name, pilot_dirs, scale)["seeds"]
+        elif seeds is None and first_seed is None:
+            if committed is None:
+                committed = _committed(path_of)
+            entry = reg.latest(committed, name, scale)
+            if entry is not None:
+                per_name[name] = [int(s) for s in entry["seeds"]]
+                continue
+            n = DEFAULT_SEEDS[scale]
+        else:
+            n = seeds or DEFAULT_SEEDS[scale]
+        per_name[name] = list(range(first, first + n))
+    if register:
+        pilot = sorted(
+            {s for v in per_name.values() for s in v if s in reg.PILOT_SEEDS}
+        )
+        if pilot:
+            raise ValueError(
+                f"seeds {pilot[0]}..{pilot[-1]} are pilot seeds "
+                f"({reg.PILOT_SEEDS.start}-{reg.PILOT_SEEDS.stop - 1}: they designed "
+                "the experiments and cannot judge them); register fresh seeds, e.g. "
+                f"--first-seed {reg.FIRST_SEED['full']}."
+            )
     default = {"smoke": "runs/reproduce-smoke", "quick": "runs/reproduce-quick"}
-    path = Path(out or default.get(scale, "runs/reproduce"))
     return Options(
         names,
-        path,
+        Path(out or default.get(scale, "runs/reproduce")),
         scale,
-        list(range(first_seed, first_seed + n)),
+        per_name,
         register,
-        reg.DEFAULT_PATH if registry is None else Path(registry),
+        path_of,
+        pilot_dirs,
     )
+
+
+def _default_pilots(scale: str) -> list[Path]:
+    """The committed pilot runs of a scale, newest first (by modification of
+    their report; a full-scale plan falls back to quick pilots)."""
+    if not PILOTS.exists():
+        return []
+
+    def runs(prefix: str) -> list[Path]:
+        found = [
+            p for p in PILOTS.iterdir() if p.is_dir() and p.name.startswith(prefix)
+        ]
+        return sorted(found, key=lambda p: p.name, reverse=True)
+
+    full, quick = runs("full-"), runs("quick-")
+    return full + quick if scale == "full" else quick
+
+
+def _committed(path: Path) -> dict[str, Any]:
+    try:
+        return reg.load_committed(path)[0]
+    except ValueError as e:
+        raise ValueError(f"the registry {path} cannot be read: {e}") from e
 
 
 # -------------------------------------------------------------- provenance
@@ -244,7 +316,8 @@ def _stored(directory: Path, opts: Options) -> dict | None:
             stacklevel=3,
         )
         return None
-    if verdict.get("scale") != opts.scale or verdict.get("seeds") != opts.seeds:
+    seeds = opts.seeds[directory.name]
+    if verdict.get("scale") != opts.scale or verdict.get("seeds") != seeds:
         from bnlab.train import ConfigError
 
         raise ConfigError(
@@ -339,17 +412,27 @@ def _records(directory: Path, records: list[dict]) -> None:
 
 
 def summary_line(verdict: dict[str, Any], width: int, state: str) -> str:
-    """One line of the transcript; a FAIL names its first failing check."""
-    line = f"{verdict['verdict']:<6} {verdict['experiment']:<{width}}  ({state})"
-    if verdict["verdict"] == "FAIL":
-        c = next(c for c in verdict["checks"] if not c["pass"])
-        m = c["measured"]
-        lo, hi = m["ci"]
-        line += (
-            f": {c['quantity']} = {protocol.fmt(m['value'])} "
-            f"[{protocol.fmt(lo)}, {protocol.fmt(hi)}], "
-            f"needs {c['op']} {c['threshold']:g}"
-        )
+    """One line of the transcript: the claim's outcome; one that is not
+    SUPPORTED names its first check that is not, with its interval."""
+    word = verdict["verdict"]
+    line = f"{word:<12} {verdict['experiment']:<{width}}  ({state})"
+    if word in ("REPORT", protocol.SUPPORTED):
+        return line
+    c = next(
+        (c for c in verdict["checks"] if c["outcome"]["outcome"] == word),
+        next(c for c in verdict["checks"] if not c["pass"]),
+    )
+    m = c["measured"]
+    lo, hi = m["ci"]
+    line += (
+        f": {c['quantity']} = {protocol.fmt(m['value'])} "
+        f"[{protocol.fmt(lo)}, {protocol.fmt(hi)}], criterion {c['op']} "
+        f"{c['threshold']:g}"
+    )
+    if word == protocol.NOT_TESTABLE and c.get("premise"):
+        line += f"; premise absent: {c['premise']['text']}"
+    elif c["outcome"].get("seeds_needed"):
+        line += f"; {c['outcome']['seeds_needed']} seeds would decide"
     return line
 
 
@@ -384,8 +467,10 @@ def run(
 
 def register(opts: Options, show: Callable[[str], None] = print) -> dict[str, dict]:
     """Writes the registration of each experiment of ``opts`` (its design
-    digest, the seeds and scale, a power plan, the time and the commit) to
-    ``opts.registry``, runs nothing; returns the entries by name."""
+    digest, its seeds and scale, its power plan from the pilots, the time
+    and the commit) to ``opts.registry``, runs nothing; returns the entries
+    by name. Commit the registry before the run it is for: a run counts only
+    registrations its checkout's HEAD holds."""
     prov = provenance()
     if prov.get("dirty"):
         warnings.warn(
@@ -394,24 +479,42 @@ def register(opts: Options, show: Callable[[str], None] = print) -> dict[str, di
             RuntimeWarning,
             stacklevel=2,
         )
-    entries = reg.register(
-        opts.names, opts.seeds, None, opts.registry, scale=opts.scale, provenance=prov
-    )
+    entries = {}
+    for name in opts.names:
+        plan = reg.power_plan(name, opts.pilots, opts.scale)
+        if plan["seeds"] != len(opts.seeds[name]):  # --seeds overrode it
+            plan = {**plan, "seeds": len(opts.seeds[name]), "overridden": True}
+        entries.update(
+            reg.register(
+                [name],
+                opts.seeds[name],
+                {name: plan},
+                opts.registry,
+                scale=opts.scale,
+                provenance=prov,
+            )
+        )
     width = max(map(len, opts.names))
     for name, e in entries.items():
+        under = e["power_plan"].get("underpowered")
         show(
-            f"registered {name:<{width}}  {opts.scale}, seeds {e['seeds']}, design "
-            f"{e['digest'][:12]} at {e['registered_at']}"
+            f"registered {name:<{width}}  {opts.scale}, seeds {e['seeds'][0]}.."
+            f"{e['seeds'][-1]} ({len(e['seeds'])}), design {e['digest'][:12]}"
+            + (f"; underpowered: {', '.join(under)}" if under else "")
         )
-    show(f"{len(entries)} registrations in {opts.registry}; nothing was run")
+    show(
+        f"{len(entries)} registrations in {opts.registry}; nothing was run. Commit "
+        "it before the run: only registrations in the commit a run starts from "
+        "count."
+    )
     return entries
 
 
-def _registry(opts: Options) -> dict[str, Any]:
+def _registry(opts: Options) -> tuple[dict[str, Any], str]:
     from bnlab.train import ConfigError
 
     try:
-        return reg.load(opts.registry)
+        return reg.load_committed(opts.registry)
     except ValueError as e:  # json.JSONDecodeError is one
         raise ConfigError(f"the registry {opts.registry} cannot be read: {e}") from e
 
@@ -420,7 +523,7 @@ def _run(opts: Options, progress: Any, show: Callable[[str], None]) -> list[dict
     started = time.perf_counter()
     # registrations count only if written before this moment, read once here
     started_at = dt.datetime.now(dt.UTC)
-    registrations = _registry(opts)
+    registrations, _ = _registry(opts)
     prov, env = provenance(), environment()
     verdicts = []
     width = max(map(len, opts.names))
@@ -431,16 +534,19 @@ def _run(opts: Options, progress: Any, show: Callable[[str], None]) -> list[dict
         verdict = _stored(directory, opts)
         if verdict is None:
             module = importlib.import_module(f"experiments.{name}")
-            ctx = protocol.Context(name, directory, opts.scale, opts.seeds, progress)
+            seeds = opts.seeds[name]
+            ctx = protocol.Context(name, directory, opts.scale, seeds, progress)
             # the design as it is when the run starts (not as it may be after)
             registration = reg.registration(
-                name, registrations, started_at, seeds=opts.seeds, scale=opts.scale
+                name, registrations, started_at, seeds=seeds, scale=opts.scale
             )
+            if reg.is_pilot(seeds):
+                registration = {**registration, "status": "pilot"}
             t0 = time.perf_counter()
             with jax.numpy_dtype_promotion("standard"):
                 outcome = module.run(ctx)
             verdict = verdict_of(module, ctx, outcome, time.perf_counter() - t0)
-            verdict["command"] = f"{opts.command} --only {name}"
+            verdict["command"] = opts.command(name)
             verdict["environment"] = env
             verdict["provenance"] = {**prov, "data": ctx.data_provenance()}
             verdict["registration"] = registration
@@ -454,13 +560,8 @@ def _run(opts: Options, progress: Any, show: Callable[[str], None]) -> list[dict
     if progress is not None:
         progress.experiment("done", len(opts.names))
     wall = time.perf_counter() - started
-    md, html = report.write(opts.out, verdicts, opts.command, opts.scale, wall)
-    judged = [v for v in verdicts if v["checks"]]
-    passed = sum(v["verdict"] == "PASS" for v in judged)
-    show(
-        f"{passed}/{len(judged)} claims PASS in {wall:.0f} s; report: {md} "
-        f"(and {html.name})"
-    )
+    md, html = report.write(opts.out, verdicts, opts.command(), opts.scale, wall)
+    show(f"{report.tally(verdicts)} in {wall:.0f} s; report: {md} (and {html.name})")
     return verdicts
 
 

@@ -46,7 +46,8 @@ CLAIM = (
     "Under a test-time covariate shift, BN statistics re-estimated on the shifted "
     "test data (AdaBN) recover accuracy that the training statistics lose (all of "
     "it for contrast and brightness, part for noise); re-estimation fails with "
-    "small or class-sorted batches and under label shift."
+    "small or class-sorted batches and under label shift; on clean data it "
+    "changes accuracy by less than 1 point."
 )
 LRS = (0.03, 0.1, 0.3)
 CONTRAST = 0.3  # x -> m + CONTRAST (x - m), m the training set's mean pixel
@@ -55,6 +56,10 @@ NOISE = 0.3  # x -> x + N(0, NOISE^2)
 SUBSET = (0, 1, 2)  # the label-shift test set: these classes only
 BIG, SMALL, SORTED = 500, 8, 100  # batch sizes
 SHIFTS = ("clean", "contrast", "brightness", "noise")
+# equivalence margin of AdaBN on clean data, and its neighbours (sensitivity)
+CLEAN_MARGIN = 0.01
+CLEAN_MARGIN_NEIGHBOURS = (0.005, 0.02)
+LR_LIMITS = (1e-3, 3.0)  # the equal-tuning rule's limits on the lr grid
 CRITERIA = [
     P.Criterion(
         "shift_hurts_source_stats",
@@ -87,12 +92,12 @@ CRITERIA = [
     P.Criterion(
         "adabn_clean_no_harm",
         "clean test accuracy: AdaBN - training statistics",
-        ">=",
-        -0.01,
-        "Li et al. 2016: without a shift the statistics are the same population's, "
-        "so re-estimating them costs nothing (non-inferiority margin 1 point; it "
-        "may gain: running averages lag the weights, Wu & Johnson 2021 "
-        "arXiv:2105.07576 sec. 3)",
+        "within",
+        CLEAN_MARGIN,
+        "Li et al. 2016 (AdaBN) sec. 3.1: without a shift the re-estimated "
+        "statistics are the training population's own, so re-estimating them "
+        "leaves accuracy unchanged (equivalence); margin 1 point, as first "
+        "written (2026-12-01, before any pilot)",
     ),
     P.Criterion(
         "small_batch_trap",
@@ -135,7 +140,19 @@ HISTORY = [
         "why": "'no harm' is a non-inferiority claim; an equivalence test also "
         "fails when re-estimation helps, which it can on clean data because "
         "running averages lag the weights (Wu & Johnson 2021, arXiv:2105.07576)",
-    }
+    },
+    {
+        "date": "2026-12-05",
+        "criterion": "clean test accuracy, AdaBN - training statistics >= -0.01 "
+        "(non-inferiority); lr chosen on a fixed grid (at its edge at full scale)",
+        "pilot": "full-1000",
+        "why": "the switch to non-inferiority followed a failing pilot; AdaBN's "
+        "premise (Li et al. 2016 sec. 3.1) is that on the source domain the "
+        "statistics are the same population's, an equivalence, so the check is "
+        "the equivalence as first written, margin 1 point (issue 21); a gain "
+        "from lagging running averages larger than 1 point now counts against "
+        "it; the lr grid extends past a chosen edge",
+    },
 ]
 
 
@@ -207,20 +224,28 @@ def run(ctx: P.Context) -> P.Outcome:
     every = ctx.every(100, 250)
     data = ctx.data
     model = _model(width)
-    result = ctx.fit(
+    grid = ctx.fit_grid(
         "train",
         model,
-        hparams={"lr": list(LRS)},
+        arms=[{}],
+        grid=LRS,
+        limits=LR_LIMITS,
         optimizer=lambda hp: optax.sgd(hp["lr"], momentum=0.9),
         steps=steps,
         batch_size=128,
         eval_every=every,
         steps_per_call=every,
     )
-    tuned = P.tune(result)
+    tuned = grid.tune()
+    plateau = P.plateau(grid, where={}, hp="lr", value=tuned.value)
     seeds = list(ctx.seeds)
+    result = next(
+        r for r in grid.results if any(a.hparams["lr"] == tuned.value for a in r.arms)
+    )
     chosen = [
-        a.index for a in result.arms if a.hparams["lr"] == tuned.value
+        a.index
+        for a in sorted(result.arms, key=lambda a: a.seed)
+        if a.hparams["lr"] == tuned.value
     ]  # in seed order
     variables = jax.tree.map(
         lambda a: jnp.asarray(a[np.asarray(chosen)]),
@@ -343,10 +368,25 @@ def run(ctx: P.Context) -> P.Outcome:
         for s, v in zip(seeds, vals, strict=True)
     ]
     figure = _figure(ctx, acc)
+    clean = measured["adabn_clean_no_harm"]
+    sensitivity = {
+        "adabn_clean_no_harm": P.Sensitivity(
+            "equivalence margin",
+            CLEAN_MARGIN,
+            P.sensitivity(
+                lambda v: P.decide(clean.low, clean.high, "within", v).outcome,
+                CLEAN_MARGIN,
+                CLEAN_MARGIN_NEIGHBOURS,
+            ),
+        )
+    }
+    extended = ", ".join(f"{e['edge']} {e['lr']:g}" for e in grid.extensions)
     notes = (
         f"{ctx.data_name}; MLP 3 x {width}, BN before each ReLU, He init; SGD "
-        f"momentum 0.9, batch 128, {steps} steps, lr {tuned.value:g} chosen on "
-        f"validation from {LRS}. Shifts: contrast x -> m + {CONTRAST:g} (x - m) "
+        f"momentum 0.9, batch 128, {steps} steps, lr {tuned.text()} chosen on "
+        f"validation from {grid.values()} (grid {LRS}, extended past a chosen "
+        f"edge within {LR_LIMITS}: {extended or 'none'}); plateau: "
+        f"{plateau.text}. Shifts: contrast x -> m + {CONTRAST:g} (x - m) "
         f"(m = {mean_pixel:.3f}, the training mean pixel), brightness x + "
         f"{BRIGHTNESS:g}, Gaussian noise of std {NOISE:g}; label shift: test "
         f"examples of classes {SUBSET} only ({int(keep.sum())} examples). The "
@@ -359,6 +399,7 @@ def run(ctx: P.Context) -> P.Outcome:
         records=records,
         notes=notes,
         reported=reported,
+        sensitivity=sensitivity,
     )
 
 

@@ -398,7 +398,7 @@ def test_supported_is_pass_on_every_committed_check():
     root = Path(__file__).resolve().parents[1] / "experiments" / "results"
     checks = [
         c
-        for f in sorted(root.glob("*/*/verdict.json"))
+        for f in sorted(root.glob("**/verdict.json"))
         for c in json.loads(f.read_text())["checks"]
     ]
     assert checks

@@ -143,11 +143,10 @@ def test_status_matches_seeds_and_scale_when_given(tmp_path):
 def test_registration_names_the_digest_and_the_time(tmp_path):
     path = _registered(tmp_path)
     r = registry.registration("placement", path, START.timestamp())
-    assert r == {
-        "status": "confirmatory",
-        "digest": registry.design_digest("placement"),
-        "registered_at": "2030-01-01T00:00:00.000000Z",
-    }
+    assert r["status"] == "confirmatory"
+    assert r["digest"] == registry.design_digest("placement")
+    assert r["registered_at"] == "2030-01-01T00:00:00.000000Z"
+    assert r["power_plan"]["seeds"] == 2  # the plan the run was sized by
     r = registry.registration("placement", path, "2029-12-31T23:00:00+00:00")
     assert (r["status"], r["registered_at"]) == ("exploratory", None)
 
@@ -187,7 +186,7 @@ def test_reproduce_register_writes_the_registry_and_runs_nothing(tmp_path, monke
     assert data["placement"][0]["seeds"] == list(range(7100, 7105))
     assert data["placement"][0]["scale"] == "quick"
     assert lines[0].startswith("registered placement")
-    assert lines[-1].endswith("nothing was run")
+    assert "nothing was run" in lines[-1] and "Commit it" in lines[-1]
 
 
 def _quick_run(monkeypatch, module_name="bn_properties"):
@@ -208,7 +207,7 @@ def test_each_verdict_records_its_registration(tmp_path, monkeypatch, registered
     path = tmp_path / "registry.json"
     if registered:
         registry.register(
-            ["bn_properties"], [0, 1], None, path, scale="smoke", provenance=PROV
+            ["bn_properties"], [3000, 3001], None, path, scale="smoke", provenance=PROV
         )
     opts = reproduce.options(
         tmp_path / "out", smoke=True, only="bn_properties", registry=path
@@ -241,7 +240,7 @@ def test_a_registration_written_during_the_run_does_not_count(tmp_path, monkeypa
 
     def run(ctx):  # registers while it runs: too late
         registry.register(
-            ["bn_properties"], [0, 1], None, path, scale="smoke", provenance=PROV
+            ["bn_properties"], [3000, 3001], None, path, scale="smoke", provenance=PROV
         )
         return inner(ctx)
 
@@ -256,7 +255,7 @@ def test_a_registration_written_during_the_run_does_not_count(tmp_path, monkeypa
 
 
 def test_committed_verdicts_without_the_new_fields_still_render(tmp_path):
-    quick = ROOT / "experiments" / "results" / "quick"
+    quick = ROOT / "experiments" / "results" / "pilots" / "quick-0"
     verdicts = [
         json.loads((quick / name / "verdict.json").read_text())
         for name in reproduce.EXPERIMENTS
@@ -265,9 +264,10 @@ def test_committed_verdicts_without_the_new_fields_still_render(tmp_path):
     assert verdicts and not any("registration" in v for v in verdicts)
     md, page = report.write(tmp_path, verdicts, "bnlab reproduce --quick", "quick", 1.0)
     text = md.read_text()
-    assert "Registration." not in text and "| outcome |" not in text
-    for v in verdicts:
+    assert "*Registration.*" not in text
+    for v in verdicts:  # their PASS / FAIL as they were written
         assert f"## {v['experiment']}: {v['verdict']}" in text
+        assert v["verdict"] in ("PASS", "FAIL", "REPORT")
 
 
 # ------------------------------------------------------------------ report
@@ -353,5 +353,7 @@ def test_the_cli_registers_and_runs_nothing(tmp_path, capsys):
     )
     assert code == 0, capsys.readouterr().err
     entries = json.loads(path.read_text())["experiments"]["feature_scale"]
-    assert entries[-1]["seeds"] == [0, 1, 2, 3, 4]
+    # fresh seeds, outside the pilot range, sized by the quick pilots
+    assert entries[-1]["seeds"] == [3000, 3001, 3002, 3003, 3004]
+    assert entries[-1]["power_plan"]["pilot"].startswith("quick-")
     assert not (tmp_path / "out").exists()  # nothing was run
