@@ -264,7 +264,7 @@ def test_committed_verdicts_without_the_new_fields_still_render(tmp_path):
     assert verdicts and not any("registration" in v for v in verdicts)
     md, page = report.write(tmp_path, verdicts, "bnlab reproduce --quick", "quick", 1.0)
     text = md.read_text()
-    assert "*Registration.*" not in text
+    assert "\n*Registration.* " not in text
     for v in verdicts:  # their PASS / FAIL as they were written
         assert f"## {v['experiment']}: {v['verdict']}" in text
         assert v["verdict"] in ("PASS", "FAIL", "REPORT")
