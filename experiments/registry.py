@@ -134,8 +134,9 @@ def is_pilot(seeds: Iterable[int]) -> bool:
 def load_committed(path: str | Path = DEFAULT_PATH) -> tuple[dict[str, Any], str]:
     """The registry as the checkout's HEAD commit holds it, and where it was
     read from: only a committed registration can precede a run verifiably
-    (an edit of the working file could be written at any time). Outside a
-    git checkout, or for a file git does not track, the file itself.
+    (an edit of the working file could be written at any time): in a git
+    checkout, a registry HEAD does not hold is empty. Outside a checkout,
+    the file itself.
 
     Raises:
       ValueError: the registry cannot be parsed.
@@ -162,15 +163,7 @@ def load_committed(path: str | Path = DEFAULT_PATH) -> tuple[dict[str, Any], str
             )
             if shown.returncode == 0:
                 return _parse(shown.stdout, f"HEAD:{rel.as_posix()}"), "HEAD"
-            tracked = subprocess.run(
-                ["git", "ls-files", "--error-unmatch", rel.as_posix()],
-                cwd=top.stdout.strip(),
-                capture_output=True,
-                timeout=10,
-            )
-            if tracked.returncode != 0 and path.exists():
-                return load(path), "file (not tracked by git)"
-            return {"format": _FORMAT, "experiments": {}}, "HEAD (no registry)"
+            return {"format": _FORMAT, "experiments": {}}, "HEAD (not committed)"
     except (OSError, ValueError, subprocess.SubprocessError):
         pass
     return load(path), "file"

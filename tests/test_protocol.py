@@ -504,3 +504,113 @@ def test_sensitivity_judges_every_neighbour():
         1.0: "FAIL",
     }
     assert seen == [0.95, 0.99, 1.0]  # once each, in order
+
+
+# ----------------------------------------------- equal tuning and plateaus
+
+
+def test_extension_steps_past_the_chosen_edge_within_limits():
+    assert P.extension([0.1, 0.01, 1.0], 2, 10.0, (1e-4, 100.0)) == ("top", 10.0)
+    assert P.extension([0.01, 0.1, 1.0], 0, 3.0, (1e-4, 100.0)) == (
+        "bottom",
+        pytest.approx(0.01 / 3),
+    )
+    assert P.extension([0.01, 0.1, 1.0], 1, 10.0, (1e-4, 100.0)) is None
+    assert P.extension([0.01, 0.1, 1.0], 2, 10.0, (1e-4, 5.0)) is None  # limit
+    assert P.extension([0.5], 0, 10.0, (0, 100)) is None  # one value: no edge
+    with pytest.raises(ValueError, match="exceed 1"):
+        P.extension([0.01, 0.1], 1, 1.0, (0, 1))
+
+
+def _fake_fit(best: dict, calls: list):
+    """A Context.fit whose validation accuracy peaks at ``best[arm]`` (in
+    log10 lr) for each arm code, and diverges (NaN) above lr 30."""
+    from bnlab.train.arms import Arm
+    from bnlab.train.result import FitResult
+
+    def fit(self, group, model, *, hparams, seeds=(0, 1), **kw):
+        calls.append((group, [dict(h) for h in hparams]))
+        arms, records = [], []
+        for i, (h, s) in enumerate((h, s) for h in hparams for s in seeds):
+            arms.append(Arm(i, s, h))
+            peak = best[h["arm"]]
+            acc = 0.9 - 0.05 * (np.log10(h["lr"]) - peak) ** 2
+            for step in (1, 2, 3):
+                v = float("nan") if h["lr"] > 30 else acc * step / 3
+                records.append(
+                    {"step": step, "arm": i, "val_accuracy": v, "test_accuracy": v}
+                )
+        return FitResult({}, arms, records, [None] * len(arms), 3)
+
+    return fit
+
+
+def test_fit_grid_extends_every_arm_whose_choice_is_an_edge(tmp_path, monkeypatch):
+    calls = []
+    # arm 0 peaks at lr 10 (past the top), arm 1 at 0.1 (interior)
+    monkeypatch.setattr(P.Context, "fit", _fake_fit({0.0: 1.0, 1.0: -1.0}, calls))
+    ctx = P.Context("x", tmp_path, "quick", [0, 1])
+    grid = ctx.fit_grid(
+        "arms",
+        None,
+        arms=[{"arm": 0.0}, {"arm": 1.0}],
+        grid=[0.01, 0.1, 1.0],
+        tune_kw={"last": 1},
+        steps=3,
+    )
+    assert [g for g, _ in calls] == ["arms", "arms+1", "arms+2"]
+    assert calls[1][1] == [{"arm": 0.0, "lr": pytest.approx(10.0)}]  # only arm 0
+    assert calls[2][1] == [{"arm": 0.0, "lr": pytest.approx(100.0)}]
+    t0, t1 = (
+        grid.tune(where={"arm": 0.0}, last=1),
+        grid.tune(where={"arm": 1.0}, last=1),
+    )
+    assert t0.value == pytest.approx(10.0) and "edge" not in t0.text()  # 100 diverged
+    assert t1.value == pytest.approx(0.1) and grid.values({"arm": 1.0}) == [
+        0.01,
+        0.1,
+        1.0,
+    ]
+    assert [e["edge"] for e in grid.extensions] == ["top", "top"]
+
+
+def test_fit_grid_stops_at_the_stated_limit_and_marks_the_edge(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(P.Context, "fit", _fake_fit({0.0: -5.0}, calls))
+    ctx = P.Context("x", tmp_path, "quick", [0, 1])
+    grid = ctx.fit_grid(
+        "g", None, arms=[{"arm": 0.0}], grid=[0.01, 0.1], tune_kw={"last": 1}, steps=3
+    )
+    # at most MAX_EXTENSIONS values past the bottom, then the edge is marked
+    assert len(calls) == 1 + P.MAX_EXTENSIONS
+    t = grid.tune(where={"arm": 0.0}, last=1)
+    assert t.value == pytest.approx(1e-4) and t.text().endswith("(grid edge)")
+
+
+def test_fit_grid_does_not_extend_at_smoke_scale(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(P.Context, "fit", _fake_fit({0.0: 1.0}, calls))
+    ctx = P.Context("x", tmp_path, "smoke", [0, 1])
+    ctx.fit_grid("g", None, arms=[{"arm": 0.0}], grid=[0.01, 0.1], steps=3)
+    assert len(calls) == 1
+
+
+def _curve_result(values):
+    from bnlab.train.arms import Arm
+    from bnlab.train.result import FitResult
+
+    records = [
+        {"step": i + 1, "arm": 0, "val_accuracy": v} for i, v in enumerate(values)
+    ]
+    return FitResult({}, [Arm(0, 0, {"lr": 0.1})], records, [None], len(values))
+
+
+def test_plateau_compares_the_last_third_with_the_evaluation_before_it():
+    # 6 evaluations: the last 2 against the 4th
+    flat = _curve_result([0.5, 0.7, 0.8, 0.850, 0.853, 0.854])
+    rising = _curve_result([0.5, 0.7, 0.8, 0.850, 0.853, 0.856])
+    p = P.plateau(flat, {}, "lr", 0.1)
+    assert p.holds and "+0.0040" in p.text
+    p = P.plateau(rising, {}, "lr", 0.1)
+    assert not p.holds and "still rising" in p.text
+    assert not P.plateau(_curve_result([0.5, 0.6]), {}, "lr", 0.1).holds

@@ -357,3 +357,199 @@ def test_the_cli_registers_and_runs_nothing(tmp_path, capsys):
     assert entries[-1]["seeds"] == [3000, 3001, 3002, 3003, 3004]
     assert entries[-1]["power_plan"]["pilot"].startswith("quick-")
     assert not (tmp_path / "out").exists()  # nothing was run
+
+
+# --------------------------------------------------- seeds and power plans
+
+
+def test_pilot_seeds_cannot_be_registered():
+    with pytest.raises(ValueError, match="pilot seeds"):
+        reproduce.options(only="placement", first_seed=100, register=True)
+    # a run on them is allowed (a pilot), and judging runs default past them
+    assert (
+        reproduce.options(only="placement", first_seed=100).seeds["placement"][0] == 100
+    )
+    assert registry.is_pilot([2999]) and not registry.is_pilot([3000, 4000])
+
+
+def test_a_run_uses_its_registered_seeds_by_default(tmp_path, monkeypatch):
+    path = tmp_path / "registry.json"
+    registry.register(
+        ["placement"], list(range(4000, 4008)), None, path, provenance=PROV
+    )
+    opts = reproduce.options(only="placement,hessian", registry=path)
+    assert opts.seeds == {
+        "placement": list(range(4000, 4008)),  # registered: 8 seeds
+        "hessian": list(range(4000, 4005)),  # not registered: the default 5
+    }
+    assert opts.command("placement") == (
+        "bnlab reproduce --seeds 8 --first-seed 4000 --only placement"
+    )
+
+
+def test_only_a_committed_registration_counts(tmp_path):
+    import subprocess
+
+    def git(*a):
+        subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("config", "user.email", "t@t")
+    git("config", "user.name", "t")
+    path = tmp_path / "registry.json"
+    registry.register(["placement"], [4000, 4001], None, path, provenance=PROV)
+    data, where = registry.load_committed(path)
+    assert data["experiments"] == {} and where.startswith("HEAD")  # not committed
+    git("add", "registry.json")
+    git("commit", "-qm", "register")
+    registry.register(["hessian"], [4000, 4001], None, path, provenance=PROV)
+    data, where = registry.load_committed(path)
+    assert where == "HEAD" and list(data["experiments"]) == ["placement"]
+    # a file outside any checkout is read as it is
+    other = tmp_path.parent / f"{tmp_path.name}-plain.json"
+    registry.register(["hessian"], [4000, 4001], None, other, provenance=PROV)
+    assert list(registry.load_committed(other)[0]["experiments"]) == ["hessian"]
+
+
+def _pilot(tmp_path, name, checks):
+    d = tmp_path / "pilot-1" / name
+    d.mkdir(parents=True)
+    (d / "verdict.json").write_text(
+        json.dumps(
+            {
+                "experiment": name,
+                "verdict": "PASS",
+                "scale": "full",
+                "seeds": [1000, 1001, 1002, 1003, 1004],
+                "checks": checks,
+                "provenance": {"commit": "abc"},
+            }
+        )
+    )
+    return d.parent
+
+
+def _check(cid, lo, hi, n=5):
+    return {
+        "id": cid,
+        "measured": {"value": (lo + hi) / 2, "ci": [lo, hi], "per_seed": [0.0] * n},
+        "pass": True,
+    }
+
+
+def test_power_plan_sizes_seeds_from_the_pilot_spread(tmp_path):
+    # placement's criteria: >= 0.01 (null 0), > 0, within 0.01 (or its current
+    # ones): a pilot whose intervals decide at 5 seeds asks for 5
+    ids = [c.id for c in __import__("experiments.placement").placement.CRITERIA]
+    far = _pilot(tmp_path, "placement", [_check(i, 0.05, 0.07) for i in ids])
+    plan = registry.power_plan("placement", [far], "full")
+    assert plan["pilot"] == "pilot-1" and plan["pilot_seeds"][0] == 1000
+    assert all(r["seeds"] is not None for r in plan["checks"])
+    # a centre 0.03 from its bound with half-width 0.07 at 5 seeds: at 10
+    # seeds 0.07 sqrt(5/10) t(9)/t(4) = 0.040 > 0.03: over the cap
+    c = registry._check_plan(
+        protocol.Criterion("d", "difference", ">", 0.0, "s", null=0.0),
+        _check("d", -0.04, 0.10),
+        "full",
+        10,
+    )
+    assert c["seeds"] is None and c["centre"] == pytest.approx(0.03)
+    c = registry._check_plan(
+        protocol.Criterion("d", "difference", ">", 0.0, "s", null=0.0),
+        _check("d", 0.01, 0.09),
+        "full",
+        10,
+    )
+    # half 0.04 at n0 = 5, distance 0.05: n = 5 decides (0.04 < 0.05)
+    assert c["seeds"] == 5
+    # ratios are planned on the log scale
+    c = registry._check_plan(
+        protocol.Criterion("r", "ratio", ">=", 2.0, "s", null=1.0),
+        _check("r", 2.5, 40.0),
+        "full",
+        10,
+    )
+    assert c["scale"] == "log" and c["centre"] == pytest.approx(10.0)
+    # no pilot: the minimum
+    plan = registry.power_plan("hessian", [tmp_path / "nowhere"], "full")
+    assert plan["seeds"] == registry.MIN_SEEDS and "no pilot" in plan["basis"]
+
+
+# ----------------------------------------------------------- three outcomes
+
+
+@pytest.mark.parametrize(
+    "outcomes, claim",
+    [
+        (["SUPPORTED", "SUPPORTED"], "SUPPORTED"),
+        (["SUPPORTED", "CONTRADICTED", "INCONCLUSIVE"], "CONTRADICTED"),
+        (["SUPPORTED", "INCONCLUSIVE", "NOT_TESTABLE"], "INCONCLUSIVE"),
+        (["SUPPORTED", "NOT_TESTABLE"], "NOT_TESTABLE"),
+        ([], "REPORT"),
+    ],
+)
+def test_claim_outcome(outcomes, claim):
+    assert reproduce.claim_outcome(outcomes) == claim
+
+
+def _verdict(word, check_outcome, premise=None, seeds_needed=None):
+    return {
+        "experiment": "x",
+        "verdict": word,
+        "checks": [
+            {
+                "quantity": "q",
+                "op": ">",
+                "threshold": 0.0,
+                "pass": check_outcome == "SUPPORTED",
+                "measured": {"value": 0.1, "ci": [-0.1, 0.3]},
+                "outcome": {"outcome": check_outcome, "seeds_needed": seeds_needed},
+                "premise": premise,
+            }
+        ],
+    }
+
+
+def test_summary_line_names_the_outcome_and_what_would_decide():
+    line = reproduce.summary_line(
+        _verdict("INCONCLUSIVE", "INCONCLUSIVE", None, 12), 3, "1 s"
+    )
+    assert line.startswith("INCONCLUSIVE x") and "12 seeds would decide" in line
+    absent = {"holds": False, "text": "gap -0.001 [-0.004, 0.002]"}
+    line = reproduce.summary_line(
+        _verdict("NOT_TESTABLE", "NOT_TESTABLE", absent), 3, ""
+    )
+    assert "premise absent: gap -0.001" in line
+    assert reproduce.summary_line(_verdict("SUPPORTED", "SUPPORTED"), 3, "s").endswith(
+        "(s)"
+    )
+    assert report.tally([_verdict("CONTRADICTED", "CONTRADICTED")]).startswith(
+        "1 claim: 0 SUPPORTED, 1 CONTRADICTED"
+    )
+
+
+def test_history_rows_are_generated_from_their_pilot(tmp_path):
+    _pilot(tmp_path, "placement", [_check("a", 0.01, 0.03)])
+    text = report.pilot_result("pilot-1", {"experiment": "placement"}, root=tmp_path)
+    assert text.startswith("PASS (pilot pilot-1: full, seeds [1000, 1001")
+    assert "a: 0.02 [0.01, 0.03]" in text
+    missing = report.pilot_result("pilot-2", {"experiment": "placement"}, root=tmp_path)
+    assert "no verdict" in missing
+
+
+def test_the_cli_exits_7_when_a_claim_is_contradicted(tmp_path, monkeypatch):
+    from bnlab.cli import main
+
+    module = __import__("experiments.bn_properties", fromlist=["x"])
+
+    def run(ctx):  # every check's interval wholly past its null
+        m = protocol.mean_ci([1e9, 1.1e9])
+        return protocol.Outcome({c.id: m for c in module.CRITERIA})
+
+    monkeypatch.setattr(module, "run", run)
+    args = ["reproduce", "--smoke", "--only", "bn_properties", "--quiet"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main([*args, "--out", str(tmp_path / "a")]) == 7
+        _quick_run(monkeypatch)  # supported or inconclusive: exit 0
+        assert main([*args, "--out", str(tmp_path / "b")]) == 0
