@@ -39,6 +39,7 @@ CRITERIA = [
         1e3,
         "the lecture's example: feature scales 1 and 100 give curvatures 1 and "
         "1e4; at least 1e3 leaves a decade for sampling (n >= 500 examples)",
+        null=1.0,
     ),
     P.Criterion(
         "steps_ratio",
@@ -49,6 +50,7 @@ CRITERIA = [
         "GD on a quadratic needs ~cond(H) ln(1/tol) / 2 steps at its best fixed "
         "lr: a 1e4 condition ratio predicts a ratio of steps in the thousands; "
         "100 is a conservative floor",
+        null=1.0,
     ),
 ]
 HISTORY = [

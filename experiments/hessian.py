@@ -51,6 +51,7 @@ CRITERIA = [
         2.0,
         "Ghorbani et al. 2019 Figs. 3-4 (outliers without BN, none with it); the "
         "factor 2 of the earlier design (2026-11-20), kept",
+        null=1.0,
     ),
     P.Criterion(
         "population_over_batch",
@@ -60,6 +61,7 @@ CRITERIA = [
         2.0,
         "Ghorbani et al. 2019 sec. 4 (outliers return in evaluation mode); the "
         "factor 2 of the earlier design, kept",
+        null=1.0,
     ),
     P.Criterion(
         "outliers_over_bulk",

@@ -76,6 +76,7 @@ CRITERIA = [
         f"Wu & Johnson 2021 sec. 3 (EMA lags the weights): after {SHORT} steps an EMA "
         f"of momentum {MOMENTA[-1]} still weighs its initial value (0, 1) by "
         f"{MOMENTA[-1] ** SHORT:.2f}; the earlier design's 5 points, kept",
+        null=0.0,
     ),
 ]
 HISTORY = [

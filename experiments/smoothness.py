@@ -55,6 +55,7 @@ CRITERIA = [
         ">=",
         3.0,
         _SRC,
+        null=1.0,
     ),
     P.Criterion(
         "grad_change",
@@ -62,6 +63,7 @@ CRITERIA = [
         ">=",
         2.0,
         _SRC,
+        null=1.0,
     ),
     P.Criterion(
         "beta",
