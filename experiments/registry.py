@@ -191,28 +191,34 @@ def latest(registry: Mapping[str, Any], name: str, scale: str) -> dict[str, Any]
 def power_plan(
     name: str, pilots: Sequence[str | Path], scale: str = "full"
 ) -> dict[str, Any]:
-    """How many seeds ``name`` needs, from the spread of its checks in the
-    first pilot run (a directory of verdicts, in ``pilots`` order) that
-    measured them.
+    """How many seeds ``name`` needs, from the spread of its checks in a
+    pilot run (directories of verdicts).
 
-    Per check with per-seed values: the pilot interval's centre ``c`` and
-    half-width ``h`` over ``n0`` seeds; the seeds ``n`` at which an interval
-    of that centre and spread decides (clears the threshold, or the null on
-    the other side; ``within``: the margin) are the smallest ``n >= 5`` with
-    ``h sqrt(n0 / n) t(n - 1) / t(n0 - 1) < d``, ``d`` the centre's distance
-    to the bound it would cross. The experiment asks for the largest ``n``
-    over its checks, capped at :data:`MAX_SEEDS`; a check that no ``n`` up to
-    the cap decides is listed as underpowered (expect INCONCLUSIVE unless
-    its effect is larger than the pilot's). Ratios (geometric means) are
-    planned on the log scale.
+    The pilot is, among ``pilots`` holding a verdict of ``name``: one of the
+    current design (its verdict's recorded digest) before one of an earlier
+    design, one of this scale before another, then the first in ``pilots``
+    order. Per check with per-seed values: the pilot interval's centre ``c``
+    and half-width ``h`` over ``n0`` seeds; the seeds ``n`` at which an
+    interval of that centre and spread decides (clears the threshold, or the
+    null on the other side; ``within``: the margin) are the smallest ``n >=
+    5`` with ``h sqrt(n0 / n) t(n - 1) / t(n0 - 1) < d``, ``d`` the centre's
+    distance to the bound it would cross. The experiment asks for the
+    largest ``n`` over its checks, capped at :data:`MAX_SEEDS`; a check that
+    no ``n`` up to the cap decides is listed as underpowered (expect
+    INCONCLUSIVE unless its effect is larger than the pilot's). Ratios
+    (geometric means) are planned on the log scale.
     """
     module = _module(name)
     cap, floor = MAX_SEEDS[scale], min(MIN_SEEDS, MAX_SEEDS[scale])
-    for pilot in pilots:
+    digest = design_digest(module)
+    found = []
+    for order, pilot in enumerate(pilots):
         f = Path(pilot) / name / "verdict.json"
-        if not f.exists():
-            continue
-        verdict = json.loads(f.read_text())
+        if f.exists():
+            v = json.loads(f.read_text())
+            same = (v.get("registration") or {}).get("digest") == digest
+            found.append((not same, v.get("scale") != scale, order, Path(pilot), v))
+    for _, _, _, pilot, verdict in sorted(found, key=lambda x: x[:3]):
         checks = {c["id"]: c for c in verdict.get("checks", [])}
         rows, needs = [], []
         for crit in module.CRITERIA:
@@ -223,13 +229,14 @@ def power_plan(
             rows.append(_check_plan(crit, c, scale, cap))
             if rows[-1].get("seeds") is not None:
                 needs.append(rows[-1]["seeds"])
-        measured = [r for r in rows if "centre" in r]
-        if not measured:
+        if not any("centre" in r or r.get("seeds") for r in rows):
             continue
+        same = (verdict.get("registration") or {}).get("digest") == digest
         n = max([floor, *[min(x, cap) for x in needs]])
         return {
             "seeds": n,
-            "pilot": Path(pilot).name,
+            "pilot": pilot.name,
+            "pilot_design": "this design" if same else "an earlier design",
             "pilot_seeds": verdict.get("seeds"),
             "pilot_commit": (verdict.get("provenance") or {}).get("commit"),
             "pilot_scale": verdict.get("scale"),

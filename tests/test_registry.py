@@ -553,3 +553,18 @@ def test_the_cli_exits_7_when_a_claim_is_contradicted(tmp_path, monkeypatch):
         assert main([*args, "--out", str(tmp_path / "a")]) == 7
         _quick_run(monkeypatch)  # supported or inconclusive: exit 0
         assert main([*args, "--out", str(tmp_path / "b")]) == 0
+
+
+def test_power_plan_prefers_a_pilot_of_the_current_design(tmp_path):
+    ids = [c.id for c in __import__("experiments.hessian").hessian.CRITERIA]
+    old = _pilot(tmp_path / "a", "hessian", [_check(i, 3.0, 4.0) for i in ids])
+    new = _pilot(tmp_path / "b", "hessian", [_check(i, 3.0, 4.0) for i in ids])
+    f = new / "hessian" / "verdict.json"
+    v = json.loads(f.read_text())
+    v["registration"] = {"digest": registry.design_digest("hessian")}
+    v["scale"] = "quick"  # another scale, but this design: it wins
+    f.write_text(json.dumps(v))
+    plan = registry.power_plan("hessian", [old, new], "full")
+    assert plan["pilot_design"] == "this design" and plan["pilot_scale"] == "quick"
+    plan = registry.power_plan("hessian", [old], "full")
+    assert plan["pilot_design"] == "an earlier design"
