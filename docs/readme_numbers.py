@@ -6,8 +6,9 @@
 Sections: between ``<!-- quick:begin -->`` / ``<!-- quick:end -->`` the
 transcript of the committed quick run (``experiments/results/quick/``, as
 ``bnlab reproduce --quick`` printed it); between ``numbers:begin`` /
-``numbers:end`` the full run's verdicts and the quick runs' agreement with
-it; between ``benchmarks:begin`` / ``benchmarks:end`` the benchmarks.
+``numbers:end`` the confirmatory full run's outcomes
+(``experiments/results/full/``) and the quick runs' agreement with it (the
+committed quick run and ``experiments/results/quick-<first seed>/``); between ``benchmarks:begin`` / ``benchmarks:end`` the benchmarks.
 tests/test_docs.py fails if the guide differs from this output, so every
 number there comes from a file a command wrote. (The README quotes none of
 them, so re-running an experiment never rewrites it.)
@@ -21,10 +22,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "experiments" / "results" / "cpu"
+RESULTS = ROOT / "experiments" / "results" / "full"
 QUICK = ROOT / "experiments" / "results" / "quick"
-# quick runs of the lecture's claims with fresh seeds (--first-seed N)
-REPLICAS = sorted((ROOT / "experiments" / "results").glob("quick-first-seed-*"))
+# quick runs with more fresh seeds (--first-seed N --out .../quick-N)
+REPLICAS = sorted((ROOT / "experiments" / "results").glob("quick-[0-9]*"))
 BENCH = ROOT / "benchmarks" / "results"
 GUIDE = ROOT / "docs" / "reproduction.md"
 # the full run's report, as a link from the guide
@@ -49,24 +50,27 @@ def _verdicts(directory: Path) -> list[dict]:
 
 def quick_transcript() -> str:
     """What ``bnlab reproduce --quick`` printed (stdout) for the committed
-    quick run, rebuilt from its verdicts by the same function."""
+    quick run, rebuilt from its verdicts by the same functions."""
+    from experiments.report import tally
     from experiments.reproduce import summary_line
 
     verdicts = _verdicts(QUICK)
+    if not verdicts:
+        return "No quick run is committed yet."
     width = max(len(v["experiment"]) for v in verdicts)
     lines = [summary_line(v, width, f"{v['seconds']:.0f} s") for v in verdicts]
-    judged = [v for v in verdicts if v["checks"]]
-    passed = sum(v["verdict"] == "PASS" for v in judged)
     total = sum(v["seconds"] for v in verdicts)
     lines.append(
-        f"{passed}/{len(judged)} claims PASS in {total:.0f} s; report: "
+        f"{tally(verdicts)} in {total:.0f} s; report: "
         "runs/reproduce-quick/REPORT.md (and REPORT.html)"
     )
     commit = str(verdicts[0].get("provenance", {}).get("commit"))[:10]
+    seeds = verdicts[0]["seeds"]
     return "\n".join(
         [
-            f"Committed quick run (commit {commit}, {verdicts[0]['environment']['machine']}; "
-            f"{total / 60:.1f} min of experiments):",
+            f"Committed quick run (seeds {seeds[0]}-{seeds[-1]}, commit {commit}, "
+            f"{verdicts[0]['environment']['machine']}; {total / 60:.1f} min of "
+            "experiments):",
             "",
             "```",
             *lines,
@@ -75,72 +79,118 @@ def quick_transcript() -> str:
     )
 
 
+def _first_check(v: dict) -> dict:
+    """The check that decides the claim's outcome (the first with it)."""
+    return next(
+        (c for c in v["checks"] if c["outcome"]["outcome"] == v["verdict"]),
+        v["checks"][0],
+    )
+
+
 def _reproduction() -> list[str]:
-    from experiments.report import measured
+    from experiments.report import measured, outcome_text
 
     out = [
-        "| experiment | verdict | first check: measured [95% interval] (criterion) | time |",
-        "|---|---|---|---|",
+        "| experiment | outcome | seeds | deciding check: measured [95% interval] "
+        "(criterion) | registration | time |",
+        "|---|---|---|---|---|---|",
     ]
+    from experiments.reproduce import EXPERIMENTS
+
     verdicts = _verdicts(RESULTS)
+    if not verdicts:
+        return [
+            "No confirmatory full run is committed yet: the designs are registered "
+            "in `experiments/registry.json`; `bnlab reproduce --out "
+            "experiments/results/full` runs them on the registered seeds."
+        ]
     counts: dict[str, int] = {}
     for v in verdicts:
         counts[v["verdict"]] = counts.get(v["verdict"], 0) + 1
         if v["checks"]:
-            c = next((c for c in v["checks"] if not c["pass"]), v["checks"][0])
-            what = f"{c['quantity']}: {measured(c['measured'])} ({c['criterion']})"
+            c = _first_check(v)
+            what = (
+                f"{c['quantity']}: {measured(c['measured'])} ({c['criterion']}): "
+                f"{outcome_text(c['outcome'])}"
+            )
             if len(v["checks"]) > 1:
                 ok = sum(x["pass"] for x in v["checks"])
-                what += f"; {ok}/{len(v['checks'])} checks pass"
+                what += f"; {ok}/{len(v['checks'])} checks supported"
         else:
             what = "reported, no criterion"
         what = what.replace("|", "\\|")  # inside a table cell
         name = v["experiment"]
+        reg = (v.get("registration") or {}).get("status", "-")
         out.append(
-            f"| [{name}]({REPORT_LINK}#{name}) | "
-            f"{v['verdict']} | {what} | {v['seconds']:.0f} s |"
+            f"| [{name}]({REPORT_LINK}#{name}) | {v['verdict'].replace('_', ' ')} | "
+            f"{len(v['seeds'])} | {what} | {reg} | {v['seconds']:.0f} s |"
         )
-    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    summary = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(counts.items()))
     total = sum(v["seconds"] for v in verdicts)
     first = verdicts[0]
     commits = sorted(
         {str(v.get("provenance", {}).get("commit"))[:10] for v in verdicts}
     )
     commit = ("commits " if len(commits) > 1 else "commit ") + ", ".join(commits)
+    lo = min(v["seeds"][0] for v in verdicts)
+    hi = max(v["seeds"][-1] for v in verdicts)
+    todo = [n for n in EXPERIMENTS if n not in {v["experiment"] for v in verdicts}]
+    pending = (
+        [
+            "",
+            f"Not finished yet ({len(todo)} of {len(EXPERIMENTS)}; the same command "
+            f"resumes): {', '.join(todo)}.",
+        ]
+        if todo
+        else []
+    )
     return [
-        f"Full CPU run (`bnlab reproduce --out experiments/results/cpu`, Fashion-MNIST, "
-        f"seeds {first['seeds']}, {commit}, {first['environment']['machine']}): "
-        f"{summary}; {total / 60:.1f} min of experiment time in all.",
+        f"Confirmatory full run (`bnlab reproduce --out experiments/results/full`, "
+        f"Fashion-MNIST, the registered seeds {lo}-{hi}, {commit}, "
+        f"{first['environment']['machine']}): {summary}; {total / 60:.1f} min of "
+        "experiment time in all.",
         "",
         *out,
+        *pending,
     ]
 
 
 def _agreement() -> list[str]:
-    """The lecture's claims: the full run's verdict next to each quick run's
-    (the committed one and the fresh-seed replicas)."""
-    from experiments.reproduce import LECTURE
+    """Each claim's outcome in the full run next to each quick run's (the
+    committed one and the fresh-seed replicas), and the checks SUPPORTED at
+    one scale and CONTRADICTED at the other (there must be none)."""
+    from experiments.report import conflicts
+    from experiments.reproduce import EXPERIMENTS
 
     runs = [("full", RESULTS), ("quick", QUICK), *((d.name, d) for d in REPLICAS)]
     found = {label: {v["experiment"]: v for v in _verdicts(d)} for label, d in runs}
     heads = []
     for label, _ in runs:
-        seeds = next(iter(found[label].values()))["seeds"] if found[label] else []
+        seeds = sorted({s for v in found[label].values() for s in v["seeds"]})
         span = f"seeds {seeds[0]}-{seeds[-1]}" if seeds else "not run"
-        heads.append(f"{label.replace('quick-first-seed-', 'quick ')} ({span})")
+        heads.append(f"{label.replace('quick-', 'quick ')} ({span})")
     out = [
-        "Quick vs full on the lecture's claims (a)-(e) (a quick run must agree "
-        "with the full run here; `bnlab reproduce --quick --first-seed N --only "
-        "...` wrote each replica):",
+        "Quick vs full (`bnlab reproduce --quick --first-seed N --out "
+        "experiments/results/quick-N` wrote each replica): a quick run may be "
+        "INCONCLUSIVE where the full run decides (fewer, smaller images), but no "
+        "check may be SUPPORTED at one scale and CONTRADICTED at the other.",
         "",
-        "| experiment | " + " | ".join(heads) + " | agree |",
-        "|---|" + "---|" * (len(runs) + 1),
+        "| experiment | " + " | ".join(heads) + " |",
+        "|---|" + "---|" * len(runs),
     ]
-    for name in LECTURE:
-        cells = [found[label].get(name, {}).get("verdict", "-") for label, _ in runs]
-        agree = sum(c == cells[0] for c in cells[1:] if c != "-")
-        ran = sum(c != "-" for c in cells[1:])
-        out.append(f"| {name} | " + " | ".join(cells) + f" | {agree}/{ran} |")
+    for name in EXPERIMENTS:
+        cells = [
+            found[label].get(name, {}).get("verdict", "-").replace("_", " ")
+            for label, _ in runs
+        ]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    bad = conflicts({label: list(found[label].values()) for label, _ in runs})
+    out += [
+        "",
+        "Checks SUPPORTED in one run and CONTRADICTED in another: "
+        + ("; ".join(bad) if bad else "none")
+        + ".",
+    ]
     return out
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from experiments import protocol
 
-__all__ = ["markdown_html", "tally", "write"]
+__all__ = ["conflicts", "markdown_html", "tally", "write"]
 
 # The claims' outcomes in the order the report counts them.
 WORDS = ("SUPPORTED", "CONTRADICTED", "INCONCLUSIVE", "NOT_TESTABLE")
@@ -38,6 +38,34 @@ def tally(verdicts: list[dict]) -> str:
         f"{len(judged)} claim{plural}: {counts}; "
         f"{len(verdicts) - len(judged)} reported without a criterion"
     )
+
+
+def conflicts(runs: dict[str, list[dict]]) -> list[str]:
+    """Checks SUPPORTED in one run and CONTRADICTED in another (``runs``:
+    label -> verdicts), as ``"experiment/check: label OUTCOME, ..."``; the
+    quick run must never contradict the full run this way (INCONCLUSIVE at
+    one scale is allowed).
+
+    Example:
+      >>> def v(o):
+      ...     return [{"experiment": "e", "checks": [{"id": "c", "outcome": {"outcome": o}}]}]
+      >>> conflicts({"full": v("SUPPORTED"), "quick": v("INCONCLUSIVE")})
+      []
+      >>> conflicts({"full": v("SUPPORTED"), "quick": v("CONTRADICTED")})
+      ['e/c: full SUPPORTED, quick CONTRADICTED']
+    """
+    seen: dict[str, dict[str, str]] = {}
+    for label, verdicts in runs.items():
+        for v in verdicts:
+            for c in v.get("checks", []):
+                o = (c.get("outcome") or {}).get("outcome")
+                if o:
+                    seen.setdefault(f"{v['experiment']}/{c['id']}", {})[label] = o
+    return [
+        f"{key}: " + ", ".join(f"{k} {o}" for k, o in by.items())
+        for key, by in seen.items()
+        if {"SUPPORTED", "CONTRADICTED"} <= set(by.values())
+    ]
 
 
 def measured(v: Any) -> str:
