@@ -50,7 +50,8 @@ from experiments import protocol as P
 NAME = "renorm_small_batch"
 CLAIM = (
     "Batch renormalization beats BN with micro-batches of 4 and with non-i.i.d. "
-    "batches (Ioffe 2017)."
+    "batches (Ioffe 2017), at the end of a short run (under one epoch at full "
+    "scale; plateau reported per arm)."
 )
 # lr grid per setting (the same for both variants), placed by quick pilots
 # (2026-12-01) around both variants' best: 2-class batches want a smaller lr;
@@ -130,6 +131,14 @@ HISTORY = [
         "(issue 21), the 2-class design reported; grids extend past a chosen edge "
         "for every variant (equal tuning); null 0 so that CONTRADICTED means "
         "renorm is worse, not short of 2 points",
+    },
+    {
+        "date": "2026-12-05",
+        "criterion": "this design (pilot)",
+        "pilot": "quick-300",
+        "why": "pilot of the registered design; nothing changed after it but the "
+        "claim's wording, which now says what was measured (the end of a short "
+        "run, plateau reported per arm; issue 21's narrower-claim rule)",
     },
 ]
 

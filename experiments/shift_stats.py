@@ -153,6 +153,12 @@ HISTORY = [
         "from lagging running averages larger than 1 point now counts against "
         "it; the lr grid extends past a chosen edge",
     },
+    {
+        "date": "2026-12-05",
+        "criterion": "this design (pilot)",
+        "pilot": "quick-300",
+        "why": "pilot of the registered design; nothing changed after it",
+    },
 ]
 
 

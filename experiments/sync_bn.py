@@ -12,7 +12,10 @@ devices x 2 with synchronised statistics; 8 devices x 2 each normalizing
 its own 2 examples (per-device BN); and the permutation control, one device
 with each batch's examples permuted (the same maths in another float32
 summation order). A 3-layer ReLU MLP (He init), SGD with momentum 0.9,
-batch 16; every arm gets its own lr grid, chosen on validation.
+batch 16; every arm gets its own lr grid, chosen on validation and extended
+past an edge it chose (:meth:`protocol.Context.fit_grid`). Final accuracies
+are those at the end of the run (1000 steps at full scale); whether each arm
+reached a plateau is reported per arm.
 
 Equality is judged where it is a property: one step from identical weights.
 At initialization and 10 points along every trajectory, the probe takes the
@@ -25,6 +28,8 @@ maths drift apart.
 """
 
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax
@@ -54,7 +59,19 @@ MODES = {
 }
 KINDS = ("sync", "local", "perm")  # probe: compared with one device
 TOL = 1e-5
-MARGIN = 0.015
+LR_LIMITS = (1e-4, 0.3)  # the equal-tuning rule's limits on an extended grid
+# Test examples per scale: the equivalence margin is the resolution of one
+# accuracy measured on this test set.
+TEST_EXAMPLES = {"quick": 2000, "full": 10000}
+
+
+def resolution(n: int) -> float:
+    """The 95 % half-width of one accuracy on ``n`` test examples at its
+    widest (p = 0.5): 1.96 * sqrt(0.25 / n), rounded to 0.1 point."""
+    return round(1.96 * math.sqrt(0.25 / n), 3)
+
+
+MARGIN = {scale: resolution(n) for scale, n in TEST_EXAMPLES.items()}
 CRITERIA = [
     P.Criterion(
         "one_step_equal",
@@ -68,22 +85,27 @@ CRITERIA = [
     ),
     P.Criterion(
         "final_equal",
-        "sync - one device: test accuracy at the end (mean of the last 3 "
-        "evaluations, paired by seed, at one device's lr chosen on validation)",
+        "sync - one device: test accuracy at the end of the run (mean of the last "
+        "3 evaluations, paired by seed, at one device's lr chosen on validation)",
         "within",
         MARGIN,
-        "issue 16 ('final accuracies equal within the seed interval'); margin 1.5 "
-        "points, about the half-width of a 5-seed interval of one arm's accuracy, "
-        "fixed before the run (2026-12-01)",
+        "'trains as well' as an equivalence: sync BN takes one device's step (the "
+        "check above), so its runs may differ from one device's only by float32 "
+        "rounding; a difference smaller than the resolution of one accuracy on "
+        "this test set (95% half-width at p = 0.5, 1.96 sqrt(0.25 / N): 1.0 point "
+        "for N = 10,000 at full scale, 2.2 for N = 2,000 at quick) is not a "
+        "difference in how well the network trains. Fixed from N, not from "
+        "measured accuracies (2026-12-05)",
     ),
     P.Criterion(
         "per_device_worse",
-        "one device - per-device BN: test accuracy (each at its lr chosen on "
-        "validation, paired by seed)",
+        "one device - per-device BN: test accuracy at the end of the run (each at "
+        "its lr chosen on validation, paired by seed)",
         ">=",
         0.05,
         "issue 16 (>= 5 points); Ioffe 2017 and Wu & He 2018: BN degrades sharply "
         "at 2 examples per normalization batch",
+        null=0.0,
     ),
 ]
 HISTORY = [
@@ -98,7 +120,26 @@ HISTORY = [
         "with each batch permuted differs as much (0.17-0.24 after 2000 steps). "
         "Equality is now checked one step from identical weights along the "
         "trajectory, and the runs by their final accuracies (issue 16)",
-    }
+    },
+    {
+        "date": "2026-12-05",
+        "criterion": "final_equal within +-0.015 at both scales, 'about the "
+        "half-width of a 5-seed interval of one arm's accuracy'; lrs on a fixed "
+        "grid; per_device_worse without a null",
+        "pilot": "full-1000",
+        "why": "the stated reason did not hold (the measured half-widths are 0.35 "
+        "points full, 0.7 quick), and a margin measured on seeds is not a fixed "
+        "one (issue 21): the margin is now the resolution of one accuracy on the "
+        "scale's test set (1.0 point full, 2.2 quick), fixed from the test set's "
+        "size; grids extend past a chosen edge (equal tuning); per_device_worse "
+        "gets null 0 so that CONTRADICTED means per-device BN is better",
+    },
+    {
+        "date": "2026-12-05",
+        "criterion": "this design (pilot)",
+        "pilot": "quick-300",
+        "why": "pilot of the registered design; nothing changed after it",
+    },
 ]
 
 
@@ -260,30 +301,49 @@ def run(ctx: P.Context) -> P.Outcome:
     data = ctx.data
     x, y = jnp.asarray(data.x_train[-BATCH:]), jnp.asarray(data.y_train[-BATCH:])
     model = DeviceSimMLP((width,) * depth)
-    result = ctx.fit(
+    fit_kw = {
+        "optimizer": lambda hp: optax.sgd(hp["lr"], momentum=0.9),
+        "post_init": lambda v, hp: set_gates(v, mode=hp["mode"]),
+        "probe": probe(depth, x, y),
+        "steps": steps,
+        "batch_size": BATCH,
+        "eval_every": every,
+        "eval_at_start": True,
+    }
+    grid = ctx.fit_grid(
         "arms",
         model,
-        hparams=[{"mode": float(m), "lr": lr} for m in MODES for lr in LRS],
-        optimizer=lambda hp: optax.sgd(hp["lr"], momentum=0.9),
-        post_init=lambda v, hp: set_gates(v, mode=hp["mode"]),
-        probe=probe(depth, x, y),
-        steps=steps,
-        batch_size=BATCH,
-        eval_every=every,
-        eval_at_start=True,
+        arms=[{"mode": float(m)} for m in MODES],
+        grid=LRS,
+        limits=LR_LIMITS,
+        **fit_kw,
     )
     seeds = ctx.seeds
-    tuned = {m: P.tune(result, where={"mode": float(m)}) for m in MODES}
+    tuned = {m: grid.tune(where={"mode": float(m)}) for m in MODES}
     one_lr = tuned[0].value
+    # sync and the control are compared at one device's lr: fit them there if
+    # their own grids did not reach it
+    missing = [
+        {"mode": float(m), "lr": one_lr}
+        for m in (1, 3)
+        if one_lr not in grid.values({"mode": float(m)})
+    ]
+    if missing:
+        grid.results.append(ctx.fit("at_one_lr", model, hparams=missing, **fit_kw))
+    plateaus = {
+        m: P.plateau(grid, where={"mode": float(m)}, hp="lr", value=tuned[m].value)
+        for m in MODES
+    }
 
     def at_lr(m, lr):  # per seed, mean test accuracy of the last 3 evaluations
-        _, acc = P.grid_by_hparams(result, "test_accuracy", "lr", {"mode": float(m)})
-        return np.mean(acc[-3:, LRS.index(lr), :], axis=0)
+        values, acc = P.grid_by_hparams(grid, "test_accuracy", "lr", {"mode": float(m)})
+        return np.mean(acc[-3:, values.index(lr), :], axis=0)
 
     # one-step differences: (points, arms) per way, over every arm of a mode
-    steps_axis = np.asarray(sorted({r["step"] for r in result.records}))
+    records = [r for res in grid.results for r in res.records]
+    steps_axis = np.asarray(sorted({r["step"] for r in records}))
     diffs = {
-        way: {m: _probe_values(result, way, m, steps_axis) for m in MODES}
+        way: {m: _probe_values(grid, way, m, steps_axis) for m in MODES}
         for way in KINDS
     }
     sync_diffs = diffs["sync"][1]  # sync arms' own trajectories
@@ -308,13 +368,27 @@ def run(ctx: P.Context) -> P.Outcome:
         "one step, permuted vs one device: largest relative difference (max over "
         "points and arms)": _max(diffs["perm"][3]),
     }
-    drift = _drift(result, steps_axis, seeds, one_lr)
+    drift = _drift(records, steps_axis, seeds, one_lr)
+    final = measured["final_equal"]
+    margin = MARGIN["quick" if ctx.quick else "full"]
+    sensitivity = {
+        "final_equal": P.Sensitivity(
+            "equivalence margin",
+            margin,
+            P.sensitivity(
+                lambda v: P.decide(final.low, final.high, "within", v).outcome,
+                margin,
+                (margin / 2, 2 * margin),
+            ),
+        )
+    }
     table = [
         {
             "arm": MODES[m],
             "chosen lr (validation)": tuned[m].text(),
             "validation accuracy by lr": ", ".join(
-                f"{lr:g}: {v:.3f}" for lr, v in zip(LRS, tuned[m].val, strict=True)
+                f"{lr:g}: {v:.3f}"
+                for lr, v in zip(tuned[m].grid, tuned[m].val, strict=True)
             ),
             "test accuracy at its lr": P.fmt(P.mean_ci(tuned[m].report)),
             f"test accuracy at lr {one_lr:g}": P.fmt(P.mean_ci(at_lr(m, one_lr))),
@@ -323,6 +397,7 @@ def run(ctx: P.Context) -> P.Outcome:
                 if m == 0
                 else f"{np.nanmax(diffs[('sync', 'local', 'perm')[m - 1]][m]):.2e}"
             ),
+            "plateau (validation, at its lr)": plateaus[m].text,
         }
         for m in MODES
     ]
@@ -336,7 +411,7 @@ def run(ctx: P.Context) -> P.Outcome:
         for i, s in enumerate(steps_axis)
         if i in (1, 2, len(steps_axis) // 2, len(steps_axis) - 1)
     ]
-    records = [
+    out_records = [
         {
             "step": int(s),
             "way": way,
@@ -352,16 +427,23 @@ def run(ctx: P.Context) -> P.Outcome:
         for s, d in zip(steps_axis, drift[m], strict=True)
     ]
     figure = _figure(ctx, steps_axis, diffs, drift, one_lr)
+    extended = ", ".join(
+        f"{MODES[int(e['arm']['mode'])]} {e['edge']} {e['lr']:g}"
+        for e in grid.extensions
+    )
     return P.Outcome(
         measured,
         reported=reported,
+        sensitivity=sensitivity,
         table=table,
         figures=[figure],
-        records=records,
+        records=out_records,
         notes=(
             f"{ctx.data_name}; MLP {depth} x {width}, ReLU, He init, BN momentum "
             f"0.9; {steps} steps of SGD (momentum 0.9), batch {BATCH}, lr grid "
-            f"{LRS} per arm, chosen on validation (mean of the last 3 evaluations). "
+            f"{LRS} per arm, chosen on validation (mean of the last 3 evaluations), "
+            f"extended past a chosen edge within {LR_LIMITS}: {extended or 'none'}"
+            f"{'; sync and the control also at ' + str(one_lr) if missing else ''}. "
             f"One-step probe at {len(steps_axis)} points (every {every} steps and at "
             f"initialization) on {BATCH} fixed training examples. The parameter "
             "drift compares 64 weights of the second layer between arms of one "
@@ -370,23 +452,26 @@ def run(ctx: P.Context) -> P.Outcome:
     )
 
 
-def _probe_values(result, way, mode, steps_axis) -> np.ndarray:
-    arms = [a.index for a in result.arms if a.hparams["mode"] == float(mode)]
-    out = np.full((len(steps_axis), len(arms)), np.nan)
+def _probe_values(grid, way, mode, steps_axis) -> np.ndarray:
+    cols = []
     pos = {s: i for i, s in enumerate(steps_axis)}
-    col = {a: j for j, a in enumerate(arms)}
-    for r in result.records:
-        if r["arm"] in col and r.get("probe") is not None:
-            out[pos[r["step"]], col[r["arm"]]] = r["probe"][way]
-    return out
+    for result in grid.results:
+        arms = [a.index for a in result.arms if a.hparams["mode"] == float(mode)]
+        out = np.full((len(steps_axis), len(arms)), np.nan)
+        col = {a: j for j, a in enumerate(arms)}
+        for r in result.records:
+            if r["arm"] in col and r.get("probe") is not None:
+                out[pos[r["step"]], col[r["arm"]]] = r["probe"][way]
+        cols.append(out)
+    return np.concatenate(cols, axis=1)
 
 
-def _drift(result, steps_axis, seeds, lr) -> dict:
+def _drift(records, steps_axis, seeds, lr) -> dict:
     """Per mode (1, 3): max over seeds of the relative difference of the
     probe's parameter slice from the one-device arm of the same seed."""
     pos = {s: i for i, s in enumerate(steps_axis)}
     sl = {}
-    for r in result.records:
+    for r in records:
         if r.get("probe") is not None and r["hparams"]["lr"] == lr:
             key = (r["hparams"]["mode"], r["seed"])
             sl.setdefault(key, {})[pos[r["step"]]] = np.asarray(r["probe"]["slice"])
