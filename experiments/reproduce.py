@@ -411,16 +411,21 @@ def _records(directory: Path, records: list[dict]) -> None:
     rewrite_records(directory / "metrics.jsonl", [jsonable(r) for r in records])
 
 
+def _outcome(check: dict[str, Any]) -> str | None:
+    """A check's outcome (None in a verdict written before outcomes)."""
+    return (check.get("outcome") or {}).get("outcome")
+
+
 def summary_line(verdict: dict[str, Any], width: int, state: str) -> str:
     """One line of the transcript: the claim's outcome; one that is not
     SUPPORTED names its first check that is not, with its interval."""
     word = verdict["verdict"]
     line = f"{word:<12} {verdict['experiment']:<{width}}  ({state})"
-    if word in ("REPORT", protocol.SUPPORTED):
+    if word in ("REPORT", "PASS", protocol.SUPPORTED):
         return line
     c = next(
-        (c for c in verdict["checks"] if c["outcome"]["outcome"] == word),
-        next(c for c in verdict["checks"] if not c["pass"]),
+        (c for c in verdict["checks"] if _outcome(c) == word),
+        next((c for c in verdict["checks"] if not c["pass"]), verdict["checks"][0]),
     )
     m = c["measured"]
     lo, hi = m["ci"]
@@ -431,7 +436,7 @@ def summary_line(verdict: dict[str, Any], width: int, state: str) -> str:
     )
     if word == protocol.NOT_TESTABLE and c.get("premise"):
         line += f"; premise absent: {c['premise']['text']}"
-    elif c["outcome"].get("seeds_needed"):
+    elif (c.get("outcome") or {}).get("seeds_needed"):
         line += f"; {c['outcome']['seeds_needed']} seeds would decide"
     return line
 

@@ -98,21 +98,23 @@ def test_every_experiment_runs_and_writes_its_outputs(smoke):
 
 
 def _assert_verdict_follows_its_checks(v):
-    """REPORT without criteria, else PASS iff every check passes; and each
-    check's pass is what its recorded interval and threshold give."""
-    passes = [c["pass"] for c in v["checks"]]
-    expected = "REPORT" if not passes else "PASS" if all(passes) else "FAIL"
-    assert v["verdict"] == expected, (v["experiment"], v["verdict"], passes)
+    """REPORT without criteria, else the claim's outcome from its checks'
+    (reproduce.claim_outcome); each check's outcome is what its recorded
+    interval, threshold, null and premise give, and it passes iff SUPPORTED."""
+    outcomes = [c["outcome"]["outcome"] for c in v["checks"]]
+    expected = reproduce.claim_outcome(outcomes)
+    assert v["verdict"] == expected, (v["experiment"], v["verdict"], outcomes)
     for c in v["checks"]:
+        assert c["pass"] == (c["outcome"]["outcome"] == protocol.SUPPORTED), c
         m = c["measured"]
         lo, hi = m["ci"]
         if m["value"] is None or lo is None or hi is None:
             continue  # a non-finite number is recorded as null
-        crit = protocol.Criterion(
-            c["id"], c["quantity"], c["op"], c["threshold"], c["source"]
+        premise = c.get("premise") is None or c["premise"]["holds"]
+        d = protocol.decide(
+            lo, hi, c["op"], c["threshold"], c.get("null"), None, premise
         )
-        measured = protocol.Measured(m["value"], lo, hi)
-        assert c["pass"] == protocol.judge(crit, measured, "full"), c
+        assert c["outcome"]["outcome"] == d.outcome, c
 
 
 def test_the_verdict_check_can_fail():
@@ -121,18 +123,41 @@ def test_the_verdict_check_can_fail():
         "quantity": "q",
         "op": ">=",
         "threshold": 1.0,
+        "null": 0.0,
         "source": "s",
         "measured": {"value": 1.5, "ci": [1.2, 1.8]},
         "pass": True,
+        "outcome": {"outcome": "SUPPORTED"},
     }
-    ok = {"experiment": "x", "verdict": "PASS", "checks": [check]}
+    ok = {"experiment": "x", "verdict": "SUPPORTED", "checks": [check]}
     _assert_verdict_follows_its_checks(ok)
     _assert_verdict_follows_its_checks({**ok, "verdict": "REPORT", "checks": []})
+    undecided = {
+        **check,
+        "measured": {"value": 1.0, "ci": [0.5, 1.5]},
+        "pass": False,
+        "outcome": {"outcome": "INCONCLUSIVE"},
+    }
+    _assert_verdict_follows_its_checks(
+        {**ok, "verdict": "INCONCLUSIVE", "checks": [undecided]}
+    )
     for bad in (
-        {**ok, "verdict": "FAIL"},  # every check passes
+        {**ok, "verdict": "CONTRADICTED"},  # every check is supported
         {**ok, "verdict": "REPORT"},  # it has checks
         {**ok, "checks": [{**check, "measured": {"value": 1.0, "ci": [0.5, 1.5]}}]},
-        {**ok, "verdict": "REPORT", "checks": [{**check, "pass": False}]},
+        {**ok, "checks": [{**check, "pass": False}]},  # supported but not passed
+        # without its null, an interval wholly below the threshold contradicts
+        {
+            **ok,
+            "verdict": "INCONCLUSIVE",
+            "checks": [
+                {
+                    **undecided,
+                    "measured": {"value": 0.0, "ci": [-0.5, 0.5]},
+                    "null": None,
+                }
+            ],
+        },
     ):
         with pytest.raises(AssertionError):
             _assert_verdict_follows_its_checks(bad)
@@ -223,23 +248,29 @@ def test_results_on_stdout_progress_on_stderr(tmp_path):
     assert "claims PASS" not in run.stderr
 
 
-def test_transcript_line_of_a_fail_explains_it():
+def test_transcript_line_of_an_undecided_claim_explains_it():
+    check = {
+        "quantity": "q",
+        "op": ">=",
+        "threshold": 2.0,
+        "measured": {"value": 1.5, "ci": [1.0, 2.5]},
+        "pass": False,
+    }
     v = {
         "experiment": "x",
-        "verdict": "FAIL",
+        "verdict": "INCONCLUSIVE",
         "checks": [
-            {
-                "quantity": "q",
-                "op": ">=",
-                "threshold": 2.0,
-                "measured": {"value": 1.5, "ci": [1.0, 2.5]},
-                "pass": False,
-            }
+            {"pass": True, "outcome": {"outcome": "SUPPORTED"}},
+            {**check, "outcome": {"outcome": "INCONCLUSIVE", "seeds_needed": 9}},
         ],
     }
     assert reproduce.summary_line(v, 3, "1 s") == (
-        "FAIL   x    (1 s): q = 1.5 [1, 2.5], needs >= 2"
+        "INCONCLUSIVE x    (1 s): q = 1.5 [1, 2.5], criterion >= 2; 9 seeds would "
+        "decide"
     )
+    # a verdict written before outcomes (a pilot's) names its failing check
+    old = {"experiment": "x", "verdict": "FAIL", "checks": [check]}
+    assert reproduce.summary_line(old, 3, "1 s").endswith("criterion >= 2")
 
 
 def test_criteria_judge_the_whole_interval():
@@ -468,7 +499,10 @@ def test_each_verdict_records_the_data_it_used(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "experiments._probe_data", _probe(True))
     monkeypatch.setitem(sys.modules, "experiments._probe_none", _probe(False))
     opts = reproduce.Options(
-        ["_probe_data", "_probe_none"], tmp_path / "out", "quick", [0, 1]
+        ["_probe_data", "_probe_none"],
+        tmp_path / "out",
+        "quick",
+        {"_probe_data": [3000, 3001], "_probe_none": [3000, 3001]},
     )
     with_data, without = reproduce.run(opts, show=lambda s: None)
     assert with_data["provenance"]["data"] == {
@@ -545,9 +579,9 @@ def test_verdict_records_each_checks_three_way_outcome():
         "reason": "interval crosses 10 or 1",
     }
     assert got["same"]["outcome"] == protocol.CONTRADICTED
-    # PASS/FAIL are unchanged: the outcome is recorded beside them
+    # a check passes when it is SUPPORTED; one CONTRADICTED check decides
     assert [c["pass"] for c in v["checks"]] == [True, False, False]
-    assert v["verdict"] == "FAIL"
+    assert v["verdict"] == "CONTRADICTED"
     _assert_verdict_follows_its_checks(v)
 
 
@@ -558,4 +592,6 @@ def test_options_register_and_registry(tmp_path):
     assert not opts.register and opts.registry == registry.DEFAULT_PATH
     opts = reproduce.options(tmp_path, register=True, registry=tmp_path / "r.json")
     assert opts.register and opts.registry == tmp_path / "r.json"
-    assert opts.command == "bnlab reproduce --seeds 5"  # registering is no run
+    # registering is no run; each experiment's seeds start at the full default
+    assert opts.command("placement").startswith("bnlab reproduce --seeds ")
+    assert " --first-seed 4000 --only placement" in opts.command("placement")
