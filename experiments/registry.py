@@ -77,20 +77,47 @@ def criteria_data(module: str | ModuleType) -> list[dict[str, Any]]:
     return [dataclasses.asdict(c) for c in _module(module).CRITERIA]
 
 
+def without_history(source: str) -> str:
+    r"""A module's source without its top-level ``HISTORY = ...`` statement.
+
+    Example:
+      >>> without_history("A = 1\nHISTORY = [\n    {'x': 1},\n]\nB = 2\n")
+      'A = 1\nB = 2\n'
+    """
+    import ast
+
+    lines = source.splitlines(keepends=True)
+    for node in ast.parse(source).body:
+        targets = (
+            node.targets
+            if isinstance(node, ast.Assign)
+            else [node.target]
+            if isinstance(node, ast.AnnAssign)
+            else []
+        )
+        if any(isinstance(t, ast.Name) and t.id == "HISTORY" for t in targets):
+            del lines[node.lineno - 1 : node.end_lineno]
+            break
+    return "".join(lines)
+
+
 def design_digest(module: str | ModuleType) -> str:
     """SHA-256 of an experiment's design: its module's source, the
     protocol's source and its criteria as data (canonical JSON), each
     length-prefixed so that no two designs share a byte stream.
 
     A change to any of them (a threshold, a depth, a statistic in the
-    protocol) changes the digest. Code outside these two files (bnlab itself)
-    is recorded by the commit, not by the digest.
+    protocol) changes the digest. The module's ``HISTORY`` is left out: it
+    records earlier designs and their pilots, which a new row must be able
+    to add after the pilot it names without changing the design piloted.
+    Code outside these two files (bnlab itself) is recorded by the commit,
+    not by the digest.
     """
     m = _module(module)
     if getattr(m, "__file__", None) is None:
         raise ValueError(f"{m.__name__} has no source file: its design has no digest")
     parts = [
-        Path(m.__file__).read_bytes(),
+        without_history(Path(m.__file__).read_text()).encode(),
         Path(protocol.__file__).read_bytes(),
         json.dumps(criteria_data(m), sort_keys=True).encode(),
     ]

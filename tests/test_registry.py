@@ -568,3 +568,14 @@ def test_power_plan_prefers_a_pilot_of_the_current_design(tmp_path):
     assert plan["pilot_design"] == "this design" and plan["pilot_scale"] == "quick"
     plan = registry.power_plan("hessian", [old], "full")
     assert plan["pilot_design"] == "an earlier design"
+
+
+def test_history_rows_do_not_change_the_design(tmp_path):
+    a = _fake_module(tmp_path, "X = 1\nHISTORY = [\n    {'why': 'a'},\n]\n")
+    d = registry.design_digest(a)
+    b = _fake_module(
+        tmp_path, "X = 1\nHISTORY = [\n    {'why': 'a'},\n    {'why': 'b'},\n]\n"
+    )
+    assert registry.design_digest(b) == d  # a row added after a pilot
+    c = _fake_module(tmp_path, "X = 2\nHISTORY = [\n    {'why': 'a'},\n]\n")
+    assert registry.design_digest(c) != d  # the design itself
