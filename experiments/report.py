@@ -204,7 +204,10 @@ def _history(v: dict) -> list[dict]:
         {
             "date": h.get("date", ""),
             "earlier design / criterion": h.get("criterion", ""),
-            "its result": h.get("result") or pilot_result(h.get("pilot"), v),
+            "its result": pilot_result(h["pilot"], v)
+            if h.get("pilot")
+            else f"{h.get('result', '')} (typed in HISTORY before pilots were "
+            "committed: not checkable from a file)",
             "why it changed": h.get("why", ""),
         }
         for h in v.get("history", [])
