@@ -20,23 +20,46 @@ program (arms with one seed share their initial weights and data order): BN
 after every convolution, or no BN with SkipInit's scalar on every residual
 branch. Both variants get the same grid of 5 half-decade rates, from below
 either's best to past 30x the baseline's (a quick-scale pilot), chosen on
-validation (mean of the last 3 evaluations over seeds). Convolutions are
+validation (mean of the last 3 evaluations over seeds) and extended past an
+edge a variant chooses (:meth:`protocol.Context.fit_grid`, the same rule for
+both). The run is short: 480 steps of 32 at full scale (0.28 epochs), 120
+at quick scale; the claims are judged in that regime ("in a short run"), not
+after training to convergence as in the paper, and each variant's plateau
+(:func:`protocol.plateau`) is reported. Convolutions are
 written as 9 shifted matrix products (:class:`ShiftConv`): XLA:CPU runs
 ``lax.conv`` per arm as a grouped convolution under ``vmap`` and slowly
 inside ``lax.scan``; matrix products vmap into batched products.
 
-Measured, as in ``ioffe_table`` and ``lr_robustness``: steps to
-``THRESHOLD_FRACTION`` of the tuned baseline's validation plateau (per seed,
-a ratio; a baseline seed that never gets there counts as the run length, a
-lower bound); each variant's usable rate (the largest rate whose validation
-score is within ``WITHIN`` of that seed's best, a grid rate: no
-interpolation towards a rate that diverged);
-BN at 30x the baseline's chosen rate; test accuracy of the final weights.
+Measured, as in ``ioffe_table``: steps to ``THRESHOLD_FRACTION`` of the
+tuned baseline's validation score (per seed, a ratio; a baseline seed that
+never gets there counts as the run length, a lower bound of its steps; a BN
+seed that never gets there makes its ratio infinite); BN at 30x the
+baseline's chosen rate (premise: the grid has a rate within a factor sqrt(3)
+of 30x); test accuracy of the final weights.
+
+"Tolerates >= 10x higher rates" is a count, tested exactly
+(:func:`protocol.exact_sign_test`), because a grid rate is not a continuous
+measurement and a bisection per seed (as ``lr_robustness`` does on an MLP)
+would cost this conv net several times its budget. Per seed and variant, a
+rate is usable if it did not diverge and its validation score is within
+``WITHIN`` of that seed's best; the largest usable grid rate ``lo`` and the
+next rate ``hi`` bracket the variant's true limit (usability assumed
+monotone). A seed *meets* the claim if BN's ``lo`` >= 10x SkipInit's ``hi``
+(BN's limit is surely >= 10x), *fails* it if BN's ``hi`` <= 10x SkipInit's
+``lo`` (surely < 10x), and is *undetermined* otherwise (a censored top, or
+brackets that straddle 10x). The check is the share of seeds that meet it,
+with a Clopper-Pearson 95 % interval whose lower end counts the undetermined
+seeds as failing and whose upper end counts them as meeting it: "> 0.5" (a
+majority of seeds, i.e. the median seed) is SUPPORTED only if the
+conservative lower end clears 0.5, CONTRADICTED only if the upper end is
+below it. With 5 seeds neither can happen (5 of 5 gives [0.48, 1]): the
+power plan needs >= 6 seeds to decide. ``WITHIN`` and ``THRESHOLD_FRACTION``
+are free constants: their sensitivity rows give the outcome at neighbouring
+values.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -52,10 +75,11 @@ from experiments import protocol as P
 
 NAME = "conv_claims"
 CLAIM = (
-    "(e) on a conv net: with BN a residual network reaches the baseline's accuracy "
-    "in fewer steps, tolerates >= 10x higher rates, trains at 30x the "
-    "baseline's rate and is more accurate at the end of a short run than the same "
-    "network without BN (SkipInit)."
+    "(e) on a conv net, in a short run (480 steps of 32 at full scale, 0.28 "
+    "epochs): with BN a residual network reaches the baseline's accuracy in "
+    "fewer steps, tolerates >= 10x higher rates on most seeds, trains at 30x "
+    "the baseline's rate and is more accurate at the end of the run than the "
+    "same network without BN (SkipInit)."
 )
 VARIANTS = {"skipinit": 0.0, "bn": 1.0}  # variant -> its `bn` gate
 LABELS = {"skipinit": "no BN, SkipInit", "bn": "BN"}
@@ -65,44 +89,83 @@ CHANNELS = (8, 16, 32)
 CHANCE = 0.1
 WITHIN = 0.01
 THRESHOLD_FRACTION = 0.95
+FRACTION_NEIGHBOURS = (0.9, 0.99)  # the sensitivity row's values
+WITHIN_NEIGHBOURS = (0.005, 0.02)
+LR_LIMITS = (0.003, 30.0)  # the equal-tuning rule's limits on an extended grid
 RANGE = 10.0
+MAJORITY = 0.5
 CRITERIA = [
     P.Criterion(
         "bn_faster",
-        f"steps to {THRESHOLD_FRACTION:g} x the baseline's validation plateau, BN / "
-        "SkipInit, each at its chosen lr (geometric mean of per-seed ratios)",
+        f"steps to {THRESHOLD_FRACTION:g} x SkipInit's final validation score (mean "
+        "of its last 3 evaluations), BN / SkipInit, each at its chosen lr, in the "
+        "short run (geometric mean of per-seed ratios)",
         "<",
         1.0,
         "Ioffe & Szegedy 2015 sec. 4.2.2 (Inception, a conv net): BN-Baseline "
         "reached Inception's accuracy in 13.3M vs 31.0M steps",
+        null=1.0,
     ),
     P.Criterion(
         "usable_range",
-        f"largest lr within {WITHIN:g} of the variant's own best validation "
-        "accuracy, BN / SkipInit (geometric mean of per-seed ratios)",
-        ">=",
-        RANGE,
+        "share of seeds on which BN's largest usable lr (validation score within "
+        f"{WITHIN:g} of the seed's best, not diverged) is >= {RANGE:g}x SkipInit's, "
+        "decided from the grid brackets (undetermined seeds count against the "
+        "claim at the interval's lower end and for it at its upper end); exact "
+        "Clopper-Pearson interval",
+        ">",
+        MAJORITY,
         "Ioffe & Szegedy 2015 sec. 4.2.2: BN-x5 and BN-x30 train; issue 16 fixes "
-        "'much higher' as >= 10x, one point of validation accuracy as 'usable'",
+        "'much higher' as >= 10x, one point of validation accuracy as 'usable'; "
+        "'on most seeds' = a majority (a sign test against 0.5)",
     ),
     P.Criterion(
         "bn_30x",
-        "test accuracy: BN at 30x SkipInit's chosen lr - SkipInit at its chosen lr "
-        "(paired by seed; a diverged arm counts as 0)",
+        "test accuracy at the end of the short run: BN at 30x SkipInit's chosen lr - "
+        "SkipInit at its chosen lr (paired by seed; a diverged arm counts as 0); "
+        "premise: the grid has a rate within sqrt(3) of 30x",
         ">",
         0.0,
         "Ioffe & Szegedy 2015 Table 2: BN-x30 ends above Inception (74.8% vs 72.2%)",
+        null=0.0,
     ),
     P.Criterion(
         "bn_more_accurate",
-        "test accuracy: BN - SkipInit, each at its chosen lr (paired by seed)",
+        "test accuracy at the end of the short run: BN - SkipInit, each at its "
+        "chosen lr (paired by seed)",
         ">",
         0.0,
         "Ioffe & Szegedy 2015 Table 2: BN-Baseline 72.7% vs Inception 72.2%; De & "
         "Smith 2020 Table 2: SkipInit close to, but below, BN at small batch sizes",
+        null=0.0,
     ),
 ]
 HISTORY = [
+    {
+        "date": "2026-12-05",
+        "criterion": "this design (pilot)",
+        "pilot": "quick-100",
+        "why": "pilot of the registered design; nothing changed after it",
+    },
+    {
+        "date": "2026-12-05",
+        "criterion": "usable_range: the ratio of the variants' largest usable GRID "
+        "rates (within 0.01 of the best) >= 10, a t interval of the log ratios; "
+        "the claim and its criteria without the run's length; lrs on a fixed grid; "
+        "a BN seed that never reached the threshold counted as the run length; "
+        "30x untested as an infinite interval",
+        "pilot": "full-1000",
+        "why": "issue 21: a t interval on a grid-valued quantity (ratios 1, 3, 3.3, "
+        "10, 30 ...) is not a measurement; a per-seed bisection would cost this conv "
+        "net several times its budget, so the claim is now tested as a count, "
+        "exactly, with undetermined seeds counted against it where that is "
+        "conservative. The run sees 0.28 epochs at full scale (Ioffe & Szegedy "
+        "train Inception for millions of steps): the claim now says 'in a short "
+        "run'. Grids extend past a chosen edge (equal tuning); a BN seed that never "
+        "reaches the threshold makes its ratio infinite (as ioffe_table); the 30x "
+        "check's missing rate is a premise (NOT TESTABLE). Null 1 for the steps "
+        "ratio and 0 for the differences",
+    },
     {
         "date": "2026-12-01",
         "criterion": "the same four criteria; constant rates, SkipInit's grid "
@@ -214,18 +277,83 @@ def post_init(variables: dict, hp: dict) -> dict:
     return {**variables, "gates": {"bn": bn, "skipinit": 1.0 - bn}}
 
 
-def steps_to(
-    steps: np.ndarray, curves: np.ndarray, threshold: float, cap: int
-) -> tuple[np.ndarray, int]:
-    """Per seed (curves: (evals, seeds)): the first evaluation step reaching
-    ``threshold``, ``cap`` (the run length) for a seed that never does; and
-    the number of such seeds."""
-    out, never = [], 0
-    for c in curves.T:
-        s = P.steps_to(steps, [v if np.isfinite(v) else None for v in c], threshold)
-        never += s is None
-        out.append(cap if s is None else s)
-    return np.asarray(out, np.float64), never
+def steps_to(steps: np.ndarray, curves: np.ndarray, threshold: float) -> list:
+    """Per seed (curves: (evals, seeds)): the step at which the curve first
+    reaches ``threshold`` (:func:`protocol.steps_to`), None if never."""
+    return [
+        P.steps_to(steps, [v if np.isfinite(v) else None for v in c], threshold)
+        for c in curves.T
+    ]
+
+
+def bracket(
+    values: list[float], score: np.ndarray, diverged: np.ndarray, within: float
+) -> tuple[float, float]:
+    """One seed's bracket ``(lo, hi)`` of a variant's largest usable rate on
+    its grid (``score``, ``diverged``: per sorted grid value): ``lo`` the
+    largest usable value (not diverged, score within ``within`` of the best;
+    NaN if none), ``hi`` the next value above it (inf when ``lo`` is the
+    top: censored).
+
+    Example:
+      >>> bracket([0.1, 0.3, 1.0], np.array([0.8, 0.795, 0.5]), np.zeros(3, bool), 0.01)
+      (0.3, 1.0)
+    """
+    usable = ~np.asarray(diverged) & (np.asarray(score) >= np.max(score) - within)
+    if not usable.any():
+        return math.nan, math.nan
+    i = int(np.flatnonzero(usable).max())
+    return float(values[i]), (
+        math.inf if i == len(values) - 1 else float(values[i + 1])
+    )
+
+
+def meets_range(bn: tuple, base: tuple, factor: float) -> float:
+    """Whether BN's largest usable rate is >= ``factor`` x the baseline's on
+    one seed, from the two brackets ``(lo, hi)``: 1.0 surely (BN's ``lo`` >=
+    ``factor`` x the baseline's ``hi``), 0.0 surely not (BN's ``hi`` <=
+    ``factor`` x the baseline's ``lo``), 0.5 undetermined (the brackets
+    straddle the factor, a censored top, or no usable rate).
+
+    Example:
+      >>> meets_range((3.0, 10.0), (0.1, 0.3), 10), meets_range((0.3, 1.0), (0.1, 0.3), 10)
+      (1.0, 0.0)
+      >>> meets_range((1.0, 3.0), (0.1, 0.3), 10)
+      0.5
+    """
+    (b_lo, b_hi), (s_lo, s_hi) = bn, base
+    if math.isnan(b_lo) or math.isnan(s_lo):
+        return 0.5
+    if b_lo >= factor * s_hi:
+        return 1.0
+    if b_hi <= factor * s_lo:
+        return 0.0
+    return 0.5
+
+
+def share_meeting(per_seed: list[float], note: str = "") -> P.Measured:
+    """The share of seeds meeting a claim (``per_seed``: 1, 0 or 0.5 for
+    undetermined) with a Clopper-Pearson 95 % interval whose lower end counts
+    undetermined seeds as 0 and whose upper end as 1 (each end conservative
+    for the side it decides); the value counts them as half.
+
+    Example:
+      >>> m = share_meeting([1.0, 1.0, 1.0, 1.0, 0.5])
+      >>> m.value, round(m.low, 4), m.high  # low: 4 of 5; high: 5 of 5
+      (0.9, 0.2836, 1.0)
+    """
+    v = np.asarray(per_seed, np.float64)
+    n = len(v)
+    sure, maybe = int(np.sum(v == 1.0)), int(np.sum(v == 0.5))
+    low = P.exact_sign_test(sure, n).low
+    high = P.exact_sign_test(sure + maybe, n).high
+    return P.Measured(
+        float(v.mean()),
+        low,
+        high,
+        tuple(v.tolist()),
+        note or f"{sure} of {n} seeds meet it, {maybe} undetermined",
+    )
 
 
 def run(ctx: P.Context) -> P.Outcome:
@@ -245,11 +373,12 @@ def run(ctx: P.Context) -> P.Outcome:
         channels=CHANNELS[:1] if ctx.smoke else CHANNELS,
         pool_stem=images.x_train.shape[1] > 14,
     )
-    settings = [{"bn": b, "lr": lr} for v, b in VARIANTS.items() for lr in LRS[v]]
-    result = ctx.fit(
+    grid = ctx.fit_grid(
         "arms",
         model,
-        hparams=settings,
+        arms=[{"bn": b} for b in VARIANTS.values()],
+        grid=lambda arm: LRS[_variant(arm["bn"])],
+        limits=LR_LIMITS,
         optimizer=lambda hp: optax.sgd(
             optax.cosine_decay_schedule(hp["lr"], steps), momentum=0.9
         ),
@@ -261,90 +390,133 @@ def run(ctx: P.Context) -> P.Outcome:
         data=data,
     )
     seeds = list(ctx.seeds)
-    acc_test = P.make_accuracy(model, batch=1000)(
-        {k: result.variables[k] for k in ("params", "batch_stats", "gates")},
-        images.x_test,
-        images.y_test,
-    )
-    dead = np.asarray([s is not None for s in result.stopped_at])
-    acc_test = np.where(dead, 0.0, acc_test)  # a diverged arm counts as 0
-    evals, _ = result.curve("val_accuracy")
-    score, use, tuned, curve, test = {}, {}, {}, {}, {}
+    accuracy = P.make_accuracy(model, batch=1000)
+    acc_test = {}  # (bn, lr, seed) -> test accuracy (0 where it diverged)
+    for r in grid.results:
+        acc = accuracy(
+            {k: r.variables[k] for k in ("params", "batch_stats", "gates")},
+            images.x_test,
+            images.y_test,
+        )
+        for a in r.arms:
+            dead = r.stopped_at[a.index] is not None
+            acc_test[(a.hparams["bn"], a.hparams["lr"], a.seed)] = (
+                0.0 if dead else float(acc[a.index])
+            )
+    evals, _ = grid.curve("val_accuracy")
+    values, score, diverged, tuned, curve, test, plateau = {}, {}, {}, {}, {}, {}, {}
     for v, b in VARIANTS.items():
-        score[v], _ = P.plateau_scores(result, {"bn": b}, CHANCE)
-        use[v] = P.usable_rate(score[v], LRS[v], WITHIN)
-        tuned[v] = P.tune(result, where={"bn": b})
-        _, val = P.grid_by_hparams(result, "val_accuracy", "lr", {"bn": b})
-        curve[v] = val  # (evals, lrs, seeds)
+        values[v] = grid.values({"bn": b})
+        score[v], diverged[v] = P.plateau_scores(grid, {"bn": b}, CHANCE)
+        tuned[v] = grid.tune(where={"bn": b}, report="val_accuracy")
+        _, curve[v] = P.grid_by_hparams(grid, "val_accuracy", "lr", {"bn": b})
         test[v] = np.asarray(
-            [[acc_test[_arm(result, b, lr, s)] for s in seeds] for lr in LRS[v]]
+            [[acc_test[(b, lr, s)] for s in seeds] for lr in values[v]]
         )  # (lrs, seeds)
+        plateau[v] = P.plateau(grid, where={"bn": b}, hp="lr", value=tuned[v].value)
     base, bn = tuned["skipinit"], tuned["bn"]
-    plateau = float(np.mean(curve["skipinit"][-3:, base.index, :]))
-    threshold = THRESHOLD_FRACTION * plateau
-    t_base, never = steps_to(
-        evals, curve["skipinit"][:, base.index, :], threshold, steps
-    )
-    t_bn, bn_never = steps_to(evals, curve["bn"][:, bn.index, :], threshold, steps)
-    i30 = int(np.argmin(np.abs(np.log(LRS["bn"]) - math.log(30 * base.value))))
-    lr30 = LRS["bn"][i30]
-    t_bn30, _ = steps_to(evals, curve["bn"][:, i30, :], threshold, steps)
+    final = float(np.mean(curve["skipinit"][-3:, base.index, :]))
+
+    def faster_at(fraction: float) -> P.Measured:
+        threshold = fraction * final
+        t_base = steps_to(evals, curve["skipinit"][:, base.index, :], threshold)
+        t_bn = steps_to(evals, curve["bn"][:, bn.index, :], threshold)
+        ratios, bn_never, base_never = P.steps_ratio(t_bn, t_base, steps)
+        return P.ratio_ci(
+            ratios,
+            np.ones(len(ratios)),
+            note=f"seeds that never reached {threshold:.3f}: BN {bn_never} (ratio "
+            f"infinite), SkipInit {base_never} (counted as the run length, {steps} "
+            "steps: the ratio is then an upper bound)",
+        )
+
+    def range_at(within: float) -> P.Measured:
+        per_seed = []
+        for j in range(len(seeds)):
+            br = {
+                v: bracket(values[v], score[v][:, j], diverged[v][:, j], within)
+                for v in VARIANTS
+            }
+            per_seed.append(meets_range(br["bn"], br["skipinit"], RANGE))
+        return share_meeting(per_seed)
+
+    faster = {
+        f: faster_at(f) for f in sorted({THRESHOLD_FRACTION, *FRACTION_NEIGHBOURS})
+    }
+    ranges = {w: range_at(w) for w in sorted({WITHIN, *WITHIN_NEIGHBOURS})}
+    threshold = THRESHOLD_FRACTION * final
+    i30 = int(np.argmin(np.abs(np.log(values["bn"]) - math.log(30 * base.value))))
+    lr30 = values["bn"][i30]
     x30 = lr30 / base.value
     bn_30x = P.paired_ci(
         test["bn"][i30],
         test["skipinit"][base.index],
         note=f"BN at lr {lr30:g} = {x30:.3g}x SkipInit's {base.value:g}",
     )
-    if not 30 / math.sqrt(3) <= x30 <= 30 * math.sqrt(3):  # the grid misses 30x
-        bn_30x = P.Measured(
-            math.nan,
-            -math.inf,
-            math.inf,
-            None,
-            f"untested: the grid's rate nearest 30x SkipInit's chosen lr is {x30:.3g}x",
-        )
+    near30 = 30 / math.sqrt(3) <= x30 <= 30 * math.sqrt(3)
+    t_bn30 = steps_to(evals, curve["bn"][:, i30, :], threshold)
+    t_bn = steps_to(evals, curve["bn"][:, bn.index, :], threshold)
     measured = {
-        "bn_faster": P.ratio_ci(t_bn, t_base),
-        "usable_range": P.ratio_ci(use["bn"], use["skipinit"]),
+        "bn_faster": faster[THRESHOLD_FRACTION],
+        "usable_range": ranges[WITHIN],
         "bn_30x": bn_30x,
         "bn_more_accurate": P.paired_ci(
             test["bn"][bn.index], test["skipinit"][base.index]
         ),
     }
-    censored = int(np.sum(use["bn"] >= LRS["bn"][-1]))
-    if np.any(use["skipinit"] >= LRS["skipinit"][-1]):  # no ratio can be measured
-        measured["usable_range"] = P.Measured(
-            math.nan,
-            -math.inf,
-            math.inf,
-            tuple(use["skipinit"]),
-            "SkipInit usable at the top of the grid on some seed: no ratio",
+    premises = {
+        "bn_30x": P.Premise(
+            near30,
+            f"the grid's rate nearest 30x SkipInit's chosen lr {base.value:g} is "
+            f"{lr30:g} = {x30:.3g}x"
+            + ("" if near30 else " (more than sqrt(3) from 30x: 30x is not tested)"),
         )
-    elif censored:
-        measured["usable_range"] = dataclasses.replace(
-            measured["usable_range"],
-            note=f"{censored} BN seed(s) usable at the top of its grid: counted there "
-            "(a lower bound)",
-        )
-    if never or bn_never:
-        measured["bn_faster"] = dataclasses.replace(
-            measured["bn_faster"],
-            note=f"seeds that never reached the threshold, counted as the run length: "
-            f"SkipInit {never} (the ratio is then an upper bound), BN {bn_never} "
-            "(a lower bound)",
-        )
-    reported = {
-        f"steps_bn_at_{lr30:g}_over_bn_at_its_lr": P.ratio_ci(t_bn30, t_bn),
-        "usable_lr_bn": P.mean_ci(use["bn"]),
-        "usable_lr_skipinit": P.mean_ci(use["skipinit"]),
-        "threshold_val_accuracy": P.Measured(threshold, threshold, threshold),
     }
+    n = len(seeds)
+
+    def outcome(c_id: str, m: P.Measured) -> str:
+        c = next(c for c in CRITERIA if c.id == c_id)
+        return P.decide(m.low, m.high, c.op, c.at(ctx.scale), c.null, n).outcome
+
+    sensitivity = {
+        "bn_faster": P.Sensitivity(
+            "THRESHOLD_FRACTION (of SkipInit's final validation score)",
+            THRESHOLD_FRACTION,
+            P.sensitivity(
+                lambda f: outcome("bn_faster", faster[f]),
+                THRESHOLD_FRACTION,
+                FRACTION_NEIGHBOURS,
+            ),
+        ),
+        "usable_range": P.Sensitivity(
+            "WITHIN (how far below the seed's best a usable rate may score)",
+            WITHIN,
+            P.sensitivity(
+                lambda w: outcome("usable_range", ranges[w]), WITHIN, WITHIN_NEIGHBOURS
+            ),
+        ),
+    }
+    reported = {
+        f"steps to the threshold, BN at {lr30:g} / BN at its chosen lr": P.ratio_ci(
+            P.steps_ratio(t_bn30, t_bn, steps)[0], np.ones(n)
+        ),
+        "threshold (validation accuracy)": P.Measured(threshold, threshold, threshold),
+    }
+    brackets = "; ".join(
+        f"seed {s}: "
+        + ", ".join(
+            "{} [{:g}, {:g}]".format(
+                LABELS[v],
+                *bracket(values[v], score[v][:, j], diverged[v][:, j], WITHIN),
+            )
+            for v in VARIANTS
+        )
+        for j, s in enumerate(seeds)
+    )
     table = []
     for v, b in VARIANTS.items():
-        for j, lr in enumerate(LRS[v]):
-            stopped = sum(
-                result.stopped_at[_arm(result, b, lr, s)] is not None for s in seeds
-            )
+        for j, lr in enumerate(values[v]):
+            stopped = sum(_stopped(grid, b, lr, s) for s in seeds)
             table.append(
                 {
                     "variant": LABELS[v],
@@ -352,7 +524,12 @@ def run(ctx: P.Context) -> P.Outcome:
                     "validation score (mean of seeds)": float(np.mean(score[v][j])),
                     "test accuracy (95% interval)": P.fmt(P.mean_ci(test[v][j])),
                     "diverged seeds": stopped,
-                    "chosen (validation)": "yes" if tuned[v].value == lr else "",
+                    "chosen (validation)": tuned[v].text()
+                    if tuned[v].value == lr
+                    else "",
+                    "plateau at the end (chosen lr)": plateau[v].text
+                    if tuned[v].value == lr
+                    else "",
                 }
             )
     records = [
@@ -364,17 +541,23 @@ def run(ctx: P.Context) -> P.Outcome:
             "test_accuracy": float(test[v][j, i]),
         }
         for v in VARIANTS
-        for j, lr in enumerate(LRS[v])
+        for j, lr in enumerate(values[v])
         for i, s in enumerate(seeds)
     ]
-    figure = _figure(ctx, evals, curve, score, tuned, threshold)
+    figure = _figure(ctx, evals, curve, score, values, tuned, threshold)
+    extended = (
+        f"grids extended past a chosen edge: {grid.extensions}"
+        if grid.extensions
+        else "no grid extended (both choices interior)"
+    )
     notes = (
         f"{ctx.data_name} images; SmallResNet (channels {CHANNELS}), He init; SGD "
-        f"momentum 0.9, cosine-decayed lr, batch {batch}, {steps} steps; "
-        f"validation on {n_val} "
-        f"examples every {every} steps; chosen lr: SkipInit {base.value:g}, BN "
-        f"{bn.value:g}; threshold {threshold:.3f} = {THRESHOLD_FRACTION:g} x "
-        f"SkipInit's plateau; test accuracy of the final weights."
+        f"momentum 0.9, cosine-decayed lr, batch {batch}, {steps} steps "
+        f"({steps * batch / len(images.x_train):.2f} epochs); validation on {n_val} "
+        f"examples every {every} steps; chosen lr: SkipInit {base.text()}, BN "
+        f"{bn.text()}; {extended}; threshold {threshold:.3f} = {THRESHOLD_FRACTION:g} "
+        "x SkipInit's final validation score; test accuracy of the final weights. "
+        f"Largest usable grid lr and the next one (within {WITHIN:g}): {brackets}."
     )
     return P.Outcome(
         measured,
@@ -383,17 +566,24 @@ def run(ctx: P.Context) -> P.Outcome:
         records=records,
         notes=notes,
         reported=reported,
+        premises=premises,
+        sensitivity=sensitivity,
     )
 
 
-def _arm(result, bn: float, lr: float, seed: int) -> int:
-    for a in result.arms:
-        if a.seed == seed and a.hparams["bn"] == bn and a.hparams["lr"] == lr:
-            return a.index
+def _variant(bn: float) -> str:
+    return next(v for v, b in VARIANTS.items() if b == bn)
+
+
+def _stopped(grid: P.Grid, bn: float, lr: float, seed: int) -> bool:
+    for r in grid.results:
+        for a in r.arms:
+            if a.seed == seed and a.hparams == {"bn": bn, "lr": lr}:
+                return r.stopped_at[a.index] is not None
     raise KeyError((bn, lr, seed))
 
 
-def _figure(ctx, evals, curve, score, tuned, threshold) -> str:
+def _figure(ctx, evals, curve, score, values, tuned, threshold) -> str:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
@@ -409,7 +599,7 @@ def _figure(ctx, evals, curve, score, tuned, threshold) -> str:
             evals, np.nanmin(c, 1), np.nanmax(c, 1), color=f"C{j}", alpha=0.2
         )
         m = score[v].mean(1)
-        b.plot(LRS[v], m, f"C{j}", marker="o", label=LABELS[v])
+        b.plot(values[v], m, f"C{j}", marker="o", label=LABELS[v])
     a.axhline(threshold, color="k", ls=":", lw=0.8)
     a.set_xlabel("training step")
     a.set_ylabel("validation accuracy (band: min-max over seeds)")

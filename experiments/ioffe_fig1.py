@@ -9,7 +9,8 @@ before each sigmoid. It is not the protocol's He init on purpose: the claim
 is about this setup. Both arms are one program (a gated
 ``bnlab.models.VariantMLP``: arms with one seed share their initial weights
 and data order), each with its own learning-rate grid, chosen on validation
-(mean of the last 3 evaluations, over seeds). Run length: the same number of
+(mean of the last 3 evaluations, over seeds) and extended past an edge its
+choice sits on (:meth:`protocol.Context.fit_grid`, the same rule for both). Run length: the same number of
 epochs at both scales.
 
 Measured at each arm's chosen rate, per seed:
@@ -19,7 +20,9 @@ Measured at each arm's chosen rate, per seed:
   baseline. Censoring, stated: a baseline seed that never reaches the
   threshold counts as the run length (a lower bound of its steps: the ratio
   can only be smaller in truth); a BN seed that never reaches it makes its
-  ratio infinite (the criterion fails).
+  ratio infinite (the criterion fails). The claim is "at least twice as
+  fast" (<= 0.5; CONTRADICTED only if BN is slower). ``THRESHOLD_FRACTION``
+  is a free constant: the outcome at 0.9 and 0.99 is reported beside it.
 - drift of the median sigmoid input: for units 0-9 of the last hidden layer,
   the median over 1000 fixed validation examples (inference mode) at every
   evaluation from initialization on; a unit's drift is its max - min over
@@ -41,8 +44,9 @@ from experiments import protocol as P
 
 NAME = "ioffe_fig1"
 CLAIM = (
-    "(e) BN speeds up convergence and stabilises the distribution of a "
-    "sigmoid's input over training (Ioffe & Szegedy 2015, Fig. 1)."
+    "(e) BN speeds up convergence (at least 2x fewer steps to the baseline's "
+    "accuracy) and stabilises the distribution of a sigmoid's input over "
+    "training (Ioffe & Szegedy 2015, Fig. 1)."
 )
 WIDTHS = (100, 100, 100)
 BATCH = 60
@@ -50,6 +54,9 @@ INIT_STD = 0.01
 # each arm's own grid (same size), centred on its best in a quick-scale pilot
 LRS = {"baseline": (1.0, 3.0, 10.0), "bn": (0.03, 0.1, 0.3)}
 THRESHOLD_FRACTION = 0.95
+FRACTION_NEIGHBOURS = (0.9, 0.99)  # the sensitivity row's values
+LR_LIMITS = (0.003, 30.0)  # the equal-tuning rule's limits on an extended grid
+SPEEDUP = 0.5  # at most half the baseline's steps: "much faster"
 UNITS = 10
 PROBE_EXAMPLES = 1000
 DRIFT = 2.0
@@ -58,12 +65,13 @@ CRITERIA = [
         "faster",
         f"steps to {THRESHOLD_FRACTION:g} x the tuned baseline's validation plateau, "
         "BN / baseline, each at its own tuned lr (geometric mean of per-seed ratios)",
-        "<",
-        1.0,
-        "Ioffe & Szegedy 2015 Fig. 1(a): BN 'helps the network train faster'. No "
-        "factor: without BN the tiny initialization holds the network near chance "
-        "for a number of steps that does not depend on the data's size, so a "
-        "factor would measure the run length (see history)",
+        "<=",
+        SPEEDUP,
+        "Ioffe & Szegedy 2015 Fig. 1(a): BN 'helps the network train faster', its "
+        "curve far above the baseline's early in training; the source lecture: 'BN "
+        "converges much faster'. 'Much' as at least 2x fewer steps, the design as "
+        "first written (issue 16); null 1 (CONTRADICTED: BN is slower)",
+        null=1.0,
     ),
     P.Criterion(
         "stable_inputs",
@@ -77,6 +85,28 @@ CRITERIA = [
     ),
 ]
 HISTORY = [
+    {
+        "date": "2026-12-05",
+        "criterion": "this design (pilot)",
+        "pilot": "quick-100",
+        "why": "pilot of the registered design; nothing changed after it",
+    },
+    {
+        "date": "2026-12-05",
+        "criterion": "steps ratio BN / baseline < 1 ('faster', no factor); lrs on "
+        "fixed grids (the baseline chose its bottom edge at full scale)",
+        "pilot": "full-1000",
+        "why": "issue 21: the criterion had been loosened from <= 0.5 to < 1 after "
+        "the 0.509 pilot below; the source lecture's 'BN converges much faster' "
+        "(and Fig. 1(a)'s gap) is a claim of a large factor, and any speed-up at "
+        "all (< 1) is a narrower claim than the one reproduced, so the design as "
+        "first written (<= 0.5) returns, with null 1: a shortfall between 0.5 and "
+        "1 is INCONCLUSIVE, not a contradiction. The run length argument of the "
+        "row below is real (the baseline's escape from the N(0, 0.01^2) plateau "
+        "takes a fixed number of steps) and is why both scales train the same "
+        "number of epochs. Grids extend past a chosen edge (equal tuning); the "
+        "threshold fraction's sensitivity is reported",
+    },
     {
         "date": "2026-12-01",
         "criterion": "the same steps ratio <= 0.5 ('at least twice as fast'); BN "
@@ -152,15 +182,12 @@ def run(ctx: P.Context) -> P.Outcome:
     steps = ctx.steps(1000, 6000, 20)
     every = ctx.every(100, 600, 5)
     model = make_model()
-    settings = [
-        {"bn": b, "lr": lr}
-        for b, arm in ((0.0, "baseline"), (1.0, "bn"))
-        for lr in LRS[arm]
-    ]
-    result = ctx.fit(
+    result = ctx.fit_grid(
         "arms",
         model,
-        hparams=settings,
+        arms=[{"bn": 0.0}, {"bn": 1.0}],
+        grid=lambda a: LRS["bn" if a["bn"] else "baseline"],
+        limits=LR_LIMITS,
         optimizer=lambda hp: optax.sgd(hp["lr"]),
         post_init=post_init,
         # no dropout: without RNG streams VariantMLP draws no dropout masks
@@ -175,55 +202,86 @@ def run(ctx: P.Context) -> P.Outcome:
     )
     arms = {"baseline": 0.0, "bn": 1.0}
     tuned = {
-        a: P.tune(result, where={"bn": b}, report="val_accuracy")
-        for a, b in arms.items()
+        a: result.tune(where={"bn": b}, report="val_accuracy") for a, b in arms.items()
     }
     eval_steps, _ = result.curve("val_accuracy")
     curves = {}  # arm -> (evals, seeds) validation accuracy at the tuned lr
-    chosen = {}  # arm -> arm indices of the tuned lr, in seed order
+    fits = {}  # arm -> the fit of its tuned lr (all its seeds are in one fit)
+    chosen = {}  # arm -> arm indices of the tuned lr in that fit, in seed order
     for a, b in arms.items():
         _, val = P.grid_by_hparams(result, "val_accuracy", "lr", {"bn": b})
         curves[a] = val[:, tuned[a].index, :]
+        hp = {"bn": b, "lr": tuned[a].value}
+        fits[a] = next(
+            r for r in result.results if any(x.hparams == hp for x in r.arms)
+        )
         chosen[a] = [
-            next(
-                x.index
-                for x in result.arms
-                if x.seed == s and x.hparams == {"bn": b, "lr": tuned[a].value}
-            )
+            next(x.index for x in fits[a].arms if x.seed == s and x.hparams == hp)
             for s in ctx.seeds
         ]
     plateau = float(tuned["baseline"].val[tuned["baseline"].index])
+
+    def steps_at(fraction: float) -> dict:
+        # the first evaluation after training started at which the curve
+        # reaches it (the evaluation at initialization gives the drift's
+        # starting point)
+        return {
+            a: [
+                P.steps_to(eval_steps[1:], curves[a][1:, i], fraction * plateau)
+                for i in range(len(ctx.seeds))
+            ]
+            for a in arms
+        }
+
+    def faster_at(fraction: float) -> P.Measured:
+        to = steps_at(fraction)
+        ratios, bn_never, base_never = P.steps_ratio(to["bn"], to["baseline"], steps)
+        return P.ratio_ci(
+            ratios,
+            np.ones(len(ratios)),
+            note=f"BN seeds that never reached the threshold: {bn_never} (ratio "
+            f"infinite); baseline seeds that never reached it: {base_never} "
+            f"(counted as the run length, {steps} steps)",
+        )
+
     threshold = THRESHOLD_FRACTION * plateau
-    # the first evaluation after training started at which the curve reaches
-    # it (the evaluation at initialization gives the drift's starting point)
-    to = {
-        a: [
-            P.steps_to(eval_steps[1:], curves[a][1:, i], threshold)
-            for i in range(len(ctx.seeds))
-        ]
-        for a in arms
+    to = steps_at(THRESHOLD_FRACTION)
+    faster = {
+        f: faster_at(f) for f in sorted({THRESHOLD_FRACTION, *FRACTION_NEIGHBOURS})
     }
-    ratios, bn_never, base_never = P.steps_ratio(to["bn"], to["baseline"], steps)
-    probes = probe_curve(result, 3)  # (evals, arms, 3, UNITS)
-    drift = {}
+    drift, test = {}, {}
+    accuracy = P.make_accuracy(model)
     for a in arms:
+        probes = probe_curve(fits[a], 3)  # (evals, arms, 3, UNITS)
         med = probes[:, chosen[a], 1, :]  # (evals, seeds, UNITS)
         drift[a] = (np.nanmax(med, 0) - np.nanmin(med, 0)).mean(-1)
-    accuracy = P.make_accuracy(model)
-    test = {
-        a: accuracy(
-            P.select_arms(result.variables, chosen[a]), data.x_test, data.y_test
+        test[a] = accuracy(
+            P.select_arms(fits[a].variables, chosen[a]), data.x_test, data.y_test
         )
-        for a in arms
-    }
-    notes_never = (
-        f"BN seeds that never reached the threshold: {bn_never} (ratio infinite); "
-        f"baseline seeds that never reached it: {base_never} (counted as the run "
-        f"length, {steps} steps)"
-    )
     measured = {
-        "faster": P.ratio_ci(ratios, np.ones(len(ratios)), note=notes_never),
+        "faster": faster[THRESHOLD_FRACTION],
         "stable_inputs": P.ratio_ci(drift["baseline"], drift["bn"]),
+    }
+    c = CRITERIA[0]
+    sensitivity = {
+        "faster": P.Sensitivity(
+            "THRESHOLD_FRACTION (of the tuned baseline's validation plateau)",
+            THRESHOLD_FRACTION,
+            P.sensitivity(
+                lambda f: (
+                    P.decide(
+                        faster[f].low,
+                        faster[f].high,
+                        c.op,
+                        c.at(ctx.scale),
+                        c.null,
+                        len(ctx.seeds),
+                    ).outcome
+                ),
+                THRESHOLD_FRACTION,
+                FRACTION_NEIGHBOURS,
+            ),
+        )
     }
     reported = {
         "final test accuracy, BN - baseline (paired by seed)": P.paired_ci(
@@ -238,7 +296,7 @@ def run(ctx: P.Context) -> P.Outcome:
         table.append(
             {
                 "arm": "with BN" if a == "bn" else "baseline (no BN)",
-                "chosen lr (validation)": tuned[a].value,
+                "chosen lr (validation)": tuned[a].text(),
                 "validation accuracy by lr": ", ".join(
                     f"{lr:g}: {v:.3f}"
                     for lr, v in zip(tuned[a].grid, tuned[a].val, strict=True)
@@ -263,27 +321,35 @@ def run(ctx: P.Context) -> P.Outcome:
         for a in arms
         for i, s in enumerate(ctx.seeds)
     ]
-    figure = _figure(ctx, eval_steps, curves, probes, chosen, threshold, tuned)
+    figure = _figure(ctx, eval_steps, curves, fits, chosen, threshold, tuned)
     return P.Outcome(
         measured,
         table=table,
         figures=[figure],
         records=records,
         reported=reported,
+        sensitivity=sensitivity,
         notes=(
             f"{ctx.data_name}; the paper's setup: MLP {' x '.join(map(str, WIDTHS))} "
             f"sigmoid, weights N(0, {INIT_STD:g}^2), plain SGD, batch {BATCH}, "
             f"{steps} steps, validation every {every} steps from initialization; lr "
             f"grids {LRS['baseline']} (baseline) and {LRS['bn']} (BN), chosen on "
-            f"validation. Threshold {THRESHOLD_FRACTION:g} x the tuned baseline's "
-            f"validation plateau ({plateau:.3f}). {notes_never}. Drift: median over "
+            "validation, "
+            + (
+                f"extended past a chosen edge: {result.extensions}"
+                if result.extensions
+                else "not extended (both choices interior)"
+            )
+            + f". Threshold {THRESHOLD_FRACTION:g} x the tuned baseline's "
+            f"validation plateau ({plateau:.3f}). {faster[THRESHOLD_FRACTION].note}. "
+            "Drift: median over "
             f"{PROBE_EXAMPLES} validation examples, units 0-{UNITS - 1} of the last "
             "hidden layer, inference mode. Test accuracy at the end of training."
         ),
     )
 
 
-def _figure(ctx, eval_steps, curves, probes, chosen, threshold, tuned) -> str:
+def _figure(ctx, eval_steps, curves, fits, chosen, threshold, tuned) -> str:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -307,7 +373,7 @@ def _figure(ctx, eval_steps, curves, probes, chosen, threshold, tuned) -> str:
         (axes[1], "baseline", "(b) without BN"),
         (axes[2], "bn", "(c) with BN"),
     ):
-        p = probes[:, chosen[a][0], :, 0]  # first seed, unit 0: (evals, 3)
+        p = probe_curve(fits[a], 3)[:, chosen[a][0], :, 0]  # seed 1, unit 0
         for k, style in zip(range(3), (":", "-", ":"), strict=True):
             ax.plot(eval_steps, p[:, k], "k" + style)
         ax.set_title(f"{title}: a sigmoid's input, 15/50/85th pct", fontsize=9)
