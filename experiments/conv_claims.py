@@ -94,6 +94,11 @@ WITHIN_NEIGHBOURS = (0.005, 0.02)
 LR_LIMITS = (0.003, 30.0)  # the equal-tuning rule's limits on an extended grid
 RANGE = 10.0
 MAJORITY = 0.5
+# usable_range is a share of seeds with an exact (Clopper-Pearson) interval:
+# at 5 seeds even 5 of 5 leaves its lower end at 0.478 < MAJORITY, so no
+# outcome but INCONCLUSIVE is possible; 8 seeds decide 8 of 8 (lower end
+# 0.69) or 0 of 8 (upper end 0.31). The power plan asks for at least this.
+MIN_SEEDS = 8
 CRITERIA = [
     P.Criterion(
         "bn_faster",

@@ -230,13 +230,17 @@ def power_plan(
     null on the other side; ``within``: the margin) are the smallest ``n >=
     5`` with ``h sqrt(n0 / n) t(n - 1) / t(n0 - 1) < d``, ``d`` the centre's
     distance to the bound it would cross. The experiment asks for the
-    largest ``n`` over its checks, capped at :data:`MAX_SEEDS`; a check that
+    largest ``n`` over its checks, at least the module's own ``MIN_SEEDS``
+    when it has one (an exact interval on a count needs a number of seeds
+    before any outcome is possible), capped at :data:`MAX_SEEDS`; a check that
     no ``n`` up to the cap decides is listed as underpowered (expect
     INCONCLUSIVE unless its effect is larger than the pilot's). Ratios
     (geometric means) are planned on the log scale.
     """
     module = _module(name)
-    cap, floor = MAX_SEEDS[scale], min(MIN_SEEDS, MAX_SEEDS[scale])
+    own = int(getattr(module, "MIN_SEEDS", 0))  # a module's own floor (counts)
+    cap = MAX_SEEDS[scale]
+    floor = min(max(MIN_SEEDS, own), cap)
     digest = design_digest(module)
     found = []
     for order, pilot in enumerate(pilots):

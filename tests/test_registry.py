@@ -579,3 +579,11 @@ def test_history_rows_do_not_change_the_design(tmp_path):
     assert registry.design_digest(b) == d  # a row added after a pilot
     c = _fake_module(tmp_path, "X = 2\nHISTORY = [\n    {'why': 'a'},\n]\n")
     assert registry.design_digest(c) != d  # the design itself
+
+
+def test_a_module_can_ask_for_more_seeds_than_the_minimum(tmp_path):
+    # conv_claims' share of seeds cannot leave INCONCLUSIVE below 8 seeds
+    nowhere = [tmp_path / "none"]
+    assert registry.power_plan("conv_claims", nowhere, "full")["seeds"] == 8
+    assert registry.power_plan("conv_claims", nowhere, "quick")["seeds"] == 5  # cap
+    assert registry.power_plan("hessian", nowhere, "full")["seeds"] == 5
