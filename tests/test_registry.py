@@ -547,10 +547,13 @@ def test_the_cli_exits_7_when_a_claim_is_contradicted(tmp_path, monkeypatch):
         return protocol.Outcome({c.id: m for c in module.CRITERIA})
 
     monkeypatch.setattr(module, "run", run)
-    args = ["reproduce", "--smoke", "--only", "bn_properties", "--quiet"]
+    args = ["reproduce", "--quick", "--only", "bn_properties", "--quiet"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main([*args, "--out", str(tmp_path / "a")]) == 7
+        # a smoke run judges nothing: it exits 0 whatever its outcomes
+        smoke = ["reproduce", "--smoke", "--only", "bn_properties", "--quiet"]
+        assert main([*smoke, "--out", str(tmp_path / "s")]) == 0
         _quick_run(monkeypatch)  # supported or inconclusive: exit 0
         assert main([*args, "--out", str(tmp_path / "b")]) == 0
 
