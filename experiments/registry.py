@@ -204,15 +204,19 @@ def _parse(text: str, where: str) -> dict[str, Any]:
 
 
 def latest(registry: Mapping[str, Any], name: str, scale: str) -> dict[str, Any] | None:
-    """The newest registration of ``name`` at ``scale`` whose digest is the
-    current design's, or None."""
+    """The registration of ``name`` at ``scale`` whose digest is the current
+    design's and whose seeds start at :data:`FIRST_SEED` (the default run;
+    replications registered on other seeds do not replace it), else the
+    newest such registration, or None."""
     digest = design_digest(name)
     entries = [
         e
         for e in registry.get("experiments", {}).get(name, [])
         if e.get("scale") == scale and e.get("digest") == digest
     ]
-    return max(entries, key=lambda e: _utc(e["registered_at"])) if entries else None
+    default = [e for e in entries if e.get("seeds", [None])[0] == FIRST_SEED[scale]]
+    found = default or entries
+    return max(found, key=lambda e: _utc(e["registered_at"])) if found else None
 
 
 def power_plan(
@@ -233,8 +237,8 @@ def power_plan(
     largest ``n`` over its checks, at least the module's own ``MIN_SEEDS``
     when it has one (an exact interval on a count needs a number of seeds
     before any outcome is possible), capped at :data:`MAX_SEEDS`; a check that
-    no ``n`` up to the cap decides is listed as underpowered (expect
-    INCONCLUSIVE unless its effect is larger than the pilot's). Ratios
+    no ``n`` up to the cap decides is listed as underpowered and gets the cap
+    (expect INCONCLUSIVE unless its effect is larger than the pilot's). Ratios
     (geometric means) are planned on the log scale.
     """
     module = _module(name)
@@ -263,7 +267,10 @@ def power_plan(
         if not any("centre" in r or r.get("seeds") for r in rows):
             continue
         same = (verdict.get("registration") or {}).get("digest") == digest
-        n = max([floor, *[min(x, cap) for x in needs]])
+        under = [r["check"] for r in rows if r.get("seeds") is None and "centre" in r]
+        # a check no seed count up to the cap decides gets the cap: its effect
+        # is small next to its noise, so it gets every seed the budget allows
+        n = max([floor, *[min(x, cap) for x in needs], *([cap] if under else [])])
         return {
             "seeds": n,
             "pilot": pilot.name,
@@ -272,9 +279,7 @@ def power_plan(
             "pilot_commit": (verdict.get("provenance") or {}).get("commit"),
             "pilot_scale": verdict.get("scale"),
             "checks": rows,
-            "underpowered": [
-                r["check"] for r in rows if r.get("seeds") is None and "centre" in r
-            ],
+            "underpowered": under,
             "basis": f"the largest of the checks' seeds (>= {floor}, <= {cap})",
         }
     return {

@@ -377,6 +377,8 @@ def test_a_run_uses_its_registered_seeds_by_default(tmp_path, monkeypatch):
     registry.register(
         ["placement"], list(range(4000, 4008)), None, path, provenance=PROV
     )
+    # a replication registered later on other seeds does not replace them
+    registry.register(["placement"], [4100, 4101], None, path, provenance=PROV)
     opts = reproduce.options(only="placement,hessian", registry=path)
     assert opts.seeds == {
         "placement": list(range(4000, 4008)),  # registered: 8 seeds
@@ -454,6 +456,10 @@ def test_power_plan_sizes_seeds_from_the_pilot_spread(tmp_path):
         10,
     )
     assert c["seeds"] is None and c["centre"] == pytest.approx(0.03)
+    # an experiment with such a check gets the cap
+    under = _pilot(tmp_path / "u", "placement", [_check(i, -0.04, 0.10) for i in ids])
+    plan = registry.power_plan("placement", [under], "full")
+    assert plan["seeds"] == registry.MAX_SEEDS["full"] and plan["underpowered"]
     c = registry._check_plan(
         protocol.Criterion("d", "difference", ">", 0.0, "s", null=0.0),
         _check("d", 0.01, 0.09),
