@@ -406,7 +406,8 @@ def test_supported_is_pass_on_every_committed_check():
         lo, hi = c["measured"]["ci"]
         if lo is None or hi is None:
             continue
-        d = P.decide(lo, hi, c["op"], c["threshold"])
+        premise = (c.get("premise") or {"holds": True})["holds"]
+        d = P.decide(lo, hi, c["op"], c["threshold"], c.get("null"), None, premise)
         assert (d.outcome == P.SUPPORTED) == c["pass"], c
 
 
