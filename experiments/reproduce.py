@@ -235,7 +235,12 @@ def _committed(path: Path) -> dict[str, Any]:
 # shadows one), so they make the tree dirty; untracked files elsewhere (notes)
 # do not, nor run outputs under experiments/results (an interrupted run there
 # leaves untracked verdicts that its resumption would otherwise call dirty).
-CODE_PATHS = ("bnlab", "experiments", ":(exclude)experiments/results")
+CODE_PATHS = (
+    "bnlab",
+    "experiments",
+    ":(exclude)experiments/results",
+    ":(exclude)experiments/registry.json",  # data, written before it is committed
+)
 
 
 def provenance(root: str | Path | None = None) -> dict[str, Any]:

@@ -461,6 +461,7 @@ def test_provenance_dirty_counts_untracked_code(tmp_path):
         "bnlab/sub/deep/c.py": True,  # in a new directory too
         "notes.txt": False,  # outside the code
         "experiments/results/quick/verdict.json": False,  # a run's output
+        "experiments/registry.json": False,  # registrations, data not code
         "bnlab/__pycache__/a.pyc": False,  # ignored
     }
     for f, expected in untracked.items():
