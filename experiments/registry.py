@@ -316,8 +316,10 @@ def _check_plan(crit: Any, c: Mapping[str, Any], scale: str, cap: int) -> dict:
     else:
         up = crit.op in (">=", ">")
         supports = centre > t_ if up else centre < t_
-        bound = t_ if supports or null_ is None else null_
-        d = abs(centre - bound)
+        contradicts = null_ is not None and (centre < null_ if up else centre > null_)
+        # between the null and the threshold no seed count decides (as decide)
+        bound = t_ if supports else null_ if contradicts else None
+        d = 0.0 if bound is None else abs(centre - bound)
     row.update(
         centre=math.exp(centre) if geometric else centre,
         half_width=half,

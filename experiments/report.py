@@ -183,7 +183,10 @@ def power_text(v: dict) -> str:
         return f"{n} seeds; no registered power plan"
     text = f"{n} seeds (planned {plan.get('seeds')}"
     if plan.get("pilot"):
-        text += f" from pilot {plan['pilot']}, seeds {plan.get('pilot_seeds')}"
+        text += (
+            f" from pilot {plan['pilot']} ({plan.get('pilot_scale')} scale, "
+            f"{plan.get('pilot_design', 'a design')}), seeds {plan.get('pilot_seeds')}"
+        )
     text += ")"
     if plan.get("underpowered"):
         text += (

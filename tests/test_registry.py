@@ -596,3 +596,12 @@ def test_a_module_can_ask_for_more_seeds_than_the_minimum(tmp_path):
     assert registry.power_plan("conv_claims", nowhere, "full")["seeds"] == 8
     assert registry.power_plan("conv_claims", nowhere, "quick")["seeds"] == 5  # cap
     assert registry.power_plan("hessian", nowhere, "full")["seeds"] == 5
+
+
+def test_power_plan_a_centre_between_null_and_threshold_is_undecidable():
+    # centre 0.005 between the null 0 and the threshold 0.01: the interval
+    # shrinks onto the gap, so no seed count decides (decide agrees)
+    crit = protocol.Criterion("d", "difference", ">=", 0.01, "s", null=0.0)
+    c = registry._check_plan(crit, _check("d", 0.004, 0.006), "full", 10)
+    assert c["seeds"] is None
+    assert protocol.decide(-0.0001, 0.0101, ">=", 0.01, 0.0, n=10).seeds_needed is None
