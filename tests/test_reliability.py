@@ -794,17 +794,12 @@ def test_a_signal_during_a_save_leaves_no_thread_behind(tmp_path):
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_cleanly_with_its_code_and_resumes(tmp_path, sig, code):
     work = tmp_path / "run"
+    cmd = _cli(
+        work, "--config", "digits", "--quiet", "--steps", "100000",
+        "--checkpoint-every", "10",
+    )  # fmt: skip
     proc = subprocess.Popen(
-        _cli(
-            work,
-            "--config",
-            "digits",
-            "--quiet",
-            "--steps",
-            "100000",
-            "--checkpoint-every",
-            "10",
-        ),
+        [cmd[0], "-X", "faulthandler", *cmd[1:]],
         env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -818,7 +813,12 @@ def test_a_signal_stops_cleanly_with_its_code_and_resumes(tmp_path, sig, code):
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.05)
     proc.send_signal(sig)  # saves every 10 steps: most likely during one
-    out, err = proc.communicate(timeout=120)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # a hang: its threads' stacks, no leak
+        proc.send_signal(signal.SIGABRT)  # -X faulthandler dumps every thread
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"no exit 120 s after {sig.name}; stacks:\n{err[-6000:]}")
     assert proc.returncode == code, err[-3000:]
     _one_error_line(err)
     assert "run the same command again" in err
