@@ -494,5 +494,12 @@ def test_os_errors_from_tensorstore_are_classified():
     wrapped.__cause__ = gone
     assert os_error_kind(gone) == os_error_kind(wrapped) == "missing"
     assert os_error_kind(ValueError("NOT_FOUND: Error reading x")) is None
+    # orbax's finalize of a save whose directory was deleted (seen in CI)
+    finalize = ValueError(
+        "Checkpoint directory does not exist: /x/checkpoints/100.orbax-checkpoint-"
+        "tmp/state.orbax-checkpoint-tmp."
+    )
+    assert os_error_kind(finalize) == "missing"
+    assert os_error_kind(ValueError("the checkpoint directory does not exist")) is None
     assert os_error_kind(OSError(28, "No space left on device")) == "disk_full"
     assert os_error_kind(PermissionError(13, "denied")) == "permission"

@@ -798,8 +798,17 @@ def test_a_signal_stops_cleanly_with_its_code_and_resumes(tmp_path, sig, code):
         work, "--config", "digits", "--quiet", "--steps", "100000",
         "--checkpoint-every", "10",
     )  # fmt: skip
+    # Python's own SIGINT handler even where the test runner was started in
+    # the background (a shell's `&` starts it with SIGINT ignored, inherited,
+    # and Python then leaves SIGINT ignored)
+    start = (
+        "import runpy, signal, sys; "
+        "signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "sys.argv = ['bnlab', *sys.argv[1:]]; "
+        "runpy.run_module('bnlab', run_name='__main__')"
+    )
     proc = subprocess.Popen(
-        [cmd[0], "-X", "faulthandler", *cmd[1:]],
+        [cmd[0], "-X", "faulthandler", "-c", start, *cmd[3:]],
         env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

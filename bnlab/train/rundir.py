@@ -94,6 +94,8 @@ def os_error_kind(e: BaseException | None) -> str | None:
             or code == errno.ENOENT
             # TensorStore's ENOENT: a write under a directory that is gone
             or ("NOT_FOUND" in text and "Error writing" in text)
+            # orbax finalizing a save whose temporary directory is gone
+            or text.startswith("Checkpoint directory does not exist:")
         ):
             return "missing"
         e = e.__cause__ or e.__context__
