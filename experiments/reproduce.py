@@ -114,7 +114,7 @@ def missing_requirements() -> list[str]:
     return missing
 
 
-PILOTS = Path(__file__).resolve().parent / "results" / "pilots"
+PILOTS = report.PILOTS  # experiments/results/pilots/, one definition
 
 
 def options(
