@@ -39,6 +39,7 @@ __all__ = [
     "PILOT_SEEDS",
     "criteria_data",
     "design_digest",
+    "imported_helpers",
     "is_pilot",
     "latest",
     "load",
@@ -49,7 +50,8 @@ __all__ = [
     "status",
 ]
 
-DEFAULT_PATH = Path(__file__).resolve().parent / "registry.json"
+HERE = Path(__file__).resolve().parent  # the experiments package
+DEFAULT_PATH = HERE / "registry.json"
 # Seeds that design experiments (pilots, probes, earlier runs): never the
 # seeds that judge them. Registration refuses them; a run on them is a pilot.
 PILOT_SEEDS = range(0, 3000)
@@ -110,8 +112,11 @@ def design_digest(module: str | ModuleType) -> str:
     protocol) changes the digest. The module's ``HISTORY`` is left out: it
     records earlier designs and their pilots, which a new row must be able
     to add after the pilot it names without changing the design piloted.
-    Code outside these two files (bnlab itself) is recorded by the commit,
-    not by the digest.
+    The source of every other module of ``experiments`` that the module
+    imports at its top level (:func:`imported_helpers`, e.g. the count
+    statistics of :mod:`experiments.exact`) is part of the design too.
+    Code outside these files (bnlab itself) is recorded by the commit, not
+    by the digest.
     """
     m = _module(module)
     if getattr(m, "__file__", None) is None:
@@ -121,11 +126,53 @@ def design_digest(module: str | ModuleType) -> str:
         Path(protocol.__file__).read_bytes(),
         json.dumps(criteria_data(m), sort_keys=True).encode(),
     ]
+    for helper in imported_helpers(m):  # e.g. experiments.exact; none: as before
+        parts.append(f"experiments.{helper}".encode())
+        parts.append((HERE / f"{helper}.py").read_bytes())
     h = hashlib.sha256()
     for part in parts:
         h.update(f"{len(part)}:".encode())
         h.update(part)
     return h.hexdigest()
+
+
+def imported_helpers(module: str | ModuleType) -> list[str]:
+    """The modules of ``experiments`` (other than the protocol, which every
+    design includes) that an experiment imports at its top level, and those
+    they import in turn, sorted: ``from experiments import exact``, ``from
+    experiments.exact import ...`` and ``import experiments.exact``. An
+    import under ``if __name__ == "__main__":`` (the command line) is not
+    part of the design.
+
+    Example:
+      >>> imported_helpers("placement")
+      []
+    """
+    import ast
+
+    found: set[str] = set()
+    todo = [Path(_module(module).__file__)]
+    while todo:
+        tree = ast.parse(todo.pop().read_text())
+        for node in tree.body:
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module == "experiments":
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "experiments."
+            ):
+                names = [node.module.split(".")[1]]
+            elif isinstance(node, ast.Import):
+                names = [
+                    a.name.split(".")[1]
+                    for a in node.names
+                    if a.name.startswith("experiments.")
+                ]
+            for n in names:
+                if n != "protocol" and n not in found and (HERE / f"{n}.py").exists():
+                    found.add(n)
+                    todo.append(HERE / f"{n}.py")
+    return sorted(found)
 
 
 def _utc(t: dt.datetime | str | float) -> dt.datetime:

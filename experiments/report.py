@@ -19,7 +19,8 @@ __all__ = ["conflicts", "markdown_html", "tally", "write"]
 
 # The claims' outcomes in the order the report counts them.
 WORDS = ("SUPPORTED", "CONTRADICTED", "INCONCLUSIVE", "NOT_TESTABLE")
-PILOTS = Path(__file__).resolve().parent / "results" / "pilots"
+RESULTS = Path(__file__).resolve().parent / "results"
+PILOTS = RESULTS / "pilots"
 
 
 def tally(verdicts: list[dict]) -> str:
@@ -209,6 +210,8 @@ def _history(v: dict) -> list[dict]:
             "earlier design / criterion": h.get("criterion", ""),
             "its result": pilot_result(h["pilot"], v)
             if h.get("pilot")
+            else run_result(h["run"], v)
+            if h.get("run")
             else f"{h.get('result', '')} (typed in HISTORY before pilots were "
             "committed: not checkable from a file)",
             "why it changed": h.get("why", ""),
@@ -217,14 +220,24 @@ def _history(v: dict) -> list[dict]:
     ]
 
 
-def pilot_result(pilot: str | None, v: dict, root: Path = PILOTS) -> str:
+def run_result(run: str, v: dict, root: Path = RESULTS) -> str:
+    """A HISTORY row's result, generated from the judging run of an earlier
+    design that it names (``"run"``: a directory under
+    ``experiments/results``, e.g. ``superseded/full-6e0f946``), labelled with
+    that verdict's registration status."""
+    return pilot_result(run, v, root, label="run")
+
+
+def pilot_result(
+    pilot: str | None, v: dict, root: Path = PILOTS, label: str = "pilot"
+) -> str:
     """A HISTORY row's result, generated from the pilot run it names
     (``experiments/results/pilots/<pilot>/<experiment>/verdict.json``)."""
     if not pilot:
         return ""
     f = root / pilot / v["experiment"] / "verdict.json"
     if not f.exists():
-        return f"(pilot {pilot}: no verdict at {f.relative_to(root.parent)})"
+        return f"({label} {pilot}: no verdict at {f.relative_to(root.parent)})"
     import json
 
     p = json.loads(f.read_text())
@@ -238,8 +251,10 @@ def pilot_result(pilot: str | None, v: dict, root: Path = PILOTS) -> str:
         for c in p.get("checks", [])
     )
     commit = str((p.get("provenance") or {}).get("commit"))[:10]
+    if label == "run":
+        label = f"{(p.get('registration') or {}).get('status', 'unregistered')} run"
     return (
-        f"{p.get('verdict')} (pilot {pilot}: {p.get('scale')}, seeds "
+        f"{p.get('verdict')} ({label} {pilot}: {p.get('scale')}, seeds "
         f"{p.get('seeds')}, commit {commit}): {checks}"
     )
 

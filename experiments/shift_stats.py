@@ -39,13 +39,15 @@ import optax
 import bnlab
 import bnlab.linen
 from bnlab.models import MLP
+from experiments import exact as X
 from experiments import protocol as P
 
 NAME = "shift_stats"
 CLAIM = (
     "Under a test-time covariate shift, BN statistics re-estimated on the shifted "
-    "test data (AdaBN) recover accuracy that the training statistics lose (all of "
-    "it for contrast and brightness, part for noise); re-estimation fails with "
+    "test data (AdaBN) recover accuracy that the training statistics lose (for "
+    "contrast and brightness, exactly back to AdaBN's own accuracy on clean data, "
+    "on every seed; part of it for noise); re-estimation fails with "
     "small or class-sorted batches and under label shift; on clean data it "
     "changes accuracy by less than 1 point."
 )
@@ -73,8 +75,11 @@ CRITERIA = [
     ),
     P.Criterion(
         "affine_shift_recovered",
-        "largest |AdaBN accuracy on contrast or brightness - AdaBN accuracy on "
-        "clean data|",
+        "|AdaBN accuracy on contrast or brightness - AdaBN accuracy on clean "
+        "data|, the larger of the two shifts, on every seed (the range over seeds: "
+        "an identity holds on each, not on average); the reference is AdaBN on "
+        "clean data, not the training statistics on clean data (that gap is "
+        "adabn_clean_no_harm's)",
         "<=",
         0.005,
         "an affine pixel map changes each first-layer pre-activation by an affine "
@@ -155,9 +160,28 @@ HISTORY = [
     },
     {
         "date": "2026-12-05",
-        "criterion": "this design (pilot)",
+        "criterion": "the design registered at 6e0f946 (pilot)",
         "pilot": "quick-300",
-        "why": "pilot of the registered design; nothing changed after it",
+        "why": "pilot of that design; nothing changed after it",
+    },
+    {
+        "date": "2026-12-05",
+        "criterion": "the design registered at 6e0f946: affine_shift_recovered as "
+        "a t interval of the per-seed largest |AdaBN shifted - AdaBN clean|; the "
+        "claim's 'all of it' without its reference",
+        "run": "superseded/full-6e0f946",
+        "why": "the review of issue 21 (written before this result existed, "
+        "docs/reproduction.md at 685662f): the per-seed values tie at 0, where a t "
+        "interval has zero width; the claim is an identity on every seed (Li et "
+        "al. 2016 sec. 3.1), so it is judged on the range over seeds "
+        "(experiments.exact.every_seed); the claim now names its reference, AdaBN "
+        "on clean data",
+    },
+    {
+        "date": "2026-12-05",
+        "criterion": "this design (full-scale pilot, for the power plan)",
+        "pilot": "full-2500",
+        "why": "pilot of the design registered next; nothing changed after it",
     },
 ]
 
@@ -309,7 +333,7 @@ def run(ctx: P.Context) -> P.Outcome:
     )  # (shifts, seeds)
     measured = {
         "shift_hurts_source_stats": P.mean_ci(np.max(drops, axis=0)),
-        "affine_shift_recovered": P.mean_ci(
+        "affine_shift_recovered": X.every_seed(
             np.max(
                 np.abs(
                     np.stack(

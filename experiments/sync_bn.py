@@ -40,13 +40,15 @@ import optax
 
 import bnlab
 from bnlab.models import kernel_init, set_gates
+from experiments import exact as X
 from experiments import protocol as P
 
 NAME = "sync_bn"
 CLAIM = (
     "Sync BN over 8 devices with 2 examples each takes the step of one device "
-    "with the whole batch (to float32 rounding) and trains as well; per-device "
-    "BN is >= 5 points worse."
+    "with the whole batch (to float32 rounding) and, over a run, ends within the "
+    "test set's resolution of one device's test accuracy on every seed; "
+    "per-device BN is >= 5 points worse."
 )
 DEVICES = 8
 BATCH = 16
@@ -85,17 +87,21 @@ CRITERIA = [
     ),
     P.Criterion(
         "final_equal",
-        "sync - one device: test accuracy at the end of the run (mean of the last "
-        "3 evaluations, paired by seed, at one device's lr chosen on validation)",
-        "within",
+        "|sync - one device|: test accuracy at the end of the run (mean of the "
+        "last 3 evaluations, at one device's lr chosen on validation), on every "
+        "seed (the range over seeds, experiments.exact.every_seed: the runs are "
+        "the same maths, so the claim is about each seed, and the per-seed "
+        "differences tie at 0 where a t interval would have zero width)",
+        "<=",
         MARGIN,
-        "'trains as well' as an equivalence: sync BN takes one device's step (the "
-        "check above), so its runs may differ from one device's only by float32 "
-        "rounding; a difference smaller than the resolution of one accuracy on "
-        "this test set (95% half-width at p = 0.5, 1.96 sqrt(0.25 / N): 1.0 point "
-        "for N = 10,000 at full scale, 2.2 for N = 2,000 at quick) is not a "
-        "difference in how well the network trains. Fixed from N, not from "
-        "measured accuracies (2026-12-05)",
+        "'ends as well', stated as what this test set can resolve: sync BN takes "
+        "one device's step (the check above), but rounding differences grow over a "
+        "run (REFERENCE.md sec. 8), so two runs of the same maths are not bitwise "
+        "equal at the end and 'to float32 rounding' is not claimed for them; the "
+        "margin is the resolution of one accuracy on this test set (95% "
+        "half-width at p = 0.5, 1.96 sqrt(0.25 / N): 1.0 point for N = 10,000 at "
+        "full scale, 2.2 for N = 2,000 at quick), fixed from N, not from measured "
+        "accuracies. CONTRADICTED: every seed differs by more",
     ),
     P.Criterion(
         "per_device_worse",
@@ -136,9 +142,29 @@ HISTORY = [
     },
     {
         "date": "2026-12-05",
-        "criterion": "this design (pilot)",
+        "criterion": "the design registered at 6e0f946 (pilot)",
         "pilot": "quick-300",
-        "why": "pilot of the registered design; nothing changed after it",
+        "why": "pilot of that design; nothing changed after it",
+    },
+    {
+        "date": "2026-12-05",
+        "criterion": "the design registered at 6e0f946: final_equal as a paired t "
+        "interval of sync - one device within +-the test set's resolution, under "
+        "the claim 'trains as well (to float32 rounding)'",
+        "run": "superseded/full-6e0f946",
+        "why": "the review of issue 21 (written before this result existed, "
+        "docs/reproduction.md at 685662f): the margin (the resolution of one "
+        "accuracy, 1 / 2.2 points) is much wider than 'to float32 rounding' "
+        "suggests, and the per-seed differences tie at 0 (a zero-width t "
+        "interval at quick scale). The claim now says what is tested, within the "
+        "test set's resolution, and it is judged on every seed "
+        "(experiments.exact.every_seed); the margin is unchanged",
+    },
+    {
+        "date": "2026-12-05",
+        "criterion": "this design (full-scale pilot, for the power plan)",
+        "pilot": "full-2500",
+        "why": "pilot of the design registered next; nothing changed after it",
     },
 ]
 
@@ -356,7 +382,10 @@ def run(ctx: P.Context) -> P.Outcome:
             None,
             f"max over {sync_diffs.shape[0]} points x {sync_diffs.shape[1]} arms",
         ),
-        "final_equal": P.paired_ci(at_lr(1, one_lr), at_lr(0, one_lr)),
+        "final_equal": X.every_seed(
+            np.abs(at_lr(1, one_lr) - at_lr(0, one_lr)),
+            "|sync - one device| per seed",
+        ),
         "per_device_worse": P.paired_ci(tuned[0].report, tuned[2].report),
     }
     reported = {
@@ -373,10 +402,10 @@ def run(ctx: P.Context) -> P.Outcome:
     margin = MARGIN["quick" if ctx.quick else "full"]
     sensitivity = {
         "final_equal": P.Sensitivity(
-            "equivalence margin",
+            "margin (the test set's resolution)",
             margin,
             P.sensitivity(
-                lambda v: P.decide(final.low, final.high, "within", v).outcome,
+                lambda v: P.decide(final.low, final.high, "<=", v).outcome,
                 margin,
                 (margin / 2, 2 * margin),
             ),

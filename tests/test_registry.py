@@ -52,6 +52,33 @@ def test_design_digest_sees_source_criteria_and_protocol(tmp_path, monkeypatch):
     assert registry.design_digest(_fake_module(tmp_path)) != base
 
 
+def test_design_digest_sees_the_helpers_a_design_imports(tmp_path, monkeypatch):
+    # a design that imports experiments.exact has its source in the digest;
+    # an import under the command-line guard, or none, adds nothing
+    plain = _fake_module(tmp_path, "x = 1\n")
+    assert registry.imported_helpers(plain) == []
+    guarded = 'if __name__ == "__main__":\n    from experiments import exact\n'
+    assert registry.imported_helpers(_fake_module(tmp_path, guarded)) == []
+    for line in (
+        "from experiments import exact as X\n",
+        "from experiments.exact import every_seed\n",
+        "import experiments.exact\n",
+        "from experiments import protocol as P, exact\n",
+    ):
+        assert registry.imported_helpers(_fake_module(tmp_path, line)) == ["exact"]
+    source = "from experiments import exact as X\n"
+    base = registry.design_digest(_fake_module(tmp_path, source))
+    here = tmp_path / "pkg"
+    here.mkdir()
+    for f in ("exact.py", "protocol.py"):
+        (here / f).write_text((registry.HERE / f).read_text())
+    monkeypatch.setattr(registry, "HERE", here)
+    assert registry.design_digest(_fake_module(tmp_path, source)) == base
+    (here / "exact.py").write_text((here / "exact.py").read_text() + "# changed\n")
+    assert registry.design_digest(_fake_module(tmp_path, source)) != base
+    assert registry.imported_helpers("sigmoid_depth") == ["exact"]
+
+
 def test_criteria_as_data_hold_every_field():
     (c, *_) = registry.criteria_data("placement")
     assert set(c) == {"id", "quantity", "op", "threshold", "source", "null"}
@@ -541,6 +568,21 @@ def test_history_rows_are_generated_from_their_pilot(tmp_path):
     assert "a: 0.02 [0.01, 0.03]" in text
     missing = report.pilot_result("pilot-2", {"experiment": "placement"}, root=tmp_path)
     assert "no verdict" in missing
+
+
+def test_history_rows_name_a_superseded_run_with_its_status(tmp_path):
+    # a row of an earlier design names the judging run it had ("run"), and
+    # the text says whether that run was confirmatory
+    d = _pilot(tmp_path, "placement", [_check("a", 0.01, 0.03)]) / "placement"
+    v = json.loads((d / "verdict.json").read_text())
+    v["registration"] = {"status": "confirmatory"}
+    (d / "verdict.json").write_text(json.dumps(v))
+    text = report.run_result("pilot-1", {"experiment": "placement"}, root=tmp_path)
+    assert text.startswith("PASS (confirmatory run pilot-1: full, seeds [1000")
+    rows = report._history(
+        {"experiment": "placement", "history": [{"run": "elsewhere", "why": "w"}]}
+    )
+    assert "no verdict" in rows[0]["its result"]
 
 
 def test_the_cli_exits_7_when_a_claim_is_contradicted(tmp_path, monkeypatch):

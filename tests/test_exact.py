@@ -1,0 +1,57 @@
+"""experiments.exact: counts of seeds and every-seed claims, on hand-computed
+cases, and the outcomes protocol.decide gives them."""
+
+import math
+
+import numpy as np
+import pytest
+
+from experiments import exact
+from experiments import protocol as P
+
+
+def test_share_above_counts_seeds_that_train_with_clopper_pearson():
+    # 0 of 6 above chance + 0.05: upper end 1 - 0.025 ** (1 / 6) = 0.4593
+    m = exact.share_above([0.1] * 6, 0.15, "train")
+    assert m.value == 0.0 and m.low == 0.0
+    assert m.high == pytest.approx(1 - 0.025 ** (1 / 6), abs=1e-9)
+    assert m.per_seed == (0.0,) * 6
+    assert m.note.startswith("0 of 6 seeds train (> 0.15)")
+    # 0 of 5 cannot leave 0.5: upper end 1 - 0.025 ** (1 / 5) = 0.5218
+    five = exact.share_above([0.1] * 5, 0.15, "train")
+    assert five.high == pytest.approx(0.5218, abs=1e-4)
+    assert P.decide(five.low, five.high, "<", 0.5, None, 5).outcome == "INCONCLUSIVE"
+    assert P.decide(m.low, m.high, "<", 0.5, None, 6).outcome == "SUPPORTED"
+    # 10 of 10 train: lower end 0.025 ** (1 / 10) = 0.6915, most seeds train
+    most = exact.share_above(np.linspace(0.5, 0.7, 10), 0.15, "train")
+    assert most.low == pytest.approx(0.025**0.1, abs=1e-9) and most.high == 1.0
+    assert P.decide(most.low, most.high, "<", 0.5).outcome == "CONTRADICTED"
+
+
+def test_share_above_is_strict_and_counts_a_diverged_seed_as_not_above():
+    m = exact.share_above([0.15, math.nan, 0.16], 0.15, "train")
+    assert m.per_seed == (0.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="one value per seed"):
+        exact.share_above([], 0.15, "train")
+
+
+def test_share_meeting_checks_its_values():
+    assert exact.share_meeting([1.0, 0.0, 0.5]).value == pytest.approx(0.5)
+    with pytest.raises(ValueError, match=r"0, 0\.5 or 1"):
+        exact.share_meeting([0.3])
+
+
+def test_every_seed_is_the_range_and_decides_on_every_seed():
+    m = exact.every_seed([0.0, 0.004, 0.0], "|a - b|")
+    assert (m.value, m.low, m.high) == (0.004, 0.0, 0.004)
+    assert "every seed" in m.note and m.note.startswith("|a - b|")
+    assert P.decide(m.low, m.high, "<=", 0.005).outcome == "SUPPORTED"
+    # one seed past the margin: undecided; every seed past it: contradicted
+    some = exact.every_seed([0.0, 0.02])
+    assert P.decide(some.low, some.high, "<=", 0.01).outcome == "INCONCLUSIVE"
+    none = exact.every_seed([0.02, 0.03])
+    assert P.decide(none.low, none.high, "<=", 0.01).outcome == "CONTRADICTED"
+    # a failed seed (NaN) leaves the claim undecided, never supported
+    nan = exact.every_seed([0.0, math.nan])
+    assert math.isinf(nan.high) and math.isinf(nan.low)
+    assert P.decide(nan.low, nan.high, "<=", 0.01).outcome == "INCONCLUSIVE"
