@@ -7,8 +7,8 @@ certainty five seeds do not give. What the seeds give is a count (how many
 train), judged with an exact Clopper-Pearson interval
 (:func:`share_meeting`, :func:`share_above`). A claim that an identity holds
 on every seed ("re-estimated statistics remove an affine shift exactly") is
-judged on the range of the per-seed values (:func:`every_seed`), not on an
-interval of their mean.
+judged on its worst seed (:func:`every_seed`), not on an interval of the
+mean.
 
 An experiment that imports this module has its source in its design digest
 (:func:`experiments.registry.design_digest`), as it has the protocol's.
@@ -22,7 +22,7 @@ import numpy as np
 
 from experiments import protocol as P
 
-__all__ = ["every_seed", "share_above", "share_meeting"]
+__all__ = ["every_seed", "share_above", "share_meeting", "share_within"]
 
 
 def share_meeting(per_seed: Sequence[float], note: str = "") -> P.Measured:
@@ -76,30 +76,50 @@ def share_above(values: Sequence[float], level: float, what: str) -> P.Measured:
     )
 
 
-def every_seed(values: Sequence[float], what: str = "") -> P.Measured:
-    """A claim that holds on every seed, judged on the range of the per-seed
-    values: ``low`` the smallest, ``high`` the largest (a ``<=`` criterion is
-    then SUPPORTED when every seed meets it and CONTRADICTED when none does,
-    :func:`experiments.protocol.decide`); the value is the largest. It is
-    not an interval of a mean: more seeds can only widen it.
+def share_within(values: Sequence[float], margin: float, what: str) -> P.Measured:
+    """The share of seeds whose ``values`` lie within ``±margin`` (e.g. the
+    seeds on which two runs of the same maths end within the test set's
+    resolution of each other), with its Clopper-Pearson 95 % interval
+    (:func:`share_meeting`). A NaN is not within any margin.
 
     Example:
-      >>> m = every_seed([0.0, 0.002, 0.0])
-      >>> m.value, m.low, m.high
-      (0.002, 0.0, 0.002)
+      >>> m = share_within([0.0, -0.002, 0.0, 0.0, 0.02, 0.0], 0.01, "agree")
+      >>> m.per_seed, round(m.low, 4), round(m.high, 4)
+      ((1.0, 1.0, 1.0, 1.0, 0.0, 1.0), 0.3588, 0.9958)
     """
     v = np.asarray(values, np.float64)
     if v.ndim != 1 or len(v) == 0:
         raise ValueError(f"need one value per seed, got shape {v.shape}")
-    # a NaN seed (a failed run) leaves the claim undecided: the range spans
-    # everything
-    low = float(np.min(v)) if np.isfinite(v).all() else -np.inf
-    high = float(np.max(v)) if np.isfinite(v).all() else np.inf
+    inside = np.where(np.isnan(v), False, np.abs(v) <= margin)
+    listed = ", ".join(f"{x:.3g}" for x in v)
+    return share_meeting(
+        inside.astype(np.float64).tolist(),
+        f"{int(inside.sum())} of {len(v)} seeds {what} (within ±{margin:g}): {listed}",
+    )
+
+
+def every_seed(values: Sequence[float], what: str = "") -> P.Measured:
+    """A claim that must hold on every seed (an identity), judged on the
+    worst seed: the value, ``low`` and ``high`` are all the largest per-seed
+    value, so a ``<=`` criterion is SUPPORTED when every seed meets it and
+    CONTRADICTED when one seed does not (:func:`experiments.protocol.decide`).
+    It is not an interval of a mean: no number of seeds is "needed", and a
+    NaN seed (a failed run) contradicts.
+
+    Example:
+      >>> m = every_seed([0.0, 0.002, 0.0])
+      >>> m.value, m.low, m.high
+      (0.002, 0.002, 0.002)
+    """
+    v = np.asarray(values, np.float64)
+    if v.ndim != 1 or len(v) == 0:
+        raise ValueError(f"need one value per seed, got shape {v.shape}")
+    worst = float(np.max(v)) if np.isfinite(v).all() else np.inf
     return P.Measured(
-        high,
-        low,
-        high,
+        worst,
+        worst,
+        worst,
         tuple(v.tolist()),
         (what + "; " if what else "")
-        + f"every seed: range over {len(v)} seeds, not an interval of a mean",
+        + f"the worst of {len(v)} seeds (a claim about every seed)",
     )

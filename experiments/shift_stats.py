@@ -46,8 +46,9 @@ NAME = "shift_stats"
 CLAIM = (
     "Under a test-time covariate shift, BN statistics re-estimated on the shifted "
     "test data (AdaBN) recover accuracy that the training statistics lose (for "
-    "contrast and brightness, exactly back to AdaBN's own accuracy on clean data, "
-    "on every seed; part of it for noise); re-estimation fails with "
+    "contrast and brightness, back to AdaBN's own accuracy on clean data up to "
+    "float rounding, within half a point on every seed; part of it for noise); "
+    "re-estimation fails with "
     "small or class-sorted batches and under label shift; on clean data it "
     "changes accuracy by less than 1 point."
 )
@@ -76,10 +77,10 @@ CRITERIA = [
     P.Criterion(
         "affine_shift_recovered",
         "|AdaBN accuracy on contrast or brightness - AdaBN accuracy on clean "
-        "data|, the larger of the two shifts, on every seed (the range over seeds: "
-        "an identity holds on each, not on average); the reference is AdaBN on "
-        "clean data, not the training statistics on clean data (that gap is "
-        "adabn_clean_no_harm's)",
+        "data|, the larger of the two shifts, on the worst seed (an identity holds "
+        "on each seed, not on average; experiments.exact.every_seed); the "
+        "reference is AdaBN on clean data, not the training statistics on clean "
+        "data (that gap is adabn_clean_no_harm's)",
         "<=",
         0.005,
         "an affine pixel map changes each first-layer pre-activation by an affine "
@@ -173,15 +174,18 @@ HISTORY = [
         "why": "the review of issue 21 (written before this result existed, "
         "docs/reproduction.md at 685662f): the per-seed values tie at 0, where a t "
         "interval has zero width; the claim is an identity on every seed (Li et "
-        "al. 2016 sec. 3.1), so it is judged on the range over seeds "
-        "(experiments.exact.every_seed); the claim now names its reference, AdaBN "
-        "on clean data",
+        "al. 2016 sec. 3.1); the claim now names its reference, AdaBN on clean "
+        "data",
     },
     {
         "date": "2026-12-05",
         "criterion": "this design (full-scale pilot, for the power plan)",
         "pilot": "full-2500",
-        "why": "pilot of the design registered next; nothing changed after it",
+        "why": "pilot of the design registered next; nothing changed after it. "
+        "Before it, a review of the draft (never run) found that a range over "
+        "seeds whose lower end is the best seed can never be CONTRADICTED when "
+        "the values tie at 0: the identity is judged on its worst seed (one seed "
+        "past 0.5 points contradicts it)",
     },
 ]
 

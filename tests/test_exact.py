@@ -41,17 +41,32 @@ def test_share_meeting_checks_its_values():
         exact.share_meeting([0.3])
 
 
-def test_every_seed_is_the_range_and_decides_on_every_seed():
+def test_every_seed_judges_the_worst_seed():
     m = exact.every_seed([0.0, 0.004, 0.0], "|a - b|")
-    assert (m.value, m.low, m.high) == (0.004, 0.0, 0.004)
-    assert "every seed" in m.note and m.note.startswith("|a - b|")
+    assert (m.value, m.low, m.high) == (0.004, 0.004, 0.004)
+    assert m.per_seed == (0.0, 0.004, 0.0)
+    assert "worst of 3 seeds" in m.note and m.note.startswith("|a - b|")
     assert P.decide(m.low, m.high, "<=", 0.005).outcome == "SUPPORTED"
-    # one seed past the margin: undecided; every seed past it: contradicted
-    some = exact.every_seed([0.0, 0.02])
-    assert P.decide(some.low, some.high, "<=", 0.01).outcome == "INCONCLUSIVE"
-    none = exact.every_seed([0.02, 0.03])
-    assert P.decide(none.low, none.high, "<=", 0.01).outcome == "CONTRADICTED"
-    # a failed seed (NaN) leaves the claim undecided, never supported
+    # one seed past the margin contradicts a claim about every seed, even
+    # when the others tie at 0
+    one = exact.every_seed([0.0, 0.0, 0.0, 0.02])
+    assert P.decide(one.low, one.high, "<=", 0.01, None, 4).outcome == "CONTRADICTED"
+    # a failed seed (NaN) contradicts too
     nan = exact.every_seed([0.0, math.nan])
-    assert math.isinf(nan.high) and math.isinf(nan.low)
-    assert P.decide(nan.low, nan.high, "<=", 0.01).outcome == "INCONCLUSIVE"
+    assert math.isinf(nan.value)
+    assert P.decide(nan.low, nan.high, "<=", 0.01).outcome == "CONTRADICTED"
+
+
+def test_share_within_counts_seeds_inside_the_margin():
+    # 6 of 6 within: lower end 0.025 ** (1 / 6) = 0.5407 > 0.5
+    m = exact.share_within([0.0, 0.0, -0.009, 0.0, 0.01, 0.0], 0.01, "agree")
+    assert m.per_seed == (1.0,) * 6
+    assert m.low == pytest.approx(0.025 ** (1 / 6), abs=1e-9)
+    assert P.decide(m.low, m.high, ">", 0.5).outcome == "SUPPORTED"
+    # 5 of 5 cannot decide a majority
+    five = exact.share_within([0.0] * 5, 0.01, "agree")
+    assert P.decide(five.low, five.high, ">", 0.5, None, 5).outcome == "INCONCLUSIVE"
+    # most seeds outside (a NaN is outside): contradicted
+    out = exact.share_within([0.02, -0.03, math.nan, 0.05, 0.02, 0.04], 0.01, "x")
+    assert out.per_seed == (0.0,) * 6
+    assert P.decide(out.low, out.high, ">", 0.5).outcome == "CONTRADICTED"
