@@ -10,8 +10,10 @@ is about this setup. Both arms are one program (a gated
 ``bnlab.models.VariantMLP``: arms with one seed share their initial weights
 and data order), each with its own learning-rate grid, chosen on validation
 (mean of the last 3 evaluations, over seeds) and extended past an edge its
-choice sits on (:meth:`protocol.Context.fit_grid`, the same rule for both). Run length: the same number of
-epochs at both scales.
+choice sits on (:meth:`protocol.Context.fit_grid`, the same rule for both). Run length:
+the paper's 50,000 steps of 60 at full scale (evaluated every 500 steps);
+1000 steps at quick scale, where the baseline is still escaping its initial
+plateau, so the speed claim is NOT TESTABLE there by its premise.
 
 Measured at each arm's chosen rate, per seed:
 
@@ -23,7 +25,7 @@ Measured at each arm's chosen rate, per seed:
   ratio infinite (the criterion fails). The claim is "at least twice as
   fast" (<= 0.5; CONTRADICTED only if BN is slower). Steps are interpolated
   from the evaluation at initialization on. Premise: the tuned baseline's
-  validation curve reached a plateau (:func:`protocol.plateau`; else NOT
+  validation curve reached a plateau (:func:`plateau_by_thirds`; else NOT
   TESTABLE: the threshold would measure the run's length). ``THRESHOLD_FRACTION``
   is a free constant: the outcome at 0.9 and 0.99 is reported beside it.
 - drift of the median sigmoid input: for units 0-9 of the last hidden layer,
@@ -63,6 +65,7 @@ SPEEDUP = 0.5  # at most half the baseline's steps: "much faster"
 UNITS = 10
 PROBE_EXAMPLES = 1000
 DRIFT = 2.0
+STEPS_FULL = 50_000  # Ioffe & Szegedy 2015 sec. 4.1: 50k steps of 60 examples
 CRITERIA = [
     P.Criterion(
         "faster",
@@ -74,7 +77,8 @@ CRITERIA = [
         "curve far above the baseline's early in training; the source lecture: 'BN "
         "converges much faster'. 'Much' as at least 2x fewer steps, the design as "
         "first written (issue 16); null 1 (CONTRADICTED: BN is slower); premise: "
-        "the tuned baseline's validation curve reached a plateau (protocol.plateau), "
+        "the tuned baseline's validation curve reached a plateau (mean of its last "
+        f"third of evaluations within {P.PLATEAU_RISE:g} of the third before), "
         "else NOT TESTABLE",
         null=1.0,
     ),
@@ -93,8 +97,23 @@ HISTORY = [
     {
         "date": "2026-12-05",
         "criterion": "this design (full-scale pilot, for the power plan)",
-        "pilot": "full-2500",
+        "pilot": "full-2600",
         "why": "pilot of the design registered next; nothing changed after it",
+    },
+    {
+        "date": "2026-12-05",
+        "criterion": "piloted, never registered: 6000 steps at full scale (the same "
+        "epochs as quick), evaluated every 600; premise by protocol.plateau",
+        "pilot": "full-2500",
+        "why": "the premise was absent at full scale (the baseline still rising "
+        "after 6000 steps), so the claim could not be tested in that regime: the "
+        "full run now trains the paper's 50,000 steps of 60 (Ioffe & Szegedy 2015 "
+        "sec. 4.1, Fig. 1(a)'s axis), evaluated every 500 steps so that steps to "
+        "the threshold are resolved; with 100 evaluations the premise compares the "
+        "means of the last two thirds (the largest of many noisy evaluations, "
+        "protocol.plateau's rule, would always look like a rise). The criterion "
+        "and the threshold are unchanged; quick scale stays at 1000 steps "
+        "(NOT TESTABLE there)",
     },
     {
         "date": "2026-12-05",
@@ -160,6 +179,35 @@ HISTORY = [
 ]
 
 
+def plateau_by_thirds(curve: np.ndarray) -> P.Premise:
+    """Whether a validation curve (mean over seeds, one value per
+    evaluation) reached a plateau: the mean of its last third of evaluations
+    rose less than :data:`protocol.PLATEAU_RISE` over the mean of the third
+    before. Means of thirds, not single evaluations, because a curve
+    evaluated 100 times is noisy from one evaluation to the next (the
+    largest of many noisy values would always look like a rise).
+
+    Example:
+      >>> plateau_by_thirds(np.r_[np.linspace(0.1, 0.8, 4), np.full(8, 0.85)]).holds
+      True
+      >>> plateau_by_thirds(np.linspace(0.1, 0.8, 12)).holds
+      False
+    """
+    c = np.asarray(curve, np.float64)
+    c = c[np.isfinite(c)]
+    k = len(c) // 3
+    if k < 1:
+        return P.Premise(False, f"{len(c)} finite evaluations: no plateau to check")
+    rise = float(np.mean(c[-k:]) - np.mean(c[-2 * k : -k]))
+    ok = rise < P.PLATEAU_RISE
+    return P.Premise(
+        ok,
+        f"validation accuracy: the mean of the last {k} of {len(c)} evaluations "
+        f"rose {rise:+.4f} over the {k} before ({'<' if ok else '>='} "
+        f"{P.PLATEAU_RISE:g}: {'a plateau' if ok else 'still rising'})",
+    )
+
+
 def make_model() -> VariantMLP:
     # BN is passed as VariantMLP's alternative normalization before the
     # activation (gate `alt_before`): with `norm` set, VariantMLP would also
@@ -206,8 +254,8 @@ def probe_curve(result, n_rows: int) -> np.ndarray:
 
 def run(ctx: P.Context) -> P.Outcome:
     data = ctx.data
-    steps = ctx.steps(1000, 6000, 20)
-    every = ctx.every(100, 600, 5)
+    steps = ctx.steps(1000, STEPS_FULL, 20)
+    every = ctx.every(100, 500, 5)
     model = make_model()
     result = ctx.fit_grid(
         "arms",
@@ -296,9 +344,7 @@ def run(ctx: P.Context) -> P.Outcome:
     }
     # the threshold is a fraction of the baseline's plateau: without one it
     # would measure the run's length, not BN's speed
-    base_plateau = P.plateau(
-        result, where={"bn": 0.0}, hp="lr", value=tuned["baseline"].value
-    )
+    base_plateau = plateau_by_thirds(np.nanmean(curves["baseline"], axis=1))
     at_start = sum(b == 0.0 for b in to["baseline"])
     premises = {
         "faster": P.Premise(

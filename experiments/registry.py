@@ -286,7 +286,9 @@ def power_plan(
     before any outcome is possible), capped at :data:`MAX_SEEDS`; a check that
     no ``n`` up to the cap decides is listed as underpowered and gets the cap
     (expect INCONCLUSIVE unless its effect is larger than the pilot's). Ratios
-    (geometric means) are planned on the log scale.
+    (geometric means) are planned on the log scale; a share of seeds (a
+    quantity naming a "share", per-seed values 0, 0.5 or 1) exactly: the
+    smallest ``n`` whose Clopper-Pearson interval at the pilot's share decides.
     """
     module = _module(name)
     own = int(getattr(module, "MIN_SEEDS", 0))  # a module's own floor (counts)
@@ -347,6 +349,8 @@ def _check_plan(crit: Any, c: Mapping[str, Any], scale: str, cap: int) -> dict:
         row["seeds"] = None if lo is None else MIN_SEEDS
         return row
     t, null = crit.at(scale), crit.null
+    if "share" in crit.quantity.lower() and set(per_seed) <= {0.0, 0.5, 1.0}:
+        return _count_plan(row, crit.op, t, null, per_seed, cap)
     geometric = (
         crit.op != "within"
         and lo > 0
@@ -379,6 +383,25 @@ def _check_plan(crit: Any, c: Mapping[str, Any], scale: str, cap: int) -> dict:
             need = n
             break
     row["seeds"] = need
+    return row
+
+
+def _count_plan(
+    row: dict, op: str, t: float, null: float | None, per_seed: list, cap: int
+) -> dict:
+    """A share of seeds (1, 0, or 0.5 undetermined) planned exactly: the
+    smallest ``n`` at which the pilot's share, as a count of ``n``, gets a
+    Clopper-Pearson interval that decides (:func:`protocol.decide`)."""
+    share = sum(per_seed) / len(per_seed)
+    row.update(centre=share, pilot_seeds=len(per_seed), scale="count")
+    row["seeds"] = None
+    for n in range(max(2, MIN_SEEDS if cap >= MIN_SEEDS else cap), cap + 1):
+        k = min(n, max(0, round(share * n)))
+        ci = protocol.exact_sign_test(k, n)
+        outcome = protocol.decide(ci.low, ci.high, op, t, null).outcome
+        if outcome in (protocol.SUPPORTED, protocol.CONTRADICTED):
+            row["seeds"] = n
+            break
     return row
 
 

@@ -70,3 +70,16 @@ def test_share_within_counts_seeds_inside_the_margin():
     out = exact.share_within([0.02, -0.03, math.nan, 0.05, 0.02, 0.04], 0.01, "x")
     assert out.per_seed == (0.0,) * 6
     assert P.decide(out.low, out.high, ">", 0.5).outcome == "CONTRADICTED"
+
+
+def test_ioffe_fig1_plateau_compares_the_means_of_the_last_two_thirds():
+    from experiments.ioffe_fig1 import plateau_by_thirds
+
+    flat = np.r_[np.linspace(0.1, 0.8, 4), 0.85 + 0.004 * (-1.0) ** np.arange(8)]
+    assert plateau_by_thirds(flat).holds  # noise around a level is no rise
+    p = plateau_by_thirds(np.linspace(0.1, 0.8, 12))
+    assert not p.holds and "still rising" in p.text and "last 4 of 12" in p.text
+    # rises of 0.0049 and 0.005 straddle the rule (PLATEAU_RISE = 0.005)
+    assert plateau_by_thirds(np.r_[[0.0] * 3, [0.8] * 3, [0.8049] * 3]).holds
+    assert not plateau_by_thirds(np.r_[[0.0] * 3, [0.8] * 3, [0.8051] * 3]).holds
+    assert not plateau_by_thirds([0.5, np.nan]).holds  # too short to judge

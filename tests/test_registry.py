@@ -640,6 +640,28 @@ def test_a_module_can_ask_for_more_seeds_than_the_minimum(tmp_path):
     assert registry.power_plan("hessian", nowhere, "full")["seeds"] == 5
 
 
+def test_power_plan_of_a_share_of_seeds_is_exact():
+    crit = protocol.Criterion("s", "share of seeds that train", "<", 0.5, "src")
+
+    def pilot(per_seed):
+        m = {"value": 0.0, "ci": [0.0, 0.5], "per_seed": per_seed}
+        return {"id": "s", "measured": m, "pass": False}
+
+    # 0 of 5 in the pilot: 0 of 6 is the first count whose upper end
+    # (1 - 0.025 ** (1 / 6) = 0.46) clears 0.5
+    c = registry._check_plan(crit, pilot([0.0] * 5), "full", 10)
+    assert (c["seeds"], c["scale"], c["centre"]) == (6, "count", 0.0)
+    # a cap of 5 cannot decide it: underpowered
+    assert registry._check_plan(crit, pilot([0.0] * 5), "quick", 5)["seeds"] is None
+    # 1 of 5 train (a share of 0.2): 2 of 10 gives [0.025, 0.556], undecided
+    assert (
+        registry._check_plan(crit, pilot([0, 0, 1.0, 0, 0]), "full", 10)["seeds"]
+        is None
+    )
+    # every seed trains: 6 of 6 has its lower end 0.54 > 0.5, contradicted
+    assert registry._check_plan(crit, pilot([1.0] * 5), "full", 10)["seeds"] == 6
+
+
 def test_power_plan_a_centre_between_null_and_threshold_is_undecidable():
     # centre 0.005 between the null 0 and the threshold 0.01: the interval
     # shrinks onto the gap, so no seed count decides (decide agrees)
