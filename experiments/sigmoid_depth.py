@@ -88,7 +88,10 @@ HISTORY = [
         "date": "2026-12-05",
         "criterion": "this design (full-scale pilot, for the power plan)",
         "pilot": "full-2500",
-        "why": "pilot of the design registered next; nothing changed after it",
+        "why": "pilot of the design registered next; this module did not change "
+        "after it, but experiments/exact.py (part of the digest) gained functions "
+        "this experiment does not use (every_seed's worst-seed rule, "
+        "share_within), so the pilot's recorded digest is an earlier one",
     },
     {
         "date": "2026-12-05",
