@@ -120,7 +120,10 @@ def _reproduction() -> list[str]:
             what = "reported, no criterion"
         what = what.replace("|", "\\|")  # inside a table cell
         name = v["experiment"]
-        reg = (v.get("registration") or {}).get("status", "-")
+        r = v.get("registration") or {}
+        reg = r.get("status", "-")
+        if r.get("registered_at"):  # which registration: the time it was written
+            reg += f", registered {r['registered_at'][:16].replace('T', ' ')}Z"
         out.append(
             f"| [{name}]({REPORT_LINK}#{name}) | {v['verdict'].replace('_', ' ')} | "
             f"{len(v['seeds'])} | {what} | {reg} | {v['seconds']:.0f} s |"
