@@ -253,8 +253,10 @@ def _parse(text: str, where: str) -> dict[str, Any]:
 def latest(registry: Mapping[str, Any], name: str, scale: str) -> dict[str, Any] | None:
     """The registration of ``name`` at ``scale`` whose digest is the current
     design's and whose seeds start at :data:`FIRST_SEED` (the default run;
-    replications registered on other seeds do not replace it), else the
-    newest such registration, or None."""
+    replications registered on other seeds do not replace it), else the one
+    of that design whose seeds start lowest (a design registered again after
+    a change gets its fresh default seeds first, its replications above
+    them, in any order of registration), or None."""
     digest = design_digest(name)
     entries = [
         e
@@ -263,7 +265,13 @@ def latest(registry: Mapping[str, Any], name: str, scale: str) -> dict[str, Any]
     ]
     default = [e for e in entries if e.get("seeds", [None])[0] == FIRST_SEED[scale]]
     found = default or entries
-    return max(found, key=lambda e: _utc(e["registered_at"])) if found else None
+    if not found:
+        return None
+    low = min(e["seeds"][0] for e in found)
+    return max(
+        (e for e in found if e["seeds"][0] == low),
+        key=lambda e: _utc(e["registered_at"]),
+    )
 
 
 def power_plan(

@@ -79,6 +79,35 @@ def test_design_digest_sees_the_helpers_a_design_imports(tmp_path, monkeypatch):
     assert registry.imported_helpers("sigmoid_depth") == ["exact"]
 
 
+def test_latest_is_the_default_registration_of_the_current_design():
+    d = registry.design_digest("placement")
+
+    def entry(first, when, digest=d):
+        return {
+            "scale": "quick",
+            "digest": digest,
+            "seeds": list(range(first, first + 5)),
+            "registered_at": when,
+        }
+
+    reg = {
+        "experiments": {
+            "placement": [
+                entry(3500, "2026-12-05T05:00:00Z"),
+                entry(3300, "2026-12-05T04:00:00Z"),
+                entry(3600, "2026-12-05T06:00:00Z"),
+                entry(3000, "2026-12-05T07:00:00Z", digest="an earlier design"),
+            ]
+        }
+    }
+    # no registration of this design at 3000: the lowest first seed, whatever
+    # the order of registration
+    assert registry.latest(reg, "placement", "quick")["seeds"][0] == 3300
+    reg["experiments"]["placement"].append(entry(3000, "2026-12-05T08:00:00Z"))
+    assert registry.latest(reg, "placement", "quick")["seeds"][0] == 3000
+    assert registry.latest(reg, "placement", "full") is None
+
+
 def test_criteria_as_data_hold_every_field():
     (c, *_) = registry.criteria_data("placement")
     assert set(c) == {"id", "quantity", "op", "threshold", "source", "null"}
