@@ -386,12 +386,18 @@ def _check_plan(crit: Any, c: Mapping[str, Any], scale: str, cap: int) -> dict:
         scale="log" if geometric else "linear",
     )
     need = None
-    for n in range(max(2, MIN_SEEDS if cap >= MIN_SEEDS else cap), cap + 1):
+    for n in _seed_counts(cap):
         if half * math.sqrt(n0 / n) * protocol.t975(n - 1) / protocol.t975(n0 - 1) < d:
             need = n
             break
     row["seeds"] = need
     return row
+
+
+def _seed_counts(cap: int) -> range:
+    """The seed counts a plan tries: from :data:`MIN_SEEDS` (or the cap, if
+    lower; never under 2) up to the cap."""
+    return range(max(2, min(MIN_SEEDS, cap)), cap + 1)
 
 
 def _count_plan(
@@ -403,7 +409,7 @@ def _count_plan(
     share = sum(per_seed) / len(per_seed)
     row.update(centre=share, pilot_seeds=len(per_seed), scale="count")
     row["seeds"] = None
-    for n in range(max(2, MIN_SEEDS if cap >= MIN_SEEDS else cap), cap + 1):
+    for n in _seed_counts(cap):
         k = min(n, max(0, round(share * n)))
         ci = protocol.exact_sign_test(k, n)
         outcome = protocol.decide(ci.low, ci.high, op, t, null).outcome
